@@ -1,0 +1,86 @@
+"""The residual feature-distillation cell (RFDN's RFDB) with ESA, as the DLSR release builds it.
+
+The same class serves the supernet (each step's remaining branch is a ``MixedOp``, computed by a
+backend) and the derived network (each step is one fixed op). Layer names follow the release
+(``c1_d``, ``c1_r`` ... ``c5``, ``esa``) so official weights load by name.
+"""
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from hdnas.mixed.base import LRELU_SLOPE, MixedOp, get_backend
+
+NUM_STEPS = 3
+
+
+def conv_layer(cin: int, cout: int, k: int, stride: int = 1) -> nn.Conv2d:
+    """Conv with bias and 'same' padding (the release's ``conv_layer``)."""
+    return nn.Conv2d(cin, cout, k, stride, padding=(k - 1) // 2, bias=True)
+
+
+def lrelu(x):
+    return F.leaky_relu(x, LRELU_SLOPE)
+
+
+class ESA(nn.Module):
+    """Enhanced spatial attention, exactly RFDN's (f = C // 4)."""
+
+    def __init__(self, C: int):
+        super().__init__()
+        f = C // 4
+        self.conv1 = nn.Conv2d(C, f, 1)
+        self.conv_f = nn.Conv2d(f, f, 1)
+        self.conv_max = nn.Conv2d(f, f, 3, padding=1)
+        self.conv2 = nn.Conv2d(f, f, 3, stride=2, padding=0)
+        self.conv3 = nn.Conv2d(f, f, 3, padding=1)
+        self.conv3_ = nn.Conv2d(f, f, 3, padding=1)
+        self.conv4 = nn.Conv2d(f, C, 1)
+
+    def forward(self, x):
+        c1_ = self.conv1(x)
+        c1 = self.conv2(c1_)
+        v_max = F.max_pool2d(c1, kernel_size=7, stride=3)
+        v_range = F.relu(self.conv_max(v_max))
+        c3 = F.relu(self.conv3(v_range))
+        c3 = self.conv3_(c3)
+        c3 = F.interpolate(c3, (x.size(2), x.size(3)), mode="bilinear", align_corners=False)
+        cf = self.conv_f(c1_)
+        return x * torch.sigmoid(self.conv4(c3 + cf))
+
+
+def esa_min_size() -> int:
+    """Smallest H (and W) the ESA branch accepts: conv 3 stride 2 then max-pool 7 stride 3."""
+    return 15
+
+
+class DistillCell(nn.Module):
+    """Three distillation steps, a fourth 3x3 conv, concat, 1x1 fuse, ESA. No cell residual."""
+
+    def __init__(self, C: int, step_ops: list[nn.Module]):
+        super().__init__()
+        if len(step_ops) != NUM_STEPS:
+            raise ValueError(f"a cell has {NUM_STEPS} searchable steps, got {len(step_ops)} ops")
+        dc = C // 2
+        for i, op in enumerate(step_ops, start=1):
+            setattr(self, f"c{i}_d", conv_layer(C, dc, 1))
+            setattr(self, f"c{i}_r", op)
+        self.c4 = conv_layer(C, dc, 3)
+        self.c5 = conv_layer(dc * 4, C, 1)
+        self.esa = ESA(C)
+
+    def steps(self):
+        return [(getattr(self, f"c{i}_d"), getattr(self, f"c{i}_r")) for i in range(1, NUM_STEPS + 1)]
+
+    def forward(self, x, weights=None, backend=None):
+        """``weights``: (3, K) op weights when the steps are mixed ops; None for a derived cell."""
+        distilled = []
+        for i, (c_d, c_r) in enumerate(self.steps()):
+            if isinstance(c_r, MixedOp):
+                d, x = (backend or get_backend("reference")).distill_step(x, weights[i], c_r, c_d)
+            else:
+                d, x = lrelu(c_d(x)), lrelu(c_r(x) + x)
+            distilled.append(d)
+        r4 = lrelu(self.c4(x))
+        return self.esa(self.c5(torch.cat(distilled + [r4], dim=1)))

@@ -1,0 +1,143 @@
+"""The network level: the supernet (alpha over ops, beta over earlier cells) and the derived
+network built from a genotype. Layer names follow the release so official weights load."""
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from hdnas.cell import DistillCell, conv_layer, lrelu
+from hdnas.genotype import Genotype, check_scale, derive
+from hdnas.mixed.base import MixedOp, get_backend
+from hdnas.space import DLSR_PRIMITIVES, check_op_set, get_op
+
+NUM_STEPS = 3
+
+
+def conv_block(cin: int, cout: int) -> nn.Sequential:
+    """1x1 conv + LeakyReLU(0.05), as the release's ``conv_block(..., act_type='lrelu')``."""
+    return nn.Sequential(conv_layer(cin, cout, 1), nn.LeakyReLU(0.05))
+
+
+def upsampler(C: int, scale: int, out_nc: int = 3) -> nn.Sequential:
+    """3x3 conv to 3*s^2 channels + pixel shuffle (one stage for every scale)."""
+    return nn.Sequential(conv_layer(C, out_nc * scale * scale, 3), nn.PixelShuffle(scale))
+
+
+class _SRNet(nn.Module):
+    """Head, cells, global concat, LR conv with global residual, upsampler. Subclasses say how
+    the input of each cell from the third on is formed."""
+
+    def __init__(self, C: int, scale: int, cells: list[nn.Module], in_nc: int = 3):
+        super().__init__()
+        self.C, self.scale, self.num_cells = C, check_scale(scale), len(cells)
+        self.fea_conv = conv_layer(in_nc, C, 3)
+        for i, cell in enumerate(cells, start=1):
+            setattr(self, f"B{i}", cell)
+        self.cout = conv_block(C * len(cells), C)
+        self.LR_conv = conv_layer(C, C, 3)
+        self.upsampler = upsampler(C, scale, in_nc)
+
+    def cells(self):
+        return [getattr(self, f"B{i}") for i in range(1, self.num_cells + 1)]
+
+    def check_input(self, x):
+        if not isinstance(x, torch.Tensor) or x.dim() != 4 or x.shape[1] != 3:
+            raise ValueError(f"expected an RGB batch (N, 3, H, W), got "
+                             f"{tuple(x.shape) if isinstance(x, torch.Tensor) else type(x).__name__}")
+        if min(x.shape[-2:]) < 15:
+            raise ValueError(f"input {tuple(x.shape[-2:])} is too small: the ESA attention needs LR "
+                             "images of at least 15x15")
+
+    def tail(self, fea, outs):
+        out = self.cout(torch.cat(outs, dim=1))
+        return self.upsampler(self.LR_conv(out) + fea)
+
+
+class SuperNet(_SRNet):
+    """The DLSR search network. ``alphas``: (3, K) shared by all cells (the release), or
+    (cells, 3, K) with ``alpha_per_cell``. ``betas[j]`` weighs the j+2 cells before cell j+3."""
+
+    def __init__(self, C: int = 48, num_cells: int = 6, scale: int = 2, op_names=DLSR_PRIMITIVES,
+                 alpha_per_cell: bool = False, backend: str = "reference"):
+        self.op_names = check_op_set(op_names)
+        cells = [DistillCell(C, [MixedOp(C, self.op_names) for _ in range(NUM_STEPS)])
+                 for _ in range(num_cells)]
+        super().__init__(C, scale, cells)
+        for i in range(3, num_cells + 1):
+            setattr(self, f"c{i}", conv_block(C * (i - 1), C))
+        K = len(self.op_names)
+        shape = (num_cells, NUM_STEPS, K) if alpha_per_cell else (NUM_STEPS, K)
+        self.alphas = nn.Parameter(1e-3 * torch.randn(shape))
+        self.betas = nn.ParameterList(nn.Parameter(1e-3 * torch.randn(i)) for i in range(2, num_cells))
+        self.backend = get_backend(backend) if isinstance(backend, str) else backend
+
+    def arch_parameters(self) -> list[nn.Parameter]:
+        return [self.alphas, *self.betas]
+
+    def weight_parameters(self) -> list[nn.Parameter]:
+        arch = {id(p) for p in self.arch_parameters()}
+        return [p for p in self.parameters() if id(p) not in arch]
+
+    def op_weights(self) -> torch.Tensor:
+        return F.softmax(self.alphas, dim=-1)
+
+    def forward(self, x):
+        self.check_input(x)
+        w = self.op_weights()
+        fea = self.fea_conv(x)
+        outs = []
+        for i, cell in enumerate(self.cells()):
+            if i < 2:
+                inp = fea if i == 0 else outs[0]
+            else:
+                b = F.softmax(self.betas[i - 2], dim=-1)
+                inp = getattr(self, f"c{i + 1}")(torch.cat([b[j] * o for j, o in enumerate(outs)], 1))
+            outs.append(cell(inp, w[i] if w.dim() == 3 else w, self.backend))
+        return self.tail(fea, outs)
+
+    def genotype(self, name: str = "") -> Genotype:
+        return derive(self.alphas, self.betas, self.op_names, self.C, self.scale, name)
+
+    def expected_cost(self, kind: str = "params") -> torch.Tensor:
+        """Differentiable expected cost of the searchable ops under softmax(alpha), in the same
+        unit as the whole-network count (params, or Multi-Adds per LR pixel)."""
+        per_op = torch.tensor([float(get_op(n).params(self.C)) for n in self.op_names],
+                              device=self.alphas.device)
+        w = self.op_weights()
+        cost = (w * per_op).sum()
+        if w.dim() == 2:  # shared by all cells
+            cost = cost * self.num_cells
+        return cost
+
+
+class DerivedNet(_SRNet):
+    """The network of a genotype: fixed ops, each of cells 3.. takes its two chosen predecessors
+    through ``conv1x1(2C -> C) + lrelu`` (the release's retrain model)."""
+
+    def __init__(self, genotype: Genotype):
+        C = genotype.channels
+        cells = [DistillCell(C, [get_op(n).build(C) for n in genotype.ops_of_cell(i)])
+                 for i in range(genotype.num_cells)]
+        super().__init__(C, genotype.scale, cells)
+        self.genotype = genotype
+        for i in range(3, genotype.num_cells + 1):
+            setattr(self, f"c{i}", conv_block(2 * C, C))
+
+    def forward(self, x):
+        self.check_input(x)
+        fea = self.fea_conv(x)
+        outs = []
+        for i, cell in enumerate(self.cells()):
+            if i < 2:
+                inp = fea if i == 0 else outs[0]
+            else:
+                a, b = self.genotype.inputs[i - 2]
+                inp = getattr(self, f"c{i + 1}")(torch.cat([outs[a], outs[b]], 1))
+            outs.append(cell(inp))
+        return self.tail(fea, outs)
+
+
+def count_params(model: nn.Module, exclude=()) -> int:
+    ex = {id(p) for p in exclude}
+    return sum(p.numel() for p in model.parameters() if id(p) not in ex)
