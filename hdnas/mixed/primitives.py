@@ -1,0 +1,86 @@
+"""Depthwise primitives that fused backends implement, each with its plain PyTorch twin.
+
+Kernels of one call are stacked as ``kernels[G, C, KMAX, KMAX]``: group g's real kernel is
+``ksizes[g]`` wide (odd) and sits centred, zero-padded, in the KMAX x KMAX slot; its dilation is
+``dilations[g]`` and its padding ``dilations[g] * (ksizes[g] // 2)`` ('same' output size).
+
+* ``grouped_dw``: y[:, g*C:(g+1)*C] = dwconv(act(x_g), kernel g), with x_g = x when
+  ``shared_input`` (one read of x feeds every group: the first stage of the sep/dil candidates)
+  or x[:, g*C:(g+1)*C] otherwise (the second stage of the sep candidates).
+* ``mixed_dw``: y = sum_g weights[g] * dwconv(act(x), kernel g) (+ ``skip_weight * x``): the
+  general fused mixed depthwise op, usable outside DLSR (DARTS-style sets with skip).
+
+``act`` is ReLU when ``relu_input`` else identity. Backends register a ``Primitives`` object;
+the composition around them (hdnas.mixed.merged) is shared, so backends differ only here.
+"""
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+
+
+def _kernel(kernels, g, k):
+    kmax = kernels.shape[-1]
+    o = (kmax - k) // 2
+    return kernels[g, :, o:o + k, o:o + k].unsqueeze(1)  # (C, 1, k, k)
+
+
+def check_dw_args(x, kernels, ksizes, dilations, shared_input):
+    """Clear errors before a kernel sees bad arguments."""
+    if x.dim() != 4:
+        raise ValueError(f"input must be (N, C, H, W), got shape {tuple(x.shape)}")
+    if not x.is_floating_point():
+        raise ValueError(f"input must be floating point, got {x.dtype}")
+    if kernels.dim() != 4 or kernels.shape[-1] != kernels.shape[-2]:
+        raise ValueError(f"kernels must be (G, C, KMAX, KMAX), got {tuple(kernels.shape)}")
+    G, C = kernels.shape[:2]
+    if len(ksizes) != G or len(dilations) != G:
+        raise ValueError(f"{G} kernel groups but {len(ksizes)} ksizes and {len(dilations)} dilations")
+    for k, d in zip(ksizes, dilations):
+        if k % 2 == 0 or not 1 <= k <= kernels.shape[-1] or d < 1:
+            raise ValueError(f"kernel size {k} (must be odd, <= {kernels.shape[-1]}), dilation {d}")
+    want = C if shared_input else G * C
+    if x.shape[1] != want:
+        raise ValueError(f"input has {x.shape[1]} channels, expected {want}")
+    if kernels.device != x.device or kernels.dtype != x.dtype:
+        raise ValueError(f"kernels ({kernels.device}, {kernels.dtype}) and input ({x.device}, "
+                         f"{x.dtype}) differ in device or dtype")
+
+
+def grouped_dw_ref(x, kernels, ksizes, dilations, relu_input: bool, shared_input: bool):
+    check_dw_args(x, kernels, ksizes, dilations, shared_input)
+    G, C = kernels.shape[:2]
+    xa = F.relu(x) if relu_input else x
+    outs = []
+    for g, (k, d) in enumerate(zip(ksizes, dilations)):
+        xg = xa if shared_input else xa[:, g * C:(g + 1) * C]
+        outs.append(F.conv2d(xg, _kernel(kernels, g, k), padding=d * (k // 2), dilation=d, groups=C))
+    return torch.cat(outs, dim=1)
+
+
+def mixed_dw_ref(x, weights, kernels, ksizes, dilations, relu_input: bool, skip_weight=None):
+    check_dw_args(x, kernels, ksizes, dilations, True)
+    if weights.dim() != 1 or weights.numel() != kernels.shape[0]:
+        raise ValueError(f"weights must be a vector of {kernels.shape[0]}, got {tuple(weights.shape)}")
+    y = grouped_dw_ref(x, kernels, ksizes, dilations, relu_input, True)
+    N, _, H, W = y.shape
+    G, C = kernels.shape[:2]
+    y = (y.view(N, G, C, H, W) * weights.view(1, G, 1, 1, 1)).sum(1)
+    if skip_weight is not None:
+        y = y + skip_weight * x
+    return y
+
+
+class Primitives:
+    """A set of depthwise primitives. The reference set uses stock PyTorch convs."""
+
+    name = "torch"
+
+    def grouped_dw(self, x, kernels, ksizes, dilations, relu_input, shared_input):
+        return grouped_dw_ref(x, kernels, ksizes, dilations, relu_input, shared_input)
+
+    def mixed_dw(self, x, weights, kernels, ksizes, dilations, relu_input, skip_weight=None):
+        return mixed_dw_ref(x, weights, kernels, ksizes, dilations, relu_input, skip_weight)
+
+
+TORCH_PRIMITIVES = Primitives()
