@@ -9,6 +9,7 @@ warning when the named backend cannot serve it.
 from hdnas.mixed.base import (Backend, BackendError, MixedOp, available_backends, get_backend,
                               register_backend, resolve_backend)
 from hdnas.mixed import reference as _reference  # noqa: F401  (registers "reference")
+from hdnas.mixed import merged as _merged  # noqa: F401  (registers "merged")
 
 __all__ = ["Backend", "BackendError", "MixedOp", "available_backends", "get_backend",
            "register_backend", "resolve_backend"]

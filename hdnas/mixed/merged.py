@@ -1,0 +1,181 @@
+"""The exact merge algebra of the DLSR mixed op (kernels.md §8), composed from a ``Primitives`` set.
+
+``DecomposedBackend`` computes ``y = sum_k w_k * op_k(x)`` for any subset of the four op
+families without running the candidates one by one:
+
+1. dense convs ('conv'): ``sum_k w_k conv_k(x) = conv(x, W)`` with ``W = sum_k w_k pad(K_k)``
+   (one dense conv at the largest kernel size); in ``distill_step`` the distillation 1x1
+   (``c_d``, with bias) is appended to ``W`` as C/2 extra output channels, so x is read once
+   for both;
+2. first stage of every 'sep' and 'dil' op: one ``primitives.grouped_dw(x, ..., relu_input=True,
+   shared_input=True)`` (one read of x, one shared ReLU, G1 = #sep + #dil output groups, sep
+   groups first);
+3. first pointwise of the 'sep' ops: one block-diagonal batched GEMM (no ReLU here: the ReLU that
+   follows it is folded into step 4 as ``relu_input``);
+4. second stage of the 'sep' ops: one ``primitives.grouped_dw(..., relu_input=True,
+   shared_input=False)``;
+5. final pointwise convs of all 'sep'/'dil' ops: GEMMs with the alpha-scaled block weight
+   ``[w_1 PW_1 | ... | w_5 PW_5]``, accumulated onto the dense output; 'skip' adds ``w_skip x``.
+
+The merged weights are built from the op parameters and ``w`` with differentiable PyTorch ops,
+so autograd derives the gradients of every op parameter and of ``w`` from the few big
+gradients (kernels.md §0.2, §8.4). Backends differ only in ``primitives``:
+
+* ``merged``  : ``TORCH_PRIMITIVES`` (stock PyTorch convs), the fused path without Triton;
+* ``triton``  : Triton primitives (hdnas.mixed.triton_backend);
+* ``native``  : a C++ primitives set plugs in the same way::
+
+      register_backend(DecomposedBackend("native", MyPrimitives(), priority=30))
+
+``DecomposedBackend(name, primitives, priority, fused=True)`` is a stable API.
+"""
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+
+from hdnas.mixed.base import (LRELU_SLOPE, Backend, BackendError, MixedOp, check_mixed_inputs,
+                              register_backend)
+from hdnas.mixed.primitives import TORCH_PRIMITIVES, Primitives
+from hdnas.space import get_op
+
+FAMILIES = ("conv", "sep", "dil", "skip")
+
+
+def _pad_to(k: torch.Tensor, size: int) -> torch.Tensor:
+    """Zero-pad the last two dims of a centred odd kernel to ``size`` x ``size``."""
+    p = (size - k.shape[-1]) // 2
+    return F.pad(k, (p, p, p, p)) if p else k
+
+
+def _pw(x: torch.Tensor, w: torch.Tensor) -> torch.Tensor:
+    """1x1 conv as a GEMM: (N, Cin, H, W) x (Cout, Cin) -> (N, Cout, H, W). Accepts channel
+    slices without a copy (the GEMM reads the strided view)."""
+    N, _, H, W = x.shape
+    return torch.matmul(w, x.flatten(2)).view(N, w.shape[0], H, W)
+
+
+class Plan:
+    """The op indices of a mixed op, by family, in the order the composition uses them."""
+
+    def __init__(self, op_names):
+        self.op_names = tuple(op_names)
+        specs = [get_op(n) for n in self.op_names]
+        self.conv = [i for i, s in enumerate(specs) if s.family == "conv"]
+        self.sep = [i for i, s in enumerate(specs) if s.family == "sep"]
+        self.dil = [i for i, s in enumerate(specs) if s.family == "dil"]
+        self.skip = [i for i, s in enumerate(specs) if s.family == "skip"]
+        self.unknown = [s.name for s in specs if s.family not in FAMILIES]
+        self.specs = specs
+        self.conv_k = max((specs[i].kernel for i in self.conv), default=0)
+        # stage 1: sep groups first, then dil
+        st1 = self.sep + self.dil
+        self.st1_ksizes = tuple(specs[i].kernel for i in st1)
+        self.st1_dils = tuple(specs[i].dilation for i in st1)
+        self.st1_kmax = max(self.st1_ksizes, default=0)
+        self.st2_ksizes = tuple(specs[i].kernel for i in self.sep)
+        self.st2_kmax = max(self.st2_ksizes, default=0)
+
+
+_PLANS: dict[tuple, Plan] = {}
+
+
+def plan_of(op_names) -> Plan:
+    key = tuple(op_names)
+    if key not in _PLANS:
+        _PLANS[key] = Plan(key)
+    return _PLANS[key]
+
+
+class DecomposedBackend(Backend):
+    """The merged composition over a ``Primitives`` set (see the module docstring)."""
+
+    def __init__(self, name: str, primitives: Primitives = TORCH_PRIMITIVES, priority: int = 10,
+                 fused: bool = True):
+        self.name = name
+        self.primitives = primitives
+        self.priority = priority
+        self.fused = fused
+
+    # -- contract ---------------------------------------------------------------------------
+    def unsupported_reason(self, op_names, device, dtype):
+        plan = plan_of(op_names)
+        if plan.unknown:
+            return f"op families of {plan.unknown} are not handled by the merged composition"
+        if not dtype.is_floating_point:
+            return f"dtype {dtype} is not floating point"
+        return self.primitives_unsupported_reason(torch.device(device), dtype)
+
+    def primitives_unsupported_reason(self, device, dtype):
+        """Hook for primitives that cannot serve a device/dtype (None: fine)."""
+        return None
+
+    def mixed_op(self, x, weights, mixed: MixedOp):
+        check_mixed_inputs(x, weights, mixed)
+        y, _ = self._compose(x, weights, mixed, None)
+        return y
+
+    def distill_step(self, x, weights, mixed: MixedOp, distill):
+        check_mixed_inputs(x, weights, mixed)
+        if distill.weight.device != x.device:
+            raise BackendError(f"distillation conv on {distill.weight.device} but input on {x.device}")
+        y, d = self._compose(x, weights, mixed, distill)
+        r = F.leaky_relu(y + x, LRELU_SLOPE)
+        return F.leaky_relu(d, LRELU_SLOPE), r
+
+    # -- composition ------------------------------------------------------------------------
+    def _compose(self, x, weights, mixed, distill):
+        """(sum_k w_k op_k(x), c_d(x) or None)."""
+        plan = plan_of(mixed.op_names)
+        why = self.unsupported_reason(mixed.op_names, x.device, x.dtype)
+        if why is not None:
+            raise BackendError(f"backend {self.name!r} cannot compute this mixed op: {why}")
+        ops = mixed.ops
+        w = weights.to(x.dtype)
+        C = mixed.C
+        y = None
+        d = None
+
+        # 1. dense convs (+ the distillation 1x1 as extra output channels)
+        if plan.conv:
+            K = plan.conv_k
+            Wd = sum(w[i] * _pad_to(ops[i].op[0].weight, K) for i in plan.conv)
+            if distill is not None:
+                Wcat = torch.cat([Wd, _pad_to(distill.weight, K)], 0)
+                bias = None
+                if distill.bias is not None:
+                    bias = torch.cat([distill.bias.new_zeros(C), distill.bias])
+                out = F.conv2d(x, Wcat, bias, padding=K // 2)
+                y, d = out[:, :C], out[:, C:]
+            else:
+                y = F.conv2d(x, Wd, padding=K // 2)
+        if distill is not None and d is None:
+            d = distill(x)
+
+        # 2.-5. separable and dilated ops
+        if plan.sep or plan.dil:
+            st1 = plan.sep + plan.dil
+            k1 = torch.stack([_pad_to(ops[i].op[1].weight[:, 0], plan.st1_kmax) for i in st1])
+            s1 = self.primitives.grouped_dw(x, k1, plan.st1_ksizes, plan.st1_dils, True, True)
+            Gs = len(plan.sep)
+            terms = []
+            if Gs:
+                N, _, H, W_ = x.shape
+                pw1 = torch.stack([ops[i].op[2].weight[:, :, 0, 0] for i in plan.sep])  # (Gs,C,C)
+                z = s1[:, :Gs * C] if plan.dil else s1
+                p1 = torch.matmul(pw1, z.reshape(N, Gs, C, H * W_)).view(N, Gs * C, H, W_)
+                k2 = torch.stack([_pad_to(ops[i].op[4].weight[:, 0], plan.st2_kmax) for i in plan.sep])
+                s2 = self.primitives.grouped_dw(p1, k2, plan.st2_ksizes, (1,) * Gs, True, False)
+                Wsep = torch.cat([w[i] * ops[i].op[5].weight[:, :, 0, 0] for i in plan.sep], 1)
+                terms.append(_pw(s2, Wsep))
+            if plan.dil:
+                Wdil = torch.cat([w[i] * ops[i].op[2].weight[:, :, 0, 0] for i in plan.dil], 1)
+                terms.append(_pw(s1[:, Gs * C:] if Gs else s1, Wdil))
+            for t in terms:
+                y = t if y is None else y + t
+        for i in plan.skip:
+            y = w[i] * x if y is None else y + w[i] * x
+        return y, d
+
+
+MERGED = register_backend(DecomposedBackend("merged", TORCH_PRIMITIVES, priority=10))

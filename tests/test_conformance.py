@@ -1,0 +1,243 @@
+"""One conformance suite for every registered mixed-op backend except 'reference'.
+
+Each backend is compared with the reference (the plain per-op loop) on random inputs: outputs and
+all gradients (input, every op parameter, the op weights, the distillation conv) in fp64 at 1e-10
+relative to the largest reference value, and in fp32 at FP32_TOL. Backends are discovered from the
+registry, so one registered later (e.g. 'native') is picked up automatically; a backend whose
+``unsupported_reason`` is not None for a case is skipped for that case.
+"""
+from __future__ import annotations
+
+import copy
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+from hdnas.mixed import BackendError, MixedOp, available_backends, get_backend
+from hdnas.space import DLSR_PRIMITIVES
+
+get_backend("reference")  # loads the optional backends (triton, native) before discovery
+BACKENDS = [b for b in available_backends() if b != "reference"]
+REF = get_backend("reference")
+
+FP64_TOL = 1e-10
+FP32_TOL = 5e-5  # max abs error / max |reference|, fp32 reassociation of sums of <= 49*C terms
+
+OP_SETS = {
+    "dlsr": DLSR_PRIMITIVES,
+    "no_dense": ("sep_conv_3x3", "sep_conv_5x5", "sep_conv_7x7", "dil_conv_3x3", "dil_conv_5x5"),
+    "dense_only": ("conv_3x3", "conv_1x1", "conv_5x5"),
+    "dlsr_skip": DLSR_PRIMITIVES + ("skip_connect",),
+    "sep_only": ("sep_conv_5x5",),
+    "dil_skip": ("skip_connect", "dil_conv_5x5", "dil_conv_3x3"),
+    "conv_sep": ("conv_7x7", "sep_conv_3x3"),
+}
+
+
+def _backend_or_skip(name, op_names, device, dtype):
+    b = get_backend(name)
+    why = b.unsupported_reason(tuple(op_names), torch.device(device), dtype)
+    if why is not None:
+        pytest.skip(f"{name}: {why}")
+    return b
+
+
+def _weights(kind, K, gen, dtype):
+    a = torch.randn(K, generator=gen, dtype=torch.float64)
+    if kind == "softmax":
+        w = F.softmax(a, 0)
+    elif kind == "sigmoid":
+        w = torch.sigmoid(a)
+    elif kind == "onehot":
+        w = torch.zeros(K, dtype=torch.float64)
+        w[int(torch.randint(K, (1,), generator=gen))] = 1.0
+    else:
+        w = a  # arbitrary real weights
+    return w.to(dtype)
+
+
+def _make(op_names, C, dtype, seed):
+    torch.manual_seed(seed)
+    m = MixedOp(C, op_names)
+    with torch.no_grad():  # random, not-too-small weights everywhere
+        for p in m.parameters():
+            p.normal_(0, 0.5)
+    return m.to(dtype)
+
+
+def _input(N, C, H, W, dtype, gen, layout):
+    if layout == "contiguous":
+        return torch.randn(N, C, H, W, generator=gen, dtype=torch.float64).to(dtype)
+    if layout == "channel_slice":  # a channel slice of a bigger batch (distillation split)
+        big = torch.randn(N, C + 5, H, W, generator=gen, dtype=torch.float64).to(dtype)
+        return big[:, 2:2 + C]
+    if layout == "transposed":  # non-contiguous spatial strides
+        return torch.randn(N, C, W, H, generator=gen, dtype=torch.float64).to(dtype).transpose(2, 3)
+    raise ValueError(layout)
+
+
+def _rel_err(a, b):
+    scale = b.abs().max().clamp_min(1e-30)
+    return ((a - b).abs().max() / scale).item()
+
+
+def _assert_close(a, b, tol, what):
+    assert a.shape == b.shape, f"{what}: shape {tuple(a.shape)} != {tuple(b.shape)}"
+    assert a.dtype == b.dtype, f"{what}: dtype {a.dtype} != {b.dtype}"
+    err = _rel_err(a, b)
+    assert err <= tol, f"{what}: relative error {err:.3e} > {tol:.1e}"
+
+
+def _leaf_input(x):
+    """(leaf, view): a fresh leaf holding x's storage layout and the same (possibly
+    non-contiguous) view of it, so the backend sees the strides and the gradient is readable."""
+    if x._base is None:
+        leaf = x.detach().clone().requires_grad_(True)
+        return leaf, leaf
+    leaf = x._base.detach().clone().requires_grad_(True)
+    off = x.storage_offset() - x._base.storage_offset()
+    return leaf, leaf.as_strided(x.shape, x.stride(), leaf.storage_offset() + off)
+
+
+def _run(backend, mixed, distill, x, w, g_list):
+    """Forward (mixed_op or distill_step), backward with fixed cotangents; returns outputs and
+    gradients for x, w and every parameter."""
+    mixed = copy.deepcopy(mixed)
+    distill = copy.deepcopy(distill) if distill is not None else None
+    leaf, xv = _leaf_input(x)
+    assert xv.stride() == x.stride()
+    w = w.detach().clone().requires_grad_(True)
+    if distill is None:
+        outs = (backend.mixed_op(xv, w, mixed),)
+        params = list(mixed.named_parameters())
+    else:
+        outs = backend.distill_step(xv, w, mixed, distill)
+        params = list(mixed.named_parameters()) + [("distill." + n, p) for n, p in distill.named_parameters()]
+    loss = sum((o * g).sum() for o, g in zip(outs, g_list))
+    loss.backward()
+    grads = {"x": leaf.grad, "w": w.grad}
+    for n, p in params:
+        grads[n] = p.grad if p.grad is not None else torch.zeros_like(p)
+    return [o.detach() for o in outs], grads
+
+
+def _compare(name, op_names, N, C, H, W, dtype, wkind="softmax", layout="contiguous",
+             distill=False, seed=0):
+    b = _backend_or_skip(name, op_names, "cpu", dtype)
+    gen = torch.Generator().manual_seed(seed)
+    mixed = _make(op_names, C, dtype, seed)
+    c_d = None
+    if distill:
+        c_d = torch.nn.Conv2d(C, C // 2 or 1, 1, bias=True).to(dtype)
+        with torch.no_grad():
+            c_d.weight.normal_(0, 0.5)
+            c_d.bias.normal_(0, 0.5)
+    x = _input(N, C, H, W, dtype, gen, layout)
+    w = _weights(wkind, len(op_names), gen, dtype)
+    shapes = [(N, C // 2 or 1, H, W), (N, C, H, W)] if distill else [(N, C, H, W)]
+    g_list = [torch.randn(s, generator=gen, dtype=torch.float64).to(dtype) for s in shapes]
+    ref_out, ref_grads = _run(REF, mixed, c_d, x, w, g_list)
+    out, grads = _run(b, mixed, c_d, x, w, g_list)
+    tol = FP64_TOL if dtype == torch.float64 else FP32_TOL
+    for i, (o, r) in enumerate(zip(out, ref_out)):
+        _assert_close(o, r, tol, f"{name} output {i}")
+    assert set(grads) == set(ref_grads)
+    for k in ref_grads:
+        _assert_close(grads[k], ref_grads[k], tol, f"{name} grad {k}")
+
+
+# ---------------------------------------------------------------------------------------------
+@pytest.mark.parametrize("name", BACKENDS)
+@pytest.mark.parametrize("ops", list(OP_SETS))
+def test_op_sets_fp64(name, ops):
+    _compare(name, OP_SETS[ops], 2, 6, 9, 7, torch.float64, "softmax", seed=1)
+
+
+@pytest.mark.parametrize("name", BACKENDS)
+@pytest.mark.parametrize("shape", [(1, 3, 1, 1), (2, 5, 17, 9), (1, 1, 4, 11), (3, 7, 5, 5)])
+def test_odd_shapes_fp64(name, shape):
+    _compare(name, DLSR_PRIMITIVES, *shape, torch.float64, "sigmoid", seed=2)
+
+
+@pytest.mark.parametrize("name", BACKENDS)
+@pytest.mark.parametrize("wkind", ["softmax", "sigmoid", "onehot", "raw"])
+def test_weight_kinds_fp32(name, wkind):
+    _compare(name, DLSR_PRIMITIVES + ("skip_connect",), 2, 6, 8, 10, torch.float32, wkind, seed=3)
+
+
+@pytest.mark.parametrize("name", BACKENDS)
+@pytest.mark.parametrize("layout", ["channel_slice", "transposed"])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+def test_noncontiguous(name, layout, dtype):
+    _compare(name, DLSR_PRIMITIVES, 2, 6, 7, 9, dtype, "softmax", layout=layout, seed=4)
+
+
+@pytest.mark.parametrize("name", BACKENDS)
+@pytest.mark.parametrize("ops", ["dlsr", "no_dense", "dil_skip"])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+def test_distill_step(name, ops, dtype):
+    _compare(name, OP_SETS[ops], 2, 6, 7, 6, dtype, "softmax", distill=True, seed=5)
+
+
+@pytest.mark.parametrize("name", BACKENDS)
+def test_distill_step_odd_channels(name):
+    _compare(name, DLSR_PRIMITIVES, 1, 5, 6, 5, torch.float64, "raw", distill=True, seed=6)
+
+
+# --- bad input: clear errors before any kernel launch -----------------------------------------
+@pytest.mark.parametrize("name", BACKENDS)
+def test_bad_input(name):
+    b = _backend_or_skip(name, DLSR_PRIMITIVES, "cpu", torch.float32)
+    m = MixedOp(4, DLSR_PRIMITIVES)
+    w = torch.full((9,), 1 / 9)
+    x = torch.randn(1, 4, 5, 5)
+    with pytest.raises(BackendError, match="4-D"):
+        b.mixed_op(x[0], w, m)
+    with pytest.raises(BackendError, match="channels"):
+        b.mixed_op(torch.randn(1, 3, 5, 5), w, m)
+    with pytest.raises(BackendError, match="floating point"):
+        b.mixed_op(torch.ones(1, 4, 5, 5, dtype=torch.int64), w, m)
+    with pytest.raises(BackendError, match="vector of 9"):
+        b.mixed_op(x, torch.ones(8), m)
+    with pytest.raises(BackendError, match="on meta"):
+        b.mixed_op(x, w.to("meta"), m)
+    with pytest.raises(BackendError, match="on meta"):
+        b.mixed_op(x, w, copy.deepcopy(m).to("meta"))
+    with pytest.raises(BackendError, match="4-D"):
+        b.distill_step(x[0], w, m, torch.nn.Conv2d(4, 2, 1))
+
+
+# --- whole supernet: one step and a few search steps ------------------------------------------
+def _search(backend, steps, C=8, cells=3, dtype=torch.float64):
+    from hdnas.network import SuperNet
+
+    torch.manual_seed(0)
+    net = SuperNet(C=C, num_cells=cells, scale=2, backend="reference").to(dtype)
+    net.backend = get_backend(backend)
+    gen = torch.Generator().manual_seed(1)
+    lr = torch.rand(2, 3, 16, 16, generator=gen, dtype=torch.float64).to(dtype)
+    hr = torch.rand(2, 3, 32, 32, generator=gen, dtype=torch.float64).to(dtype)
+    opt_w = torch.optim.Adam(net.weight_parameters(), lr=1e-3)
+    opt_a = torch.optim.Adam(net.arch_parameters(), lr=3e-2)
+    losses = []
+    for _ in range(steps):
+        opt_w.zero_grad()
+        opt_a.zero_grad()
+        loss = F.l1_loss(net(lr), hr)
+        loss.backward()
+        opt_w.step()
+        opt_a.step()
+        losses.append(loss.item())
+    return losses, net.alphas.detach().clone(), [p.grad.clone() for p in net.weight_parameters()]
+
+
+@pytest.mark.parametrize("name", BACKENDS)
+def test_supernet_search_steps(name):
+    _backend_or_skip(name, DLSR_PRIMITIVES, "cpu", torch.float64)
+    ref_l, ref_a, ref_g = _search("reference", 3)
+    l, a, g = _search(name, 3)
+    assert l == pytest.approx(ref_l, rel=1e-9)
+    _assert_close(a, ref_a, 1e-8, "alphas after 3 Adam steps")
+    for i, (gi, ri) in enumerate(zip(g, ref_g)):
+        _assert_close(gi, ri, 1e-8, f"weight grad {i} at the last step")
