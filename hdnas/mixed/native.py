@@ -1,0 +1,211 @@
+"""The native backend: the C++ (CPU) / CUDA depthwise kernels of ``csrc/`` as torch custom ops.
+
+Ops (namespace ``hdnas_native``), defined in C++ and given fake (meta) kernels and autograd here:
+
+* ``dw_fwd(x, w[G, C, T], offs, ntaps, relu_input, shared_input)``: the tap-table depthwise
+  engine (see ``csrc/hdnas_dw.h``); ``dw_bwd`` its input/tap gradients (deterministic).
+
+The contract's primitives are built on it:
+
+* ``grouped_dw(x, kernels, ksizes, dilations, relu_input, shared_input)``: each group's k x k
+  (dilated) taps gathered into the tap table with a one-hot matmul (exact; its backward scatters
+  the tap gradients back into ``kernels`` deterministically);
+* ``mixed_dw(x, weights, kernels, ksizes, dilations, relu_input, skip_weight)``: the groups
+  folded into one union stencil ``W_eff[c, u] = sum_g weights[g] kernels[g, c, tap->u]`` (exact,
+  one pass over x instead of G), plus ``skip_weight * x``; autograd gives the kernel, weight and
+  skip gradients from the native tap gradient.
+
+The library is built/loaded lazily at first use (``hdnas.native_build``), so importing this
+module costs nothing; when it cannot be built, the backend says why (``unsupported_reason``) and
+``--fused`` falls back to another backend with one warning.
+"""
+from __future__ import annotations
+
+import functools
+
+import torch
+
+from hdnas import native_build
+from hdnas.mixed.base import BackendError
+from hdnas.mixed.primitives import Primitives, check_dw_args
+
+# Limits of the CUDA kernels (csrc/hdnas_dw.h); the CPU kernels have none.
+CUDA_MAX_GROUPS, CUDA_MAX_TAPS, CUDA_MAX_RADIUS = 8, 96, 8
+CPU_DTYPES = (torch.float32, torch.float64, torch.float16, torch.bfloat16)
+CUDA_DTYPES = (torch.float32, torch.float64, torch.float16, torch.bfloat16)
+
+_registered = False
+
+
+def _register_python_side():
+    """Fake kernels and autograd for the C++-defined ops (once, after the library loads)."""
+    global _registered
+    if _registered:
+        return
+
+    @torch.library.register_fake("hdnas_native::dw_fwd")
+    def _dw_fwd_fake(x, w, offs, ntaps, relu_input, shared_input):
+        return x.new_empty((x.shape[0], w.shape[0] * w.shape[1], x.shape[2], x.shape[3]))
+
+    @torch.library.register_fake("hdnas_native::dw_bwd")
+    def _dw_bwd_fake(grad_y, x, w, offs, ntaps, relu_input, shared_input, need_gx, need_gw):
+        gx = torch.empty_like(x, memory_format=torch.contiguous_format) if need_gx else x.new_empty((0,))
+        gw = torch.empty_like(w, memory_format=torch.contiguous_format) if need_gw else w.new_empty((0,))
+        return gx, gw
+
+    def _setup(ctx, inputs, output):
+        x, w, offs, ntaps, relu_input, shared_input = inputs
+        ctx.save_for_backward(x, w)
+        ctx.args = (offs, ntaps, relu_input, shared_input)
+
+    def _backward(ctx, grad_y):
+        x, w = ctx.saved_tensors
+        need_gx, need_gw = ctx.needs_input_grad[0], ctx.needs_input_grad[1]
+        gx, gw = torch.ops.hdnas_native.dw_bwd(grad_y, x, w, *ctx.args, need_gx, need_gw)
+        return (gx if need_gx else None), (gw if need_gw else None), None, None, None, None
+
+    torch.library.register_autograd("hdnas_native::dw_fwd", _backward, setup_context=_setup)
+    _registered = True
+
+
+def available(device="cpu") -> bool:
+    """Whether the native kernels for ``device`` are built and loaded (builds them if needed)."""
+    kind = "cuda" if torch.device(device).type == "cuda" else "cpu"
+    if torch.device(device).type not in ("cpu", "cuda"):
+        return False
+    ok = native_build.load(kind)
+    if ok:
+        _register_python_side()
+    return ok
+
+
+def unavailable_reason(device, dtype, G=1, T=1, radius=0) -> str | None:
+    """None if the native kernels serve (device, dtype, tap table size), else why not."""
+    device = torch.device(device)
+    if device.type not in ("cpu", "cuda"):
+        return f"no native kernels for device {device.type!r}"
+    if device.type == "cpu" and dtype not in CPU_DTYPES:
+        return f"dtype {dtype} is not supported by the CPU kernels"
+    if device.type == "cuda":
+        if dtype not in CUDA_DTYPES:
+            return f"dtype {dtype} is not supported by the CUDA kernels"
+        if G > CUDA_MAX_GROUPS or T > CUDA_MAX_TAPS or radius > CUDA_MAX_RADIUS:
+            return (f"the CUDA kernels take at most {CUDA_MAX_GROUPS} groups, {CUDA_MAX_TAPS} "
+                    f"taps and radius {CUDA_MAX_RADIUS} (got {G}, {T}, {radius})")
+    if not available(device):
+        return f"native {device.type} kernels unavailable: {native_build.error(device.type)}"
+    return None
+
+
+# ---------------------------------------------------------------------------------------------
+# Tap tables (cached per kernel-size/dilation set)
+
+@functools.lru_cache(maxsize=256)
+def _grouped_table(ksizes: tuple, dilations: tuple, kmax: int):
+    """(one-hot [G, KMAX*KMAX, T] as float64 cpu, offs list, ntaps list, radius)."""
+    G = len(ksizes)
+    T = max(k * k for k in ksizes)
+    onehot = torch.zeros(G, kmax * kmax, T, dtype=torch.float64)
+    offs, ntaps, radius = [], [], 0
+    for g, (k, d) in enumerate(zip(ksizes, dilations)):
+        o, r = (kmax - k) // 2, k // 2
+        t = 0
+        for i in range(k):
+            for j in range(k):
+                onehot[g, (o + i) * kmax + o + j, t] = 1
+                offs += [(i - r) * d, (j - r) * d]
+                t += 1
+        offs += [0, 0] * (T - t)
+        ntaps.append(t)
+        radius = max(radius, r * d)
+    return onehot, tuple(offs), tuple(ntaps), radius
+
+
+@functools.lru_cache(maxsize=256)
+def _union_table(ksizes: tuple, dilations: tuple, kmax: int):
+    """(one-hot [G, KMAX*KMAX, U] float64 cpu, offs, (U,), radius) of the union stencil."""
+    taps = {}
+    for k, d in zip(ksizes, dilations):
+        r = k // 2
+        for i in range(k):
+            for j in range(k):
+                taps.setdefault(((i - r) * d, (j - r) * d), len(taps))
+    U = len(taps)
+    onehot = torch.zeros(len(ksizes), kmax * kmax, U, dtype=torch.float64)
+    for g, (k, d) in enumerate(zip(ksizes, dilations)):
+        o, r = (kmax - k) // 2, k // 2
+        for i in range(k):
+            for j in range(k):
+                onehot[g, (o + i) * kmax + o + j, taps[((i - r) * d, (j - r) * d)]] = 1
+    offs = []
+    for (dy, dx), _ in sorted(taps.items(), key=lambda kv: kv[1]):
+        offs += [dy, dx]
+    radius = max(max(abs(dy), abs(dx)) for dy, dx in taps)
+    return onehot, tuple(offs), (U,), radius
+
+
+_onehot_cache: dict = {}
+
+
+def _onehot(table, device, dtype):
+    key = (id(table), device, dtype)
+    t = _onehot_cache.get(key)
+    if t is None:
+        t = _onehot_cache[key] = table.to(device=device, dtype=dtype)
+    return t
+
+
+def _require(x, G, T, radius):
+    why = unavailable_reason(x.device, x.dtype, G, T, radius)
+    if why is not None:
+        raise BackendError(f"native depthwise kernels cannot take this input: {why}")
+
+
+# ---------------------------------------------------------------------------------------------
+# The primitives
+
+def grouped_dw(x, kernels, ksizes, dilations, relu_input: bool, shared_input: bool):
+    """Native ``grouped_dw`` (same contract as ``primitives.grouped_dw_ref``)."""
+    check_dw_args(x, kernels, ksizes, dilations, shared_input)
+    ksizes, dilations = tuple(int(k) for k in ksizes), tuple(int(d) for d in dilations)
+    G, C, kmax = kernels.shape[0], kernels.shape[1], kernels.shape[-1]
+    table, offs, ntaps, radius = _grouped_table(ksizes, dilations, kmax)
+    _require(x, G, table.shape[-1], radius)
+    onehot = _onehot(table, x.device, x.dtype)
+    w = torch.matmul(kernels.reshape(G, C, kmax * kmax), onehot)  # [G, C, T], exact gather
+    return torch.ops.hdnas_native.dw_fwd(x, w, list(offs), list(ntaps), bool(relu_input),
+                                         bool(shared_input))
+
+
+def mixed_dw(x, weights, kernels, ksizes, dilations, relu_input: bool, skip_weight=None):
+    """Native ``mixed_dw`` (same contract as ``primitives.mixed_dw_ref``)."""
+    check_dw_args(x, kernels, ksizes, dilations, True)
+    if weights.dim() != 1 or weights.numel() != kernels.shape[0]:
+        raise ValueError(f"weights must be a vector of {kernels.shape[0]}, got {tuple(weights.shape)}")
+    ksizes, dilations = tuple(int(k) for k in ksizes), tuple(int(d) for d in dilations)
+    G, C, kmax = kernels.shape[0], kernels.shape[1], kernels.shape[-1]
+    table, offs, ntaps, radius = _union_table(ksizes, dilations, kmax)
+    _require(x, 1, table.shape[-1], radius)
+    onehot = _onehot(table, x.device, x.dtype)
+    # W_eff[c, u] = sum_g weights[g] * sum_k kernels[g, c, k] * onehot[g, k, u]
+    per_group = torch.matmul(kernels.reshape(G, C, kmax * kmax), onehot)  # [G, C, U]
+    w_eff = (per_group * weights.to(x.dtype).view(G, 1, 1)).sum(0, keepdim=True)
+    y = torch.ops.hdnas_native.dw_fwd(x, w_eff, list(offs), list(ntaps), bool(relu_input), True)
+    if skip_weight is not None:
+        y = y + skip_weight * x
+    return y
+
+
+class NativePrimitives(Primitives):
+    """The C++/CUDA primitives (``--fused`` on a CPU uses these)."""
+
+    name = "native"
+
+    def grouped_dw(self, x, kernels, ksizes, dilations, relu_input, shared_input):
+        return grouped_dw(x, kernels, ksizes, dilations, relu_input, shared_input)
+
+    def mixed_dw(self, x, weights, kernels, ksizes, dilations, relu_input, skip_weight=None):
+        return mixed_dw(x, weights, kernels, ksizes, dilations, relu_input, skip_weight)
+
+
+NATIVE_PRIMITIVES = NativePrimitives()
