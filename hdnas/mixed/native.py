@@ -26,7 +26,8 @@ import functools
 import torch
 
 from hdnas import native_build
-from hdnas.mixed.base import BackendError
+from hdnas.mixed.base import BackendError, register_backend
+from hdnas.mixed.merged import DecomposedBackend, plan_of
 from hdnas.mixed.primitives import Primitives, check_dw_args
 
 # Limits of the CUDA kernels (csrc/hdnas_dw.h); the CPU kernels have none.
@@ -209,3 +210,20 @@ class NativePrimitives(Primitives):
 
 
 NATIVE_PRIMITIVES = NativePrimitives()
+
+
+class NativeBackend(DecomposedBackend):
+    """The merged composition (hdnas.mixed.merged) over the native primitives."""
+
+    def unsupported_reason(self, op_names, device, dtype):
+        why = super().unsupported_reason(op_names, device, dtype)
+        if why is not None:
+            return why
+        plan = plan_of(op_names)
+        G = max(len(plan.sep) + len(plan.dil), 1)
+        T = max((k * k for k in plan.st1_ksizes), default=1)
+        radius = max((d * (k // 2) for k, d in zip(plan.st1_ksizes, plan.st1_dils)), default=0)
+        return unavailable_reason(device, dtype, G, T, radius)
+
+
+NATIVE = register_backend(NativeBackend("native", NATIVE_PRIMITIVES, priority=30))
