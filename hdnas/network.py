@@ -6,7 +6,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from hdnas.cell import DistillCell, conv_layer, lrelu
+from hdnas.cell import DistillCell, conv_layer
 from hdnas.genotype import Genotype, check_scale, derive
 from hdnas.mixed.base import MixedOp, get_backend
 from hdnas.space import DLSR_PRIMITIVES, check_op_set, get_op
@@ -98,17 +98,6 @@ class SuperNet(_SRNet):
 
     def genotype(self, name: str = "") -> Genotype:
         return derive(self.alphas, self.betas, self.op_names, self.C, self.scale, name)
-
-    def expected_cost(self, kind: str = "params") -> torch.Tensor:
-        """Differentiable expected cost of the searchable ops under softmax(alpha), in the same
-        unit as the whole-network count (params, or Multi-Adds per LR pixel)."""
-        per_op = torch.tensor([float(get_op(n).params(self.C)) for n in self.op_names],
-                              device=self.alphas.device)
-        w = self.op_weights()
-        cost = (w * per_op).sum()
-        if w.dim() == 2:  # shared by all cells
-            cost = cost * self.num_cells
-        return cost
 
 
 class DerivedNet(_SRNet):

@@ -1,0 +1,107 @@
+"""Architecture update rules (the "architect").
+
+* ``joint`` (the DLSR release): after the weight step, one Adam step on alpha/beta for
+  ``L_train + L_val + penalty``, the train loss recomputed on the same train batch.
+* ``darts1`` (DARTS first order): before the weight step, a step on ``L_val + penalty``.
+* ``darts2`` (DARTS second order): before the weight step, the unrolled hypergradient
+  ``d/da L_val(w - eta * dL_train/dw, a)``, its Hessian-vector product by central finite
+  differences with ``R = r / ||v||`` as in DARTS. The virtual step is plain SGD with the weight
+  learning rate ``eta`` and weight decay (DARTS also adds the optimizer's momentum; our weight
+  optimizer is Adam, whose state a virtual step should not touch).
+"""
+from __future__ import annotations
+
+import torch
+
+RULES = ("joint", "darts1", "darts2")
+
+
+def _grads(loss, params):
+    gs = torch.autograd.grad(loss, params, allow_unused=True)
+    return [torch.zeros_like(p) if g is None else g for p, g in zip(params, gs)]
+
+
+class Architect:
+    def __init__(self, model, loss_fn, rule: str = "joint", lr: float = 3e-4,
+                 betas=(0.5, 0.999), weight_decay: float = 1e-8, penalty=None,
+                 w_weight_decay: float = 0.0, hvp_r: float = 1e-2):
+        if rule not in RULES:
+            raise ValueError(f"unknown update rule {rule!r}; choose one of {RULES}")
+        self.model, self.loss_fn, self.rule, self.penalty = model, loss_fn, rule, penalty
+        self.w_weight_decay, self.hvp_r = w_weight_decay, hvp_r
+        self.optimizer = torch.optim.Adam(model.arch_parameters(), lr=lr, betas=betas,
+                                          weight_decay=weight_decay)
+
+    @property
+    def before_weight_step(self) -> bool:
+        return self.rule != "joint"
+
+    def loss(self, batch):
+        lr, hr = batch
+        return self.loss_fn(self.model(lr), hr)
+
+    def penalty_term(self):
+        if self.penalty is None:
+            return self.model.alphas.new_zeros(())
+        return self.penalty(self.model.alphas, self.model.num_cells)
+
+    def step(self, train_batch, arch_batch, eta: float) -> dict:
+        """One architecture update; returns the logged loss terms."""
+        arch = self.model.arch_parameters()
+        self.optimizer.zero_grad(set_to_none=True)
+        pen = self.penalty_term()
+        if self.rule == "darts2":
+            hyper, l_val = self.unrolled_hypergradient(train_batch, arch_batch, eta)
+            for p, g in zip(arch, hyper):
+                p.grad = g
+            if pen.requires_grad:
+                pen.backward(inputs=arch)  # accumulates onto the hypergradient
+            out = {"loss_arch": float(l_val)}
+        else:
+            l_val = self.loss(arch_batch)
+            total = l_val + pen
+            if self.rule == "joint":
+                l_train = self.loss(train_batch)
+                total = total + l_train
+            total.backward(inputs=arch)
+            out = {"loss_arch": float(l_val)}
+        self.optimizer.step()
+        out["penalty"] = float(pen)
+        return out
+
+    def unrolled_hypergradient(self, train_batch, arch_batch, eta: float):
+        """d/d(arch) of L_val(w', arch), w' = w - eta (dL_train/dw + wd w), with the
+        second-order term by finite differences. Weights are restored before returning."""
+        weights, arch = self.model.weight_parameters(), self.model.arch_parameters()
+        backup = [p.detach().clone() for p in weights]
+        gw = _grads(self.loss(train_batch), weights)
+        with torch.no_grad():
+            for p, g in zip(weights, gw):
+                p.sub_(eta * (g + self.w_weight_decay * p))
+        l_val = self.loss(arch_batch)
+        g = _grads(l_val, arch + weights)
+        d_arch, v = g[:len(arch)], g[len(arch):]
+        with torch.no_grad():
+            for p, b in zip(weights, backup):
+                p.copy_(b)
+        hvp = self._hessian_vector_product(v, train_batch)
+        return [da - eta * h for da, h in zip(d_arch, hvp)], l_val.detach()
+
+    def _hessian_vector_product(self, v, train_batch):
+        """(d^2 L_train / d arch d w) v  ~  (g(w + R v) - g(w - R v)) / 2R, g = dL_train/d arch."""
+        weights, arch = self.model.weight_parameters(), self.model.arch_parameters()
+        norm = torch.sqrt(sum((x * x).sum() for x in v))
+        if float(norm) == 0.0:
+            return [torch.zeros_like(a) for a in arch]
+        R = self.hvp_r / norm
+        backup = [p.detach().clone() for p in weights]
+        g = {}
+        for sign in (1, -1):
+            with torch.no_grad():
+                for p, b, x in zip(weights, backup, v):
+                    p.copy_(b + sign * R * x)
+            g[sign] = _grads(self.loss(train_batch), arch)
+        with torch.no_grad():
+            for p, b in zip(weights, backup):
+                p.copy_(b)
+        return [(a - b) / (2 * R) for a, b in zip(g[1], g[-1])]

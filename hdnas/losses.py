@@ -1,0 +1,95 @@
+"""Search and training losses: L1, the release's HFEN term, and a complexity penalty that has a
+gradient (the release computes its penalty from ``.data``, so it never reaches alpha)."""
+from __future__ import annotations
+
+import math
+
+import torch
+import torch.nn.functional as F
+
+from hdnas.space import get_op
+
+
+def _gaussian(size=5, sigma=1.5, device=None, dtype=None):
+    ax = torch.arange(size, device=device, dtype=dtype) - (size - 1) / 2
+    g = torch.exp(-(ax[:, None] ** 2 + ax[None, :] ** 2) / (2 * sigma * sigma))
+    return g / g.sum()
+
+
+_LAPLACE = ((0.0, 1.0, 0.0), (1.0, -4.0, 1.0), (0.0, 1.0, 0.0))
+
+
+def _log_response(img):
+    """The release's LoG: 5x5 Gaussian per channel (no padding), then a 3x3 Laplacian summed over
+    the colour channels (its conv weight spans all input channels), normalised by the max."""
+    C = img.shape[1]
+    g = _gaussian(device=img.device, dtype=img.dtype).expand(C, 1, 5, 5)
+    blurred = F.conv2d(img, g, groups=C)
+    lap = torch.tensor(_LAPLACE, device=img.device, dtype=img.dtype).expand(1, C, 3, 3)
+    r = F.conv2d(blurred, lap, padding=1)
+    m = r.max()
+    return torch.where(m != 0, r / m, r)
+
+
+def hfen(sr, hr):
+    """High-frequency error norm as in the release: L1 between max-normalised LoG responses."""
+    return F.l1_loss(_log_response(sr), _log_response(hr))
+
+
+class SRLoss:
+    """L1 + ``hfen_weight`` * HFEN (the release uses 0.2; 0 gives plain L1)."""
+
+    def __init__(self, hfen_weight: float = 0.2):
+        self.hfen_weight = hfen_weight
+
+    def __call__(self, sr, hr):
+        loss = F.l1_loss(sr, hr)
+        if self.hfen_weight:
+            loss = loss + self.hfen_weight * hfen(sr, hr)
+        return loss
+
+
+class ComplexityPenalty:
+    """Expected cost of the searchable ops under softmax(alpha), with a gradient.
+
+    Without a budget it is the release's form, ``weight * sum_rows sum_k w_k p_k / sum_k p_k``.
+    With a budget (whole-network params, or Multi-Adds at a 1280x720 output) it is a hinge,
+    ``weight * max(0, expected_total / budget - 1)``: free under budget, linear above it. The
+    fixed part of the total (everything but the searchable ops) is measured once on a derived
+    network, so the budget means what the evaluation table will report.
+    """
+
+    def __init__(self, op_names, C: int, weight: float = 1.0, budget: float | None = None,
+                 kind: str = "params", fixed_cost: float = 0.0, pixels: float = 1.0):
+        if kind not in ("params", "macs"):
+            raise ValueError(f"penalty kind must be 'params' or 'macs', got {kind!r}")
+        if budget is not None and budget <= 0:
+            raise ValueError(f"budget must be positive, got {budget}")
+        self.per_op = torch.tensor([float(get_op(n).params(C)) for n in op_names])
+        self.weight, self.budget, self.kind = weight, budget, kind
+        self.fixed_cost, self.pixels = fixed_cost, pixels
+
+    def expected_op_cost(self, alphas, num_cells: int):
+        """Expected params of all searchable ops (Multi-Adds per LR pixel are the same number)."""
+        w = F.softmax(alphas, dim=-1)
+        cost = (w * self.per_op.to(w)).sum()
+        return cost * num_cells if w.dim() == 2 else cost
+
+    def expected_total(self, alphas, num_cells: int):
+        return self.fixed_cost + self.expected_op_cost(alphas, num_cells) * self.pixels
+
+    def __call__(self, alphas, num_cells: int):
+        if not self.weight:
+            return alphas.new_zeros(())
+        if self.budget is None:
+            w = F.softmax(alphas, dim=-1)
+            per_op = self.per_op.to(w)
+            value = (w * per_op).sum() / per_op.sum()
+            if w.dim() == 3:  # one alpha per cell: average the cells to keep the release's scale
+                value = value / w.shape[0]
+            return self.weight * value
+        return self.weight * F.relu(self.expected_total(alphas, num_cells) / self.budget - 1)
+
+
+def hr_pixels_to_lr(hr_size=(720, 1280), scale: int = 2) -> float:
+    return math.ceil(hr_size[0] / scale) * math.ceil(hr_size[1] / scale)

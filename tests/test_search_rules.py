@@ -1,0 +1,102 @@
+"""Losses, the complexity penalty and the three architecture update rules."""
+import pytest
+import torch
+
+from hdnas.architect import Architect
+from hdnas.losses import ComplexityPenalty, SRLoss, hfen
+from hdnas.network import SuperNet
+from hdnas.space import DLSR_PRIMITIVES
+
+
+def test_penalty_has_gradient():
+    alphas = (1e-3 * torch.randn(3, 9)).requires_grad_()
+    pen = ComplexityPenalty(DLSR_PRIMITIVES, 48)
+    pen(alphas, 6).backward()
+    g = alphas.grad
+    assert g.abs().sum() > 0
+    # the gradient pushes toward cheap ops: conv_7x7 up-weights the penalty most
+    assert (g[:, 3] > 0).all() and (g[:, 0] < 0).all()
+
+
+def test_penalty_with_budget():
+    alphas = torch.zeros(3, 9, requires_grad=True)
+    pen = ComplexityPenalty(DLSR_PRIMITIVES, 48, budget=1e5, fixed_cost=5e4)
+    value = pen(alphas, 6)
+    assert value > 0
+    value.backward()
+    assert alphas.grad.abs().sum() > 0
+    generous = ComplexityPenalty(DLSR_PRIMITIVES, 48, budget=1e9)
+    assert float(generous(alphas, 6).detach()) == 0.0
+
+
+def test_hfen_matches_release_definition():
+    torch.manual_seed(0)
+    sr, hr = torch.rand(2, 3, 12, 12) * 255, torch.rand(2, 3, 12, 12) * 255
+    assert float(hfen(hr, hr)) == 0.0
+    assert float(hfen(sr, hr)) > 0
+    loss = SRLoss(0.2)(sr, hr)
+    assert float(loss) == pytest.approx(float((sr - hr).abs().mean() + 0.2 * hfen(sr, hr)))
+
+
+def _tiny_problem(seed=0):
+    torch.manual_seed(seed)
+    net = SuperNet(C=4, num_cells=3, op_names=["conv_1x1", "sep_conv_3x3", "dil_conv_3x3"]).double()
+    mk = lambda: (torch.rand(2, 3, 15, 15, dtype=torch.float64), torch.rand(2, 3, 30, 30, dtype=torch.float64))
+    return net, mk(), mk()
+
+
+def test_second_order_hypergradient_matches_finite_difference():
+    net, train, val = _tiny_problem()
+    arch = Architect(net, lambda a, b: ((a - b) ** 2).mean(), "darts2", hvp_r=1e-4)
+    eta = 0.5
+    hyper, _ = arch.unrolled_hypergradient(train, val, eta)
+
+    weights = net.weight_parameters()
+
+    def objective():  # L_val(w - eta dL_train/dw, alpha), evaluated exactly
+        lt = ((net(train[0]) - train[1]) ** 2).mean()
+        gw = torch.autograd.grad(lt, weights)
+        saved = [p.detach().clone() for p in weights]
+        with torch.no_grad():
+            for p, g in zip(weights, gw):
+                p.sub_(eta * g)
+            lv = float(((net(val[0]) - val[1]) ** 2).mean())
+            for p, s in zip(weights, saved):
+                p.copy_(s)
+        return lv
+
+    h = 1e-5
+    for idx in [(0, 0), (1, 1), (2, 2)]:
+        with torch.no_grad():
+            net.alphas[idx] += h
+        up = objective()
+        with torch.no_grad():
+            net.alphas[idx] -= 2 * h
+        down = objective()
+        with torch.no_grad():
+            net.alphas[idx] += h
+        fd = (up - down) / (2 * h)
+        assert hyper[0][idx].item() == pytest.approx(fd, rel=1e-3, abs=1e-9)
+    # and the second-order term matters here: the first-order gradient differs
+    first = torch.autograd.grad(((net(val[0]) - val[1]) ** 2).mean(), net.alphas)[0]
+    assert not torch.allclose(first, hyper[0], rtol=1e-2)
+
+
+@pytest.mark.parametrize("rule", ["joint", "darts1", "darts2"])
+def test_rules_update_alpha_and_beta(rule):
+    net, train, val = _tiny_problem(1)
+    before = [p.detach().clone() for p in net.arch_parameters()]
+    w_before = [p.detach().clone() for p in net.weight_parameters()]
+    arch = Architect(net, SRLoss(0.2), rule, lr=1e-2)
+    out = arch.step(train, val, eta=1e-3)
+    assert out["loss_arch"] > 0
+    for b, p in zip(before, net.arch_parameters()):
+        assert not torch.equal(b, p.detach())
+    for b, p in zip(w_before, net.weight_parameters()):  # an arch step leaves the weights alone
+        assert torch.equal(b, p.detach())
+
+
+def test_unknown_rule():
+    net, _, _ = _tiny_problem()
+    with pytest.raises(ValueError, match="unknown update rule"):
+        Architect(net, SRLoss(), "darts3")
