@@ -1,0 +1,69 @@
+"""The Triton backend: the merged composition of hdnas.mixed.merged with Triton depthwise
+primitives (hdnas.kernels.ops: custom ops ``hdnas_triton::dw_taps`` / ``dw_taps_backward``).
+
+The dense merged conv and the pointwise GEMMs stay on cuDNN/cuBLAS (dense channel-mixing work
+they already do at full speed); the depthwise stages, which PyTorch runs through its slow native
+depthwise kernel (one block per weight element for the weight gradient, kernels.md §3.2), run in
+Triton: stage 1 reads x once for all sep/dil first stages with one shared ReLU.
+
+Importing this module raises ImportError when triton is missing (the registry then skips it).
+On CPU the kernels only run when TRITON_INTERPRET=1 was set before hdnas.kernels was imported
+(tests/conftest.py does it); in that mode the backend is registered with a low priority so that
+'fused' keeps choosing the merged backend on CPU.
+"""
+from __future__ import annotations
+
+import torch
+
+import triton  # noqa: F401  (ImportError here: backend not available)
+
+from hdnas.kernels import ops as _ops
+from hdnas.mixed.base import register_backend
+from hdnas.mixed.merged import DecomposedBackend
+from hdnas.mixed.primitives import Primitives
+
+GPU_DTYPES = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
+INTERP_DTYPES = (torch.float16, torch.float32, torch.float64)
+
+
+class TritonPrimitives(Primitives):
+    name = "triton"
+
+    def grouped_dw(self, x, kernels, ksizes, dilations, relu_input, shared_input):
+        return _ops.grouped_dw(x, kernels, ksizes, dilations, relu_input, shared_input)
+
+    def mixed_dw(self, x, weights, kernels, ksizes, dilations, relu_input, skip_weight=None):
+        return _ops.mixed_dw(x, weights, kernels, ksizes, dilations, relu_input, skip_weight)
+
+
+TRITON_PRIMITIVES = TritonPrimitives()
+
+
+def triton_unsupported_reason(device: torch.device, dtype: torch.dtype) -> str | None:
+    """Why the Triton kernels cannot run on (device, dtype), or None."""
+    interp = _ops.interpreting()
+    if device.type == "cpu":
+        if not interp:
+            return ("CPU tensors need Triton's interpreter: set TRITON_INTERPRET=1 before "
+                    "hdnas is imported (it is for testing; use 'merged' on CPU)")
+        if dtype not in INTERP_DTYPES:
+            return f"{dtype} is not supported by the Triton interpreter (bf16 is not emulated)"
+        return None
+    if device.type == "cuda":
+        if interp:
+            return "TRITON_INTERPRET=1 is set: the interpreter runs CPU tensors only"
+        if not torch.cuda.is_available():
+            return "CUDA is not available"
+        if dtype not in GPU_DTYPES:
+            return f"dtype {dtype} is not supported"
+        return None
+    return f"no Triton kernels for device type {device.type!r}"
+
+
+class TritonBackend(DecomposedBackend):
+    def primitives_unsupported_reason(self, device, dtype):
+        return triton_unsupported_reason(device, dtype)
+
+
+TRITON = register_backend(TritonBackend("triton", TRITON_PRIMITIVES,
+                                        priority=5 if _ops.interpreting() else 20))

@@ -1,0 +1,192 @@
+"""Triton kernels for multi-group depthwise stencils with an explicit tap table ("dw_taps").
+
+One call computes G output groups of C channels from an NCHW input (any strides):
+
+    y[n, g*C + c, h, w] = sum_{t in taps[g]} K[g, c, t] * act(x[n, cin, h + dy_t*d_g, w + dx_t*d_g])
+
+with t = (ty, tx) a slot of the KMAX x KMAX kernel grid, dy_t = ty - KMAX//2, ``cin = c`` when
+``SHARED`` (every group reads the same input: one read of x, one ReLU, for all first stages) or
+``cin = g*C + c`` otherwise, and ``act`` = ReLU when ``RELU``. Inactive slots (taps[g, t] == 0)
+are skipped at run time (a uniform branch), so a 3x3 group in a 7x7 slot costs 9 taps and a
+union-of-taps kernel (the mixed_dw merge) costs |U| taps.
+
+Backward: ``_dw_taps_bwd_dx`` (dx = relu'(x) * sum_g correlate(gy_g, K_g), no atomics) and
+``_dw_taps_bwd_dk`` (per-program fp32/fp64 partials of sum_{n,p} act(x)[p+off_t] gy[p], reduced
+on the host with ``torch.sum``: deterministic, no float atomics). Accumulation is fp32 (fp64
+for fp64 tensors). All halo loads are masked with ``other=0.``.
+
+Kept to the triton 3.6 .. 3.9 common subset (no tensor descriptors, no tl.range options).
+"""
+from __future__ import annotations
+
+import triton
+import triton.language as tl
+
+
+@triton.jit
+def _dw_taps_fwd(x_ptr, k_ptr, taps_ptr, dil_ptr, y_ptr,
+                 N, C, H, W,
+                 sxn, sxc, sxh, sxw,
+                 G,
+                 KMAX: tl.constexpr, RELU: tl.constexpr, SHARED: tl.constexpr,
+                 ACC: tl.constexpr, BLOCK_R: tl.constexpr, BLOCK_S: tl.constexpr):
+    pid_r = tl.program_id(0)
+    g = tl.program_id(1)
+    pid_s = tl.program_id(2)
+    rows = pid_r * BLOCK_R + tl.arange(0, BLOCK_R)      # (n, c) planes
+    rmask = rows < N * C
+    rows = tl.minimum(rows, N * C - 1)                   # clamped: loads need no row mask
+    n = rows // C
+    c = rows % C
+    pix = pid_s * BLOCK_S + tl.arange(0, BLOCK_S)
+    smask = pix < H * W
+    h = pix // W
+    w = pix % W
+    if SHARED:
+        cin = c
+    else:
+        cin = g * C + c
+    xrow = n.to(tl.int64) * sxn + cin.to(tl.int64) * sxc
+    # int64 scalars: per-tap offset math is then free of the interpreter's int32 overflow checks
+    d = tl.load(dil_ptr + g).to(tl.int64)
+    KK: tl.constexpr = KMAX * KMAX
+    krow = (g * C + c) * KK
+    xc = x_ptr + (xrow[:, None] + (h * sxh + w * sxw)[None, :])   # centre pointers
+    acc = tl.zeros([BLOCK_R, BLOCK_S], dtype=ACC)
+    for ty in tl.static_range(KMAX):
+        oy = (ty - KMAX // 2) * d
+        hh = h + oy
+        hm = smask & (hh >= 0) & (hh < H)
+        xr = xc + oy * sxh
+        for tx in tl.static_range(KMAX):
+            active = tl.load(taps_ptr + g * KK + (ty * KMAX + tx))
+            if active != 0:
+                ox = (tx - KMAX // 2) * d
+                ww = w + ox
+                m = hm & (ww >= 0) & (ww < W)
+                xv = tl.load(xr + ox * sxw, mask=m[None, :], other=0.).to(ACC)
+                if RELU:
+                    xv = tl.maximum(xv, 0.)
+                kv = tl.load(k_ptr + krow + (ty * KMAX + tx)).to(ACC)
+                acc += kv[:, None] * xv
+    yrow = (n.to(tl.int64) * G + g) * C + c
+    tl.store(y_ptr + yrow[:, None] * (H * W) + pix[None, :], acc.to(y_ptr.dtype.element_ty),
+             mask=rmask[:, None] & smask[None, :])
+
+
+@triton.jit
+def _dw_taps_bwd_dx(gy_ptr, x_ptr, k_ptr, taps_ptr, dil_ptr, dx_ptr,
+                    N, C, H, W,
+                    sxn, sxc, sxh, sxw,
+                    G,
+                    KMAX: tl.constexpr, RELU: tl.constexpr, SHARED: tl.constexpr,
+                    ACC: tl.constexpr, BLOCK_R: tl.constexpr, BLOCK_S: tl.constexpr):
+    """dx for the input planes of this program: sum over the groups that read them of the
+    correlation of gy with the group's kernel (negated tap offsets), times relu'(x)."""
+    pid_r = tl.program_id(0)
+    pid_g = tl.program_id(1)
+    pid_s = tl.program_id(2)
+    rows = pid_r * BLOCK_R + tl.arange(0, BLOCK_R)
+    rmask = rows < N * C
+    rows = tl.minimum(rows, N * C - 1)
+    n = rows // C
+    c = rows % C
+    pix = pid_s * BLOCK_S + tl.arange(0, BLOCK_S)
+    smask = pix < H * W
+    h = pix // W
+    w = pix % W
+    KK: tl.constexpr = KMAX * KMAX
+    if SHARED:
+        g_lo = 0
+        g_hi = G
+        cin = c
+        cin_tot = C
+    else:
+        g_lo = pid_g
+        g_hi = pid_g + 1
+        cin = pid_g * C + c
+        cin_tot = G * C
+    acc = tl.zeros([BLOCK_R, BLOCK_S], dtype=ACC)
+    for g in range(g_lo, g_hi):
+        d = tl.load(dil_ptr + g).to(tl.int64)
+        gyrow = ((n.to(tl.int64) * G + g) * C + c) * (H * W)
+        gc = gy_ptr + (gyrow[:, None] + pix[None, :])
+        krow = (g * C + c) * KK
+        for ty in tl.static_range(KMAX):
+            oy = (ty - KMAX // 2) * d
+            hh = h - oy
+            hm = smask & (hh >= 0) & (hh < H)
+            gr = gc - oy * W
+            for tx in tl.static_range(KMAX):
+                active = tl.load(taps_ptr + g * KK + (ty * KMAX + tx))
+                if active != 0:
+                    ox = (tx - KMAX // 2) * d
+                    ww = w - ox
+                    m = hm & (ww >= 0) & (ww < W)
+                    gv = tl.load(gr - ox, mask=m[None, :], other=0.).to(ACC)
+                    kv = tl.load(k_ptr + krow + (ty * KMAX + tx)).to(ACC)
+                    acc += kv[:, None] * gv
+    omask = rmask[:, None] & smask[None, :]
+    if RELU:
+        xrow = n.to(tl.int64) * sxn + cin.to(tl.int64) * sxc
+        xv = tl.load(x_ptr + xrow[:, None] + (h * sxh + w * sxw)[None, :], mask=omask, other=0.)
+        acc = tl.where(xv > 0, acc, 0.)
+    dxrow = n.to(tl.int64) * cin_tot + cin
+    tl.store(dx_ptr + dxrow[:, None] * (H * W) + pix[None, :], acc.to(dx_ptr.dtype.element_ty),
+             mask=omask)
+
+
+@triton.jit
+def _dw_taps_bwd_dk(gy_ptr, x_ptr, taps_ptr, dil_ptr, part_ptr,
+                    N, C, H, W,
+                    sxn, sxc, sxh, sxw,
+                    G, SPLIT,
+                    KMAX: tl.constexpr, KKP: tl.constexpr, RELU: tl.constexpr,
+                    SHARED: tl.constexpr, ACC: tl.constexpr,
+                    BLOCK_C: tl.constexpr, BLOCK_S: tl.constexpr):
+    """Partial kernel gradients: program (channel block, g, split) sums act(x)[p + off_t]*gy[p]
+    over its share of the (n, pixel block) pairs and stores part[split, g, c, t]."""
+    pid_c = tl.program_id(0)
+    g = tl.program_id(1)
+    sid = tl.program_id(2)
+    c = pid_c * BLOCK_C + tl.arange(0, BLOCK_C)
+    cmask = c < C
+    cl = tl.minimum(c, C - 1)             # clamped: loads need no channel mask
+    if SHARED:
+        cin = cl
+    else:
+        cin = g * C + cl
+    KK: tl.constexpr = KMAX * KMAX
+    cols = tl.arange(0, KKP)
+    d = tl.load(dil_ptr + g).to(tl.int64)
+    nsb = tl.cdiv(H * W, BLOCK_S)
+    acc = tl.zeros([BLOCK_C, KKP], dtype=ACC)
+    for j in range(sid, N * nsb, SPLIT):
+        n = j // nsb
+        pix = (j % nsb) * BLOCK_S + tl.arange(0, BLOCK_S)
+        smask = pix < H * W
+        h = pix // W
+        w = pix % W
+        gyrow = ((n.to(tl.int64) * G + g) * C + cl) * (H * W)
+        gv = tl.load(gy_ptr + gyrow[:, None] + pix[None, :], mask=smask[None, :], other=0.).to(ACC)
+        xrow = n.to(tl.int64) * sxn + cin.to(tl.int64) * sxc
+        xc = x_ptr + (xrow[:, None] + (h * sxh + w * sxw)[None, :])
+        for ty in tl.static_range(KMAX):
+            oy = (ty - KMAX // 2) * d
+            hh = h + oy
+            hm = smask & (hh >= 0) & (hh < H)
+            xr = xc + oy * sxh
+            for tx in tl.static_range(KMAX):
+                active = tl.load(taps_ptr + g * KK + (ty * KMAX + tx))
+                if active != 0:
+                    ox = (tx - KMAX // 2) * d
+                    ww = w + ox
+                    m = hm & (ww >= 0) & (ww < W)
+                    xv = tl.load(xr + ox * sxw, mask=m[None, :], other=0.).to(ACC)
+                    if RELU:
+                        xv = tl.maximum(xv, 0.)
+                    part = tl.sum(xv * gv, axis=1)
+                    acc += tl.where(cols[None, :] == (ty * KMAX + tx), part[:, None], 0.)
+    prow = ((sid * G + g) * C + c) * KK
+    tl.store(part_ptr + prow[:, None] + cols[None, :], acc,
+             mask=cmask[:, None] & (cols[None, :] < KK))

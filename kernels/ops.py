@@ -1,0 +1,263 @@
+"""torch custom ops around the Triton depthwise kernels (namespace ``hdnas_triton``).
+
+* ``hdnas_triton::dw_taps(x, kernels, taps, dilations, relu_input, shared_input) -> y``
+  the multi-group tap-table stencil of ``hdnas.kernels.dw`` (see there for the formula);
+  ``kernels`` is (G, C, KMAX, KMAX), ``taps`` a flat list of G*KMAX*KMAX 0/1 flags.
+* ``hdnas_triton::dw_taps_backward(gy, x, kernels, taps, dilations, relu_input, shared_input)
+  -> (dx, dkernels)``; dkernels is exactly zero on inactive taps.
+
+Both have fake (meta) implementations and the forward has an autograd formula, so
+``torch.library.opcheck`` passes and ``torch.compile`` treats them as opaque nodes.
+
+On top of them, the two depthwise primitives of ``hdnas.mixed.primitives``:
+
+* ``grouped_dw(x, kernels, ksizes, dilations, relu_input, shared_input)``
+* ``mixed_dw(x, weights, kernels, ksizes, dilations, relu_input, skip_weight=None)``: the
+  candidates are merged into one union-of-taps kernel ``W_eff = sum_g w_g scatter_g(K_g)`` built
+  with differentiable PyTorch ops (kernels.md §0.1/0.2), so no per-op output is materialised and
+  autograd derives dK_g and dw_g from the one stencil gradient.
+"""
+from __future__ import annotations
+
+from functools import lru_cache
+from typing import Sequence
+
+import torch
+import triton
+
+from hdnas.kernels import dw as _dw
+
+NS = "hdnas_triton"
+
+
+def interpreting() -> bool:
+    """True when the kernels run in Triton's numpy interpreter (TRITON_INTERPRET=1 was set
+    before this module was imported: the choice is made when the kernels are decorated)."""
+    return type(_dw._dw_taps_fwd).__name__ == "InterpretedFunction"
+
+# ----------------------------------------------------------------------------- launch configs
+#: GPU configs: (BLOCK_R, BLOCK_S, num_warps) for fwd/dx, (BLOCK_C, BLOCK_S, num_warps) for dk.
+#: tests/test_triton_aot.py compiles exactly these for sm_90.
+GPU_FWD_CFG = dict(BLOCK_R=4, BLOCK_S=256, num_warps=4)
+GPU_DK_CFG = dict(BLOCK_C=16, BLOCK_S=128, num_warps=4)
+
+
+def _acc_dtype(dtype):
+    import triton.language as tl
+    return tl.float64 if dtype == torch.float64 else tl.float32
+
+
+def _pow2(n):
+    return triton.next_power_of_2(max(int(n), 1))
+
+
+def _fwd_cfg(rows, hw):
+    if interpreting():  # few, big programs: the interpreter's cost tracks the program count
+        br = min(_pow2(rows), 64)
+        return dict(BLOCK_R=br, BLOCK_S=min(_pow2(hw), max(16384 // br, 16)), num_warps=4)
+    return dict(GPU_FWD_CFG)
+
+
+def _dk_cfg(C, G, N, hw, device):
+    if interpreting():
+        bc = min(_pow2(C), 64)
+        return dict(BLOCK_C=bc, BLOCK_S=min(_pow2(hw), max(8192 // bc, 16)), num_warps=4), 1
+    cfg = dict(GPU_DK_CFG)
+    nblk = N * triton.cdiv(hw, cfg["BLOCK_S"])
+    progs = triton.cdiv(C, cfg["BLOCK_C"]) * G
+    sms = torch.cuda.get_device_properties(device).multi_processor_count if device.type == "cuda" else 1
+    split = max(1, min(nblk, (4 * sms + progs - 1) // progs))
+    return cfg, split
+
+
+@lru_cache(maxsize=256)
+def _tables_host(taps: tuple, dilations: tuple):
+    return (torch.tensor(taps, dtype=torch.int32), torch.tensor(dilations, dtype=torch.int32))
+
+
+_DEV_TABLES: dict = {}
+
+
+def _tables(taps, dilations, device):
+    key = (tuple(taps), tuple(dilations), str(device))
+    t = _DEV_TABLES.get(key)
+    if t is None:
+        th, dh = _tables_host(tuple(taps), tuple(dilations))
+        t = (th.to(device), dh.to(device))
+        if len(_DEV_TABLES) < 1024:
+            _DEV_TABLES[key] = t
+    return t
+
+
+def check_taps_args(x, kernels, taps, dilations, shared_input):
+    """Clear errors before a launch."""
+    if x.dim() != 4:
+        raise ValueError(f"dw_taps: input must be (N, C, H, W), got shape {tuple(x.shape)}")
+    if not x.is_floating_point():
+        raise ValueError(f"dw_taps: input must be floating point, got {x.dtype}")
+    if kernels.dim() != 4 or kernels.shape[-1] != kernels.shape[-2] or kernels.shape[-1] % 2 == 0:
+        raise ValueError(f"dw_taps: kernels must be (G, C, KMAX, KMAX) with odd KMAX, got "
+                         f"{tuple(kernels.shape)}")
+    G, C, K, _ = kernels.shape
+    if len(taps) != G * K * K or len(dilations) != G:
+        raise ValueError(f"dw_taps: {G} groups of {K}x{K} need {G * K * K} tap flags and {G} "
+                         f"dilations, got {len(taps)} and {len(dilations)}")
+    if any(d < 1 for d in dilations):
+        raise ValueError(f"dw_taps: dilations must be >= 1, got {tuple(dilations)}")
+    want = C if shared_input else G * C
+    if x.shape[1] != want:
+        raise ValueError(f"dw_taps: input has {x.shape[1]} channels, expected {want}")
+    if kernels.device != x.device or kernels.dtype != x.dtype:
+        raise ValueError(f"dw_taps: kernels ({kernels.device}, {kernels.dtype}) and input "
+                         f"({x.device}, {x.dtype}) differ in device or dtype")
+    if x.device.type == "cpu" and not interpreting():
+        raise ValueError("dw_taps: CPU tensors need TRITON_INTERPRET=1 set before hdnas.kernels "
+                         "is imported")
+
+
+def _launch_fwd(x, kernels, taps, dilations, relu_input, shared_input):
+    N, _, H, W = x.shape
+    G, C, K, _ = kernels.shape
+    y = torch.empty((N, G * C, H, W), device=x.device, dtype=x.dtype)
+    if y.numel() == 0:
+        return y
+    kc = kernels.contiguous()
+    tt, dd = _tables(taps, dilations, x.device)
+    cfg = _fwd_cfg(N * C, H * W)
+    grid = (triton.cdiv(N * C, cfg["BLOCK_R"]), G, triton.cdiv(H * W, cfg["BLOCK_S"]))
+    _dw._dw_taps_fwd[grid](x, kc, tt, dd, y, N, C, H, W, *x.stride(), G,
+                           KMAX=K, RELU=bool(relu_input), SHARED=bool(shared_input),
+                           ACC=_acc_dtype(x.dtype), **cfg)
+    return y
+
+
+def _launch_bwd(gy, x, kernels, taps, dilations, relu_input, shared_input):
+    N, Cin, H, W = x.shape
+    G, C, K, _ = kernels.shape
+    gy = gy.contiguous()
+    kc = kernels.contiguous()
+    tt, dd = _tables(taps, dilations, x.device)
+    dx = torch.empty((N, Cin, H, W), device=x.device, dtype=x.dtype)
+    if dx.numel() == 0:
+        return dx, torch.zeros_like(kernels)
+    acc = _acc_dtype(x.dtype)
+    cfg = _fwd_cfg(N * C, H * W)
+    grid = (triton.cdiv(N * C, cfg["BLOCK_R"]), 1 if shared_input else G,
+            triton.cdiv(H * W, cfg["BLOCK_S"]))
+    _dw._dw_taps_bwd_dx[grid](gy, x, kc, tt, dd, dx, N, C, H, W, *x.stride(), G,
+                              KMAX=K, RELU=bool(relu_input), SHARED=bool(shared_input),
+                              ACC=acc, **cfg)
+    dcfg, split = _dk_cfg(C, G, N, H * W, x.device)
+    pdt = torch.float64 if x.dtype == torch.float64 else torch.float32
+    part = torch.empty((split, G, C, K * K), device=x.device, dtype=pdt)
+    grid = (triton.cdiv(C, dcfg["BLOCK_C"]), G, split)
+    _dw._dw_taps_bwd_dk[grid](gy, x, tt, dd, part, N, C, H, W, *x.stride(), G, split,
+                              KMAX=K, KKP=_pow2(K * K), RELU=bool(relu_input),
+                              SHARED=bool(shared_input), ACC=acc, **dcfg)
+    dk = part.sum(0).view(G, C, K, K)
+    # inactive taps were never written: zero them (the table is tiny)
+    mask = tt.view(G, 1, K, K) != 0
+    dk = torch.where(mask, dk, torch.zeros((), dtype=pdt, device=x.device))
+    return dx, dk.to(kernels.dtype)
+
+
+# ----------------------------------------------------------------------------- custom ops
+@torch.library.custom_op(f"{NS}::dw_taps", mutates_args=())
+def dw_taps(x: torch.Tensor, kernels: torch.Tensor, taps: Sequence[int], dilations: Sequence[int],
+            relu_input: bool, shared_input: bool) -> torch.Tensor:
+    check_taps_args(x, kernels, taps, dilations, shared_input)
+    return _launch_fwd(x, kernels, list(taps), list(dilations), relu_input, shared_input)
+
+
+@dw_taps.register_fake
+def _(x, kernels, taps, dilations, relu_input, shared_input):
+    G, C = kernels.shape[:2]
+    N, _, H, W = x.shape
+    return x.new_empty((N, G * C, H, W))
+
+
+@torch.library.custom_op(f"{NS}::dw_taps_backward", mutates_args=())
+def dw_taps_backward(gy: torch.Tensor, x: torch.Tensor, kernels: torch.Tensor, taps: Sequence[int],
+                     dilations: Sequence[int], relu_input: bool, shared_input: bool
+                     ) -> tuple[torch.Tensor, torch.Tensor]:
+    return _launch_bwd(gy, x, kernels, list(taps), list(dilations), relu_input, shared_input)
+
+
+@dw_taps_backward.register_fake
+def _(gy, x, kernels, taps, dilations, relu_input, shared_input):
+    return x.new_empty(x.shape), kernels.new_empty(kernels.shape)
+
+
+def _setup(ctx, inputs, output):
+    x, kernels, taps, dilations, relu_input, shared_input = inputs
+    ctx.save_for_backward(x, kernels)
+    ctx.args = (list(taps), list(dilations), relu_input, shared_input)
+
+
+def _backward(ctx, gy):
+    x, kernels = ctx.saved_tensors
+    dx, dk = dw_taps_backward(gy, x, kernels, *ctx.args)
+    return dx, dk, None, None, None, None
+
+
+dw_taps.register_autograd(_backward, setup_context=_setup)
+
+
+# ----------------------------------------------------------------------------- primitives
+def square_taps(ksizes, kmax):
+    """Tap flags of centred k x k kernels in kmax x kmax slots, flattened (G*kmax*kmax)."""
+    out = []
+    c = kmax // 2
+    for k in ksizes:
+        r = k // 2
+        out += [int(abs(i - c) <= r and abs(j - c) <= r) for i in range(kmax) for j in range(kmax)]
+    return out
+
+
+def grouped_dw(x, kernels, ksizes, dilations, relu_input, shared_input):
+    from hdnas.mixed.primitives import check_dw_args
+    check_dw_args(x, kernels, ksizes, dilations, shared_input)
+    return dw_taps(x, kernels, square_taps(ksizes, kernels.shape[-1]), list(dilations),
+                   bool(relu_input), bool(shared_input))
+
+
+@lru_cache(maxsize=128)
+def union_layout(ksizes: tuple, dilations: tuple, kmax: int, skip_center: bool):
+    """(S, taps, scatter) for merging dilated kernels into one S x S union kernel:
+    scatter[g] is a (kmax*kmax, S*S) 0/1 matrix placing group g's taps at their dilated offsets."""
+    R = max(d * (k // 2) for k, d in zip(ksizes, dilations))
+    S = 2 * R + 1
+    scat = torch.zeros(len(ksizes), kmax * kmax, S * S, dtype=torch.float64)
+    active = [0] * (S * S)
+    c = kmax // 2
+    for g, (k, d) in enumerate(zip(ksizes, dilations)):
+        r = k // 2
+        for i in range(c - r, c + r + 1):
+            for j in range(c - r, c + r + 1):
+                u = (R + (i - c) * d) * S + (R + (j - c) * d)
+                scat[g, i * kmax + j, u] = 1.0
+                active[u] = 1
+    if skip_center:
+        active[R * S + R] = 1
+    return S, tuple(active), scat
+
+
+def mixed_dw(x, weights, kernels, ksizes, dilations, relu_input, skip_weight=None):
+    from hdnas.mixed.primitives import check_dw_args
+    check_dw_args(x, kernels, ksizes, dilations, True)
+    G, C, kmax, _ = kernels.shape
+    if weights.dim() != 1 or weights.numel() != G:
+        raise ValueError(f"weights must be a vector of {G}, got {tuple(weights.shape)}")
+    fold_skip = skip_weight is not None and not relu_input  # skip = centre tap of W_eff
+    S, active, scat = union_layout(tuple(ksizes), tuple(dilations), kmax, fold_skip)
+    scat = scat.to(device=x.device, dtype=x.dtype)
+    wk = weights.to(x.dtype).view(G, 1, 1) * kernels.reshape(G, C, kmax * kmax)
+    weff = torch.einsum("gck,gku->cu", wk, scat)  # (C, S*S)
+    if fold_skip:
+        onehot = torch.zeros(S * S, dtype=x.dtype, device=x.device)
+        onehot[(S // 2) * S + S // 2] = 1
+        weff = weff + torch.as_tensor(skip_weight, dtype=x.dtype, device=x.device) * onehot
+    y = dw_taps(x, weff.view(1, C, S, S), list(active), [1], bool(relu_input), True)
+    if skip_weight is not None and not fold_skip:
+        y = y + skip_weight * x
+    return y
