@@ -1,0 +1,201 @@
+"""Depthwise primitives (grouped_dw, mixed_dw) of every fused backend vs their plain twins.
+
+Implementations are discovered from the registry (every ``DecomposedBackend`` whose primitives
+are not the stock-PyTorch ones), so a primitives set registered later is tested too. Triton runs
+in the interpreter here (tests/conftest.py sets TRITON_INTERPRET=1 without a GPU).
+"""
+from __future__ import annotations
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+from hdnas.mixed import get_backend
+from hdnas.mixed.base import _REGISTRY
+from hdnas.mixed.merged import DecomposedBackend
+from hdnas.mixed.primitives import TORCH_PRIMITIVES, grouped_dw_ref, mixed_dw_ref
+
+get_backend("reference")  # load optional backends
+IMPLS = {b.name: b for b in _REGISTRY.values()
+         if isinstance(b, DecomposedBackend) and b.primitives is not TORCH_PRIMITIVES}
+
+
+def _impl(name, dtype):
+    b = IMPLS[name]
+    why = b.primitives_unsupported_reason(torch.device("cpu"), dtype)
+    if why is not None:
+        pytest.skip(f"{name}: {why}")
+    return b.primitives
+
+
+def _tol(dtype):
+    return dict(rtol=1e-10, atol=1e-11) if dtype == torch.float64 else dict(rtol=1e-4, atol=2e-5)
+
+
+GROUPED_CASES = [
+    # (N, C, H, W, ksizes, dilations, kmax, relu, shared)
+    (2, 3, 9, 7, (3, 5, 7, 3, 5), (1, 1, 1, 2, 2), 7, True, True),   # DLSR stage 1
+    (2, 3, 9, 7, (3, 5, 7), (1, 1, 1), 7, True, False),              # DLSR stage 2
+    (1, 5, 1, 1, (3, 5), (1, 2), 5, True, True),                     # 1x1 image, halo > image
+    (2, 6, 4, 13, (1, 3), (1, 3), 3, False, False),                  # 1x1 kernel, dilation 3
+    (3, 1, 6, 5, (5,), (2,), 7, False, True),                        # 5 in a 7 slot
+]
+
+
+@pytest.mark.parametrize("name", sorted(IMPLS))
+@pytest.mark.parametrize("case", range(len(GROUPED_CASES)))
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+def test_grouped_dw(name, case, dtype):
+    prim = _impl(name, dtype)
+    N, C, H, W, ks, ds, kmax, relu, shared = GROUPED_CASES[case]
+    G = len(ks)
+    gen = torch.Generator().manual_seed(case)
+    x0 = torch.randn(N, C if shared else G * C, H, W, generator=gen, dtype=torch.float64).to(dtype)
+    k0 = torch.randn(G, C, kmax, kmax, generator=gen, dtype=torch.float64).to(dtype)
+    gy = torch.randn(N, G * C, H, W, generator=gen, dtype=torch.float64).to(dtype)
+    outs = []
+    for fn in (lambda *a: prim.grouped_dw(*a), grouped_dw_ref):
+        x = x0.clone().requires_grad_(True)
+        k = k0.clone().requires_grad_(True)
+        y = fn(x, k, ks, ds, relu, shared)
+        dx, dk = torch.autograd.grad(y, (x, k), gy)
+        outs.append((y, dx, dk))
+    for a, b, what in zip(outs[0], outs[1], ("y", "dx", "dkernels")):
+        torch.testing.assert_close(a, b, **_tol(dtype), msg=lambda m: f"{what}: {m}")
+
+
+@pytest.mark.parametrize("name", sorted(IMPLS))
+@pytest.mark.parametrize("layout", ["channel_slice", "transposed"])
+def test_grouped_dw_strided_input(name, layout):
+    prim = _impl(name, torch.float64)
+    gen = torch.Generator().manual_seed(7)
+    if layout == "channel_slice":
+        x0 = torch.randn(2, 9, 6, 5, generator=gen, dtype=torch.float64)[:, 3:7]
+    else:
+        x0 = torch.randn(2, 4, 5, 6, generator=gen, dtype=torch.float64).transpose(2, 3)
+    assert not x0.is_contiguous()
+    k = torch.randn(2, 4, 5, 5, generator=gen, dtype=torch.float64)
+    y = prim.grouped_dw(x0, k, (3, 5), (2, 1), True, True)
+    torch.testing.assert_close(y, grouped_dw_ref(x0, k, (3, 5), (2, 1), True, True), rtol=1e-12, atol=1e-12)
+
+
+MIXED_CASES = [
+    # (ksizes, dilations, kmax, relu, skip)
+    ((3, 5, 3, 5), (1, 1, 2, 2), 5, False, True),   # the idealised DARTS set with skip (41 taps)
+    ((3, 5, 3, 5), (1, 1, 2, 2), 5, True, True),    # skip not foldable behind a ReLU
+    ((3, 7), (1, 1), 7, True, False),
+    ((1,), (1,), 1, False, False),
+]
+
+
+@pytest.mark.parametrize("name", sorted(IMPLS))
+@pytest.mark.parametrize("case", range(len(MIXED_CASES)))
+@pytest.mark.parametrize("wkind", ["softmax", "sigmoid", "onehot"])
+def test_mixed_dw(name, case, wkind):
+    dtype = torch.float64
+    prim = _impl(name, dtype)
+    ks, ds, kmax, relu, skip = MIXED_CASES[case]
+    G, C = len(ks), 3
+    gen = torch.Generator().manual_seed(10 + case)
+    x0 = torch.randn(2, C, 7, 6, generator=gen, dtype=dtype)
+    k0 = torch.randn(G, C, kmax, kmax, generator=gen, dtype=dtype)
+    a = torch.randn(G + 1, generator=gen, dtype=dtype)
+    w0 = {"softmax": F.softmax(a, 0), "sigmoid": torch.sigmoid(a),
+          "onehot": F.one_hot(torch.tensor(G // 2), G + 1).to(dtype)}[wkind]
+    gy = torch.randn(2, C, 7, 6, generator=gen, dtype=dtype)
+    res = []
+    for fn in (lambda *a, **k: prim.mixed_dw(*a, **k), mixed_dw_ref):
+        x = x0.clone().requires_grad_(True)
+        k = k0.clone().requires_grad_(True)
+        w = w0.clone().requires_grad_(True)
+        sw = w[G] if skip else None
+        y = fn(x, w[:G], k, ks, ds, relu, skip_weight=sw)
+        res.append((y,) + torch.autograd.grad(y, (x, k, w), gy))
+    for a_, b_, what in zip(res[0], res[1], ("y", "dx", "dkernels", "dweights")):
+        torch.testing.assert_close(a_, b_, rtol=1e-10, atol=1e-11, msg=lambda m: f"{what}: {m}")
+
+
+@pytest.mark.parametrize("name", sorted(IMPLS))
+def test_gradcheck_fp64(name):
+    prim = _impl(name, torch.float64)
+    gen = torch.Generator().manual_seed(3)
+    x = torch.randn(1, 2, 5, 4, generator=gen, dtype=torch.float64, requires_grad=True)
+    k = torch.randn(2, 2, 3, 3, generator=gen, dtype=torch.float64, requires_grad=True)
+    w = torch.rand(2, generator=gen, dtype=torch.float64, requires_grad=True)
+    torch.autograd.gradcheck(lambda x, k: prim.grouped_dw(x, k, (3, 1), (2, 1), True, True),
+                             (x, k), fast_mode=True)
+    torch.autograd.gradcheck(lambda x, k, w: prim.mixed_dw(x, w, k, (3, 3), (1, 2), False, 0.5),
+                             (x, k, w), fast_mode=True)
+
+
+@pytest.mark.parametrize("name", sorted(IMPLS))
+def test_deterministic_backward(name):
+    prim = _impl(name, torch.float32)
+    gen = torch.Generator().manual_seed(4)
+    x = torch.randn(2, 4, 8, 8, generator=gen, requires_grad=True)
+    k = torch.randn(3, 4, 5, 5, generator=gen, requires_grad=True)
+    gy = torch.randn(2, 12, 8, 8, generator=gen)
+    r = [torch.autograd.grad(prim.grouped_dw(x, k, (3, 5, 3), (1, 1, 2), True, True), (x, k), gy)
+         for _ in range(2)]
+    assert torch.equal(r[0][0], r[1][0]) and torch.equal(r[0][1], r[1][1])
+
+
+@pytest.mark.parametrize("name", sorted(IMPLS))
+def test_bad_arguments(name):
+    prim = _impl(name, torch.float32)
+    x = torch.randn(1, 4, 5, 5)
+    k = torch.randn(2, 4, 3, 3)
+    with pytest.raises(ValueError, match="input must be"):
+        prim.grouped_dw(x[0], k, (3, 3), (1, 1), True, True)
+    with pytest.raises(ValueError, match="channels"):
+        prim.grouped_dw(x, k, (3, 3), (1, 1), True, False)
+    with pytest.raises(ValueError, match="kernel size"):
+        prim.grouped_dw(x, k, (3, 4), (1, 1), True, True)
+    with pytest.raises(ValueError, match="floating point"):
+        prim.grouped_dw(x.long(), k, (3, 3), (1, 1), True, True)
+    with pytest.raises(ValueError, match="differ"):
+        prim.grouped_dw(x, k.double(), (3, 3), (1, 1), True, True)
+    with pytest.raises(ValueError, match="vector of 2"):
+        prim.mixed_dw(x, torch.ones(3), k, (3, 3), (1, 1), True)
+
+
+# --- Triton custom-op registration ------------------------------------------------------------
+def _triton_ops():
+    if "triton" not in IMPLS:
+        pytest.skip("triton backend not registered (triton missing?)")
+    _impl("triton", torch.float64)
+    from hdnas.kernels import ops
+    return ops
+
+
+def test_triton_opcheck():
+    ops = _triton_ops()
+    gen = torch.Generator().manual_seed(5)
+    samples = [
+        ((torch.randn(2, 3, 6, 5, generator=gen, dtype=torch.float64, requires_grad=True),
+          torch.randn(2, 3, 5, 5, generator=gen, dtype=torch.float64, requires_grad=True),
+          ops.square_taps((3, 5), 5), [2, 1], True, True), {}),
+        ((torch.randn(1, 4, 3, 7, generator=gen, requires_grad=True),
+          torch.randn(2, 2, 3, 3, generator=gen, requires_grad=True),
+          ops.square_taps((3, 1), 3), [1, 1], False, False), {}),
+    ]
+    for args, kw in samples:
+        torch.library.opcheck(torch.ops.hdnas_triton.dw_taps.default, args, kw)
+
+
+def test_triton_torch_compile():
+    """torch.compile (aot_eager: fake tensors + the registered autograd) around the custom op."""
+    ops = _triton_ops()
+    gen = torch.Generator().manual_seed(6)
+    x = torch.randn(2, 3, 6, 6, generator=gen, dtype=torch.float64, requires_grad=True)
+    k = torch.randn(2, 3, 5, 5, generator=gen, dtype=torch.float64, requires_grad=True)
+
+    def f(x, k):
+        return (ops.grouped_dw(x, k, (3, 5), (2, 1), True, True) ** 2).sum()
+
+    torch._dynamo.reset()
+    cf = torch.compile(f, backend="aot_eager", fullgraph=True)
+    ga = torch.autograd.grad(cf(x, k), (x, k))
+    gb = torch.autograd.grad(f(x, k), (x, k))
+    for a, b in zip(ga, gb):
+        torch.testing.assert_close(a, b, rtol=1e-12, atol=1e-12)
