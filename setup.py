@@ -1,7 +1,106 @@
 """hdnas packaging. ``kernels/`` installs as ``hdnas.kernels`` (the top-level name ``kernels`` is
 taken on PyPI). torch is required but never pinned here, so a GPU user's own torch is kept and
-a CPU machine is not made to download a CUDA build: install torch first (see README)."""
+a CPU machine is not made to download a CUDA build: install torch first (see README).
+
+Native kernels (``csrc/``): ``pip install --no-build-isolation -e .`` builds the C++ CPU library
+``hdnas/_native_cpu*.so`` with torch's BuildExtension (ninja), and the CUDA library when a CUDA
+toolkit and a CUDA build of torch are present. torch is never a build requirement (that would
+make pip fetch a CUDA torch into an isolated build env): without ``--no-build-isolation`` torch
+is not importable here, the native build is skipped with one warning, and the library is built
+just in time at first use instead (hdnas.native_build). ``HDNAS_BUILD_NATIVE``: ``0`` skips the
+native build, ``1`` makes a failed build an error, ``auto`` (default) warns and goes on.
+"""
+import os
+import shutil
+import sys
+
 from setuptools import setup
+
+ROOT = os.path.dirname(os.path.abspath(__file__))
+MODE = os.environ.get("HDNAS_BUILD_NATIVE", "auto").strip().lower()
+FORCE = MODE in ("1", "true", "yes", "on", "force")
+SKIP = MODE in ("0", "false", "no", "off")
+
+CPU_SOURCES = ["csrc/bindings.cpp", "csrc/cpu/dw_fwd.cpp", "csrc/cpu/dw_bwd.cpp"]
+CUDA_SOURCES = ["csrc/cuda/dw_fwd.cu", "csrc/cuda/dw_bwd.cu", "csrc/cuda/binding_cuda.cpp"]
+
+
+def _warn(msg):
+    # one line on stderr (pip shows it with -v, or when something else fails)
+    print(f"WARNING: hdnas: {msg}", file=sys.stderr)
+
+
+def native_build_setup():
+    """(ext_modules, cmdclass) for the native libraries, or ([], {}) when they cannot be built."""
+    if SKIP:
+        _warn("HDNAS_BUILD_NATIVE=0: native kernels not built (the Python backends are used)")
+        return [], {}
+    try:
+        import torch  # noqa: F401
+        from torch.utils import cpp_extension
+    except Exception as e:  # build isolation, or no torch yet
+        msg = (f"torch is not importable at build time ({e}); native kernels not built now: "
+               "they are built just in time at first use (use pip install --no-build-isolation "
+               "to build them at install time)")
+        if FORCE:
+            raise RuntimeError(msg)
+        _warn(msg)
+        return [], {}
+
+    cxx_bin = os.environ.get("CXX", "c++").split()[0]
+    if shutil.which(cxx_bin) is None:
+        msg = (f"no C++ compiler ({cxx_bin!r} not found; set CXX): native kernels not built "
+               "(the Python backends are used; a JIT build is tried at first use)")
+        if FORCE:
+            raise RuntimeError(msg)
+        _warn(msg)
+        return [], {}
+
+    # the flags live in one place (hdnas/native_build.py), loaded without importing hdnas
+    import importlib.util
+    spec = importlib.util.spec_from_file_location("_hdnas_native_build",
+                                                  os.path.join(ROOT, "hdnas", "native_build.py"))
+    nb = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(nb)
+    cxx, nvcc = nb.cxx_flags(), nb.NVCC_FLAGS
+
+    inc = [os.path.join(ROOT, "csrc")]
+    exts = [cpp_extension.CppExtension("hdnas._native_cpu", CPU_SOURCES, include_dirs=inc,
+                                       extra_compile_args={"cxx": cxx},
+                                       extra_link_args=["-fopenmp"])]
+    if torch.version.cuda is not None and cpp_extension.CUDA_HOME is not None:
+        exts.append(cpp_extension.CUDAExtension(
+            "hdnas._native_cuda", CUDA_SOURCES, include_dirs=inc,
+            extra_compile_args={"cxx": ["-O3"], "nvcc": nvcc}))
+    else:
+        print("hdnas: no CUDA build of torch or no CUDA toolkit: CUDA kernels not built",
+              file=sys.stderr)
+
+    class BuildNative(cpp_extension.BuildExtension):
+        """Builds each native library; a failure warns (names the cause) instead of failing the
+        install, unless HDNAS_BUILD_NATIVE=1."""
+
+        def build_extensions(self):
+            self._hdnas_failed = set()
+            super().build_extensions()
+            # a failed library is no output: nothing tries to copy or install it afterwards
+            self.extensions = [e for e in self.extensions if e.name not in self._hdnas_failed]
+
+        def build_extension(self, ext):
+            try:
+                super().build_extension(ext)
+            except Exception as e:  # compiler missing, compile error, ...
+                if FORCE:
+                    raise
+                self._hdnas_failed.add(ext.name)
+                _warn(f"building {ext.name} failed ({type(e).__name__}: {e}); the package is "
+                      "installed without it (it is retried just in time at first use; "
+                      "HDNAS_BUILD_NATIVE=0 skips native kernels)")
+
+    return exts, {"build_ext": BuildNative.with_options(use_ninja=True)}
+
+
+ext_modules, cmdclass = native_build_setup()
 
 setup(
     name="hdnas",
@@ -17,4 +116,6 @@ setup(
         "triton": ["triton>=3.6"],
         "test": ["pytest", "pytest-benchmark"],
     },
+    ext_modules=ext_modules,
+    cmdclass=cmdclass,
 )
