@@ -39,7 +39,7 @@ def interpreting() -> bool:
 #: GPU configs: (BLOCK_R, BLOCK_S, num_warps) for fwd/dx, (BLOCK_C, BLOCK_S, num_warps) for dk.
 #: tests/test_triton_aot.py compiles exactly these for sm_90.
 GPU_FWD_CFG = dict(BLOCK_R=4, BLOCK_S=256, num_warps=4)
-GPU_DK_CFG = dict(BLOCK_C=16, BLOCK_S=128, num_warps=4)
+GPU_DK_CFG = dict(BLOCK_C=16, BLOCK_S=128, num_warps=8)
 
 
 def _acc_dtype(dtype):
@@ -261,3 +261,38 @@ def mixed_dw(x, weights, kernels, ksizes, dilations, relu_input, skip_weight=Non
     if skip_weight is not None and not fold_skip:
         y = y + skip_weight * x
     return y
+
+
+# ----------------------------------------------------------------------------- AOT specs
+_TT = {torch.float32: "fp32", torch.float16: "fp16", torch.bfloat16: "bf16", torch.float64: "fp64"}
+
+
+def aot_specs(dtypes=(torch.float32,), kmaxes=(7,), modes=((True, True), (True, False))):
+    """The (kernel, signature, constexprs, num_warps) triples launched on a GPU for the given
+    dtypes, kernel slots and (relu_input, shared_input) modes, for ahead-of-time compilation
+    (tests/test_triton_aot.py). The DLSR search uses KMAX 7 in both modes."""
+    import triton.language as tl
+    ints = {k: "i32" for k in ("N", "C", "H", "W", "sxn", "sxc", "sxh", "sxw", "G")}
+    out = []
+    for dt in dtypes:
+        t = _TT[dt]
+        acc = tl.float64 if dt == torch.float64 else tl.float32
+        pt = "fp64" if dt == torch.float64 else "fp32"
+        for K in kmaxes:
+            for relu, shared in modes:
+                base = dict(KMAX=K, RELU=relu, SHARED=shared, ACC=acc)
+                fc = {k: v for k, v in GPU_FWD_CFG.items() if k != "num_warps"}
+                dc = {k: v for k, v in GPU_DK_CFG.items() if k != "num_warps"}
+                out.append((_dw._dw_taps_fwd,
+                            {"x_ptr": f"*{t}", "k_ptr": f"*{t}", "taps_ptr": "*i32",
+                             "dil_ptr": "*i32", "y_ptr": f"*{t}", **ints},
+                            {**base, **fc}, GPU_FWD_CFG["num_warps"]))
+                out.append((_dw._dw_taps_bwd_dx,
+                            {"gy_ptr": f"*{t}", "x_ptr": f"*{t}", "k_ptr": f"*{t}",
+                             "taps_ptr": "*i32", "dil_ptr": "*i32", "dx_ptr": f"*{t}", **ints},
+                            {**base, **fc}, GPU_FWD_CFG["num_warps"]))
+                out.append((_dw._dw_taps_bwd_dk,
+                            {"gy_ptr": f"*{t}", "x_ptr": f"*{t}", "taps_ptr": "*i32",
+                             "dil_ptr": "*i32", "part_ptr": f"*{pt}", **ints, "SPLIT": "i32"},
+                            {**base, "KKP": _pow2(K * K), **dc}, GPU_DK_CFG["num_warps"]))
+    return out
