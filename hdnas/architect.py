@@ -56,7 +56,7 @@ class Architect:
                 p.grad = g
             if pen.requires_grad:
                 pen.backward(inputs=arch)  # accumulates onto the hypergradient
-            out = {"loss_arch": float(l_val)}
+            out = {"loss_arch": float(l_val.detach())}
         else:
             l_val = self.loss(arch_batch)
             total = l_val + pen
@@ -64,7 +64,7 @@ class Architect:
                 l_train = self.loss(train_batch)
                 total = total + l_train
             total.backward(inputs=arch)
-            out = {"loss_arch": float(l_val)}
+            out = {"loss_arch": float(l_val.detach())}
         self.optimizer.step()
         out["penalty"] = float(pen)
         return out

@@ -114,7 +114,8 @@ class Loop:
     name = "run"
 
     def run(self, stop_after: int | None = None, quiet: bool = False):
-        """Run to ``cfg.steps`` (or ``stop_after`` more steps, which tests use as a kill)."""
+        """Run to ``cfg.steps``. ``stop_after`` stops early without a final checkpoint: tests use
+        it as a kill between checkpoints."""
         cfg = self.cfg
         end = cfg.steps if stop_after is None else min(cfg.steps, self.step + stop_after)
         bar = tqdm(total=cfg.steps, initial=self.step, disable=quiet, desc=self.name, unit="step")
@@ -128,7 +129,7 @@ class Loop:
                 self.history.append(self.log_row(out, sec))
                 log.info("step %d/%d loss %.4f %.2fs/step %s", self.step, cfg.steps,
                          out["loss_train"], sec, self.describe(out))
-            if self.step % cfg.ckpt_every == 0 or self.step == end:
+            if self.step % cfg.ckpt_every == 0 or self.step == cfg.steps:
                 self.save()
         bar.close()
         return self.result()

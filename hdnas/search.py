@@ -1,0 +1,235 @@
+"""``python -m hdnas.search``: the DLSR bilevel search, then the derived genotype.
+
+Alternates weight steps on the train split and architecture steps on the arch split (after a
+warm-up), logs alpha/beta, writes the genotype, and checkpoints atomically so ``--resume``
+continues a killed run exactly where its last checkpoint left it.
+"""
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import logging
+import sys
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import torch
+
+from hdnas import checkpoint
+from hdnas.architect import RULES, Architect
+from hdnas.data.train import DEFAULT_DIR, PatchSampler
+from hdnas.genotype import check_scale
+from hdnas.losses import ComplexityPenalty, SRLoss
+from hdnas.mixed import available_backends, resolve_backend
+from hdnas.network import SuperNet
+from hdnas.runs import History, Loop, cli_main, pick_device
+from hdnas.space import DLSR_PRIMITIVES, check_op_set
+from hdnas.visualize import plot_run
+
+log = logging.getLogger("hdnas")
+
+
+@dataclass
+class SearchConfig:
+    """Defaults finish on 2 CPU cores in about 10 minutes; ``--preset paper`` is the release's."""
+
+    train_dir: str = ""  # empty: the embedded default data
+    arch_dir: str = ""
+    out: str = ""
+    scale: int = 2
+    channels: int = 48
+    cells: int = 6
+    ops: list = field(default_factory=lambda: list(DLSR_PRIMITIVES))
+    alpha_per_cell: bool = False
+    batch: int = 4
+    patch: int = 64  # HR patch side; the LR patch is patch // scale
+    steps: int = 160
+    warmup: int = 40  # weight-only steps before alpha/beta updates (the release: 20 epochs)
+    rule: str = "joint"
+    lr: float = 5e-4
+    lr_milestones: list = field(default_factory=lambda: [0.2, 0.4, 0.6])  # fractions of steps
+    lr_gamma: float = 0.5
+    weight_decay: float = 1e-8
+    grad_clip: float = 0.0  # the release's search does not clip
+    arch_lr: float = 3e-4
+    arch_weight_decay: float = 1e-8
+    hfen: float = 0.2
+    penalty: float = 1.0
+    budget: float | None = None
+    budget_kind: str = "params"
+    backend: str = "reference"  # a backend name, or "fused"
+    device: str = "auto"
+    seed: int = 9
+    threads: int = 0
+    log_every: int = 10
+    ckpt_every: int = 20
+
+    def validate(self):
+        check_scale(self.scale)
+        check_op_set(self.ops)
+        if self.rule not in RULES:
+            raise ValueError(f"--rule must be one of {RULES}, got {self.rule!r}")
+        for name in ("channels", "batch", "patch", "steps", "log_every", "ckpt_every"):
+            if getattr(self, name) < 1:
+                raise ValueError(f"--{name.replace('_', '-')} must be >= 1")
+        if self.cells < 2:
+            raise ValueError("--cells must be >= 2")
+        if self.channels < 4:
+            raise ValueError("--channels must be >= 4 (ESA uses C // 4 channels)")
+        if self.patch // self.scale < 15:
+            raise ValueError(f"--patch {self.patch} gives LR patches of {self.patch // self.scale}; "
+                             "the ESA attention needs at least 15 (use --patch >= "
+                             f"{15 * self.scale})")
+        if not 0 <= self.warmup <= self.steps:
+            raise ValueError("--warmup must be between 0 and --steps")
+        if self.budget_kind not in ("params", "macs"):
+            raise ValueError("--budget-kind must be 'params' or 'macs'")
+
+
+PRESETS = {
+    # The release's search: DF2K, x2, HR patch 64, batch 64, 1000 epochs of 1000 batches,
+    # architecture updates after epoch 20. Give --train-dir/--arch-dir and --steps yourself.
+    "paper": dict(batch=64, patch=64, scale=2, channels=48, cells=6, lr=5e-4, arch_lr=3e-4,
+                  hfen=0.2, rule="joint", warmup=20_000, steps=1_000_000, ckpt_every=1000,
+                  log_every=100),
+}
+
+
+class Search(Loop):
+    """The search state: model, optimizers, samplers, RNG. ``run`` advances it."""
+
+    name = "search"
+
+    def __init__(self, cfg: SearchConfig, run_dir: Path):
+        self.cfg, self.run_dir = cfg, run_dir
+        if cfg.threads:
+            torch.set_num_threads(cfg.threads)
+        self.device = pick_device(cfg.device)
+        torch.manual_seed(cfg.seed)
+        self.gen = torch.Generator().manual_seed(cfg.seed + 1)
+        self.train_data = PatchSampler(cfg.train_dir or DEFAULT_DIR / "train", cfg.scale, cfg.patch)
+        self.arch_data = PatchSampler(cfg.arch_dir or DEFAULT_DIR / "arch", cfg.scale, cfg.patch)
+        self.backend = resolve_backend(cfg.backend, self.device, torch.float32, cfg.ops)
+        self.model = SuperNet(cfg.channels, cfg.cells, cfg.scale, cfg.ops, cfg.alpha_per_cell,
+                              self.backend).to(self.device)
+        self.loss_fn = SRLoss(cfg.hfen)
+        self.w_opt = torch.optim.Adam(self.model.weight_parameters(), lr=cfg.lr,
+                                      betas=(0.9, 0.999), weight_decay=cfg.weight_decay)
+        milestones = sorted({max(1, int(m * cfg.steps)) for m in cfg.lr_milestones})
+        self.sched = torch.optim.lr_scheduler.MultiStepLR(self.w_opt, milestones, cfg.lr_gamma)
+        self.architect = Architect(self.model, self.loss_fn, cfg.rule, cfg.arch_lr,
+                                   weight_decay=cfg.arch_weight_decay, penalty=self._penalty(),
+                                   w_weight_decay=cfg.weight_decay)
+        self.step = 0
+        K = len(cfg.ops)
+        n_alpha = self.model.alphas.numel()
+        self.history = History(run_dir / "history.csv",
+                               ["step", "lr", "loss_train", "loss_arch", "penalty", "sec_per_step"]
+                               + [f"alpha_{i}" for i in range(n_alpha)]
+                               + [f"beta{c + 3}_{j}" for c in range(cfg.cells - 2)
+                                  for j in range(c + 2)])
+        self.op_columns = K
+
+    def _penalty(self):
+        cfg = self.cfg
+        fixed, pixels = 0.0, 1.0
+        if cfg.budget is not None:
+            from hdnas.budget import fixed_cost
+            fixed, pixels = fixed_cost(cfg.channels, cfg.cells, cfg.scale, cfg.budget_kind)
+        return ComplexityPenalty(cfg.ops, cfg.channels, cfg.penalty, cfg.budget, cfg.budget_kind,
+                                 fixed, pixels)
+
+    # -- state ---------------------------------------------------------------------------
+    def state_dict(self) -> dict:
+        return {"step": self.step, "model": self.model.state_dict(), "w_opt": self.w_opt.state_dict(),
+                "sched": self.sched.state_dict(), "a_opt": self.architect.optimizer.state_dict(),
+                "rng": checkpoint.rng_state(self.gen), "config": dataclasses.asdict(self.cfg)}
+
+    def load_state_dict(self, s: dict) -> None:
+        self.model.load_state_dict(s["model"])
+        self.w_opt.load_state_dict(s["w_opt"])
+        self.sched.load_state_dict(s["sched"])
+        self.architect.optimizer.load_state_dict(s["a_opt"])
+        checkpoint.set_rng_state(s["rng"], self.gen)
+        self.step = s["step"]
+
+    def save(self) -> None:
+        checkpoint.save_atomic(self.state_dict(), self.run_dir / "checkpoint.pt")
+        self.model.genotype(name=self.run_dir.name).save(self.run_dir / "genotype.json")
+
+    def result(self):
+        return self.model.genotype(name=self.run_dir.name)
+
+    def summary(self) -> str:
+        return (f"backend {self.backend.name} on {self.device}; {len(self.train_data)} train / "
+                f"{len(self.arch_data)} arch images; supernet "
+                f"{sum(p.numel() for p in self.model.weight_parameters())} weights")
+
+    def finish(self, genotype) -> str:
+        log.info("genotype: %s", genotype.to_dict())
+        log.info("pictures: %s", ", ".join(str(p) for p in plot_run(self.run_dir)))
+        return str(self.run_dir / "genotype.json")
+
+    # -- loop ----------------------------------------------------------------------------
+    def batch(self, sampler):
+        lr, hr = sampler.sample(self.cfg.batch, self.gen)
+        return lr.to(self.device), hr.to(self.device)
+
+    def train_step(self) -> dict:
+        cfg, m = self.cfg, self.model
+        m.train()
+        train_batch = self.batch(self.train_data)
+        arch_batch = self.batch(self.arch_data) if self.step >= cfg.warmup else None
+        eta = self.sched.get_last_lr()[0]
+        out = {}
+        if arch_batch is not None and self.architect.before_weight_step:
+            out.update(self.architect.step(train_batch, arch_batch, eta))
+        self.w_opt.zero_grad(set_to_none=True)
+        loss = self.loss_fn(m(train_batch[0]), train_batch[1])
+        weights = m.weight_parameters()
+        loss.backward(inputs=weights)
+        if cfg.grad_clip:
+            torch.nn.utils.clip_grad_norm_(weights, cfg.grad_clip)
+        self.w_opt.step()
+        if arch_batch is not None and not self.architect.before_weight_step:
+            out.update(self.architect.step(train_batch, arch_batch, eta))
+        self.sched.step()
+        self.step += 1
+        out["loss_train"] = float(loss.detach())
+        out["lr"] = eta
+        return out
+
+    def log_row(self, out: dict, sec: float) -> dict:
+        row = {"step": self.step, "lr": out["lr"], "loss_train": f"{out['loss_train']:.6f}",
+               "loss_arch": f"{out.get('loss_arch', float('nan')):.6f}",
+               "penalty": f"{out.get('penalty', float('nan')):.6f}", "sec_per_step": f"{sec:.4f}"}
+        for i, a in enumerate(self.model.alphas.detach().flatten().tolist()):
+            row[f"alpha_{i}"] = f"{a:.6g}"
+        for c, b in enumerate(self.model.betas):
+            for j, v in enumerate(b.detach().tolist()):
+                row[f"beta{c + 3}_{j}"] = f"{v:.6g}"
+        return row
+
+    def describe(self, out: dict) -> str:
+        g = self.model.genotype()
+        arch = f"arch {out['loss_arch']:.4f} " if "loss_arch" in out else ""
+        return f"{arch}genotype {[list(r) for r in g.cell_ops]} inputs {[list(p) for p in g.inputs]}"
+
+
+def add_arguments(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--fused", action="store_true", help="use the fastest fused backend available")
+    p.epilog = "backends: " + ", ".join(available_backends()) + ", fused"
+
+
+def adjust_config(cfg: SearchConfig, args) -> None:
+    if args.fused:
+        cfg.backend = "fused"
+
+
+def main(argv=None) -> int:
+    return cli_main(argv, Search, SearchConfig, PRESETS, "python -m hdnas.search", __doc__,
+                    add_arguments, adjust_config)
+
+
+if __name__ == "__main__":
+    sys.exit(main())

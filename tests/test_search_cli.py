@@ -1,0 +1,127 @@
+"""The search command end to end on the embedded data, resume, and bad input."""
+import json
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+
+from hdnas import checkpoint
+from hdnas.genotype import Genotype
+from hdnas.search import Search, SearchConfig, main
+
+TINY = ["--channels", "8", "--cells", "3", "--batch", "2", "--patch", "32", "--quiet"]
+
+
+def test_few_steps_on_embedded_data(tmp_path, capsys):
+    out = tmp_path / "run"
+    rc = main(TINY + ["--out", str(out), "--steps", "4", "--warmup", "1", "--log-every", "2",
+                      "--ckpt-every", "2", "--rule", "darts1"])
+    assert rc == 0
+    assert capsys.readouterr().out.strip().endswith("genotype.json")
+    for f in ("config.json", "genotype.json", "history.csv", "log.txt", "checkpoint.pt",
+              "alpha.png", "beta.png"):
+        assert (out / f).is_file(), f
+    g = Genotype.load(out / "genotype.json")
+    assert g.channels == 8 and g.num_cells == 3
+    rows = (out / "history.csv").read_text().splitlines()
+    assert len(rows) == 3 and rows[0].startswith("step,lr,loss_train")
+    cfg = json.loads((out / "config.json").read_text())
+    assert cfg["resolved"]["rule"] == "darts1" and cfg["given"]["steps"] == 4
+    assert "backend reference" in (out / "log.txt").read_text()
+    # a finished run refuses to be overwritten
+    with pytest.raises(SystemExit, match="already holds a run"):
+        main(TINY + ["--out", str(out)])
+
+
+def _cfg(tmp, **kw):
+    base = dict(channels=8, cells=3, batch=2, patch=32, steps=6, warmup=2, log_every=1,
+                ckpt_every=3, out=str(tmp))
+    return SearchConfig(**(base | kw))
+
+
+@pytest.mark.parametrize("rule", ["joint", "darts2"])
+def test_killed_and_resumed_equals_uninterrupted(tmp_path, rule):
+    torch.use_deterministic_algorithms(True)
+    try:
+        a_dir, b_dir = tmp_path / "a", tmp_path / "b"
+        a_dir.mkdir(), b_dir.mkdir()
+        full = Search(_cfg(a_dir, rule=rule), a_dir)
+        full.run(quiet=True)
+
+        first = Search(_cfg(b_dir, rule=rule), b_dir)
+        first.run(stop_after=4, quiet=True)  # checkpoint at step 3, then "killed" after step 4
+        del first
+        resumed = Search(_cfg(b_dir, rule=rule), b_dir)
+        resumed.load_state_dict(checkpoint.load(b_dir / "checkpoint.pt"))
+        assert resumed.step == 3
+        resumed.history.truncate_after(resumed.step)
+        resumed.run(quiet=True)
+    finally:
+        torch.use_deterministic_algorithms(False)
+    for k, v in full.model.state_dict().items():
+        assert torch.equal(v, resumed.model.state_dict()[k]), k
+
+    def rows(d):  # every column but sec_per_step
+        return [r.split(",")[:5] + r.split(",")[6:] for r in (d / "history.csv").read_text().splitlines()]
+
+    assert rows(a_dir) == rows(b_dir)  # same losses and alpha/beta at every logged step
+
+
+def test_resume_cli(tmp_path):
+    out = tmp_path / "run"
+    assert main(TINY + ["--out", str(out), "--steps", "3", "--warmup", "1", "--ckpt-every", "1",
+                        "--log-every", "1"]) == 0
+    state = checkpoint.load(out / "checkpoint.pt")
+    assert state["step"] == 3
+    # a resumed finished run does nothing more and still succeeds
+    assert main(["--resume", str(out), "--quiet"]) == 0
+    with pytest.raises(SystemExit, match="no run to resume"):
+        main(["--resume", str(tmp_path / "nothing")])
+
+
+def test_checkpoint_write_is_atomic(tmp_path, monkeypatch):
+    path = tmp_path / "c.pt"
+    checkpoint.save_atomic({"v": 1}, path)
+
+    def boom(*a, **k):
+        raise KeyboardInterrupt  # killed in the middle of writing
+
+    monkeypatch.setattr(torch, "save", boom)
+    with pytest.raises(KeyboardInterrupt):
+        checkpoint.save_atomic({"v": 2}, path)
+    monkeypatch.undo()
+    assert checkpoint.load(path) == {"v": 1}
+    assert [p.name for p in tmp_path.iterdir()] == ["c.pt"]  # no temporary left behind
+
+
+def _write_images(folder, sizes):
+    folder.mkdir(parents=True, exist_ok=True)
+    rng = np.random.default_rng(0)
+    for i, (h, w) in enumerate(sizes):
+        Image.fromarray(rng.integers(0, 255, (h, w, 3), dtype=np.uint8)).save(folder / f"{i}.png")
+
+
+@pytest.mark.parametrize("args,match", [
+    (["--scale", "5"], "scale 5 is not supported"),
+    (["--ops", "conv_1x1", "conv_9x9"], "unknown op 'conv_9x9'"),
+    (["--train-dir", "/nonexistent/folder"], "does not exist"),
+    (["--patch", "20"], "at least 15"),
+    (["--rule", "darts3"], "--rule"),
+])
+def test_bad_input_gives_clear_error(tmp_path, capsys, args, match):
+    rc = main(TINY + ["--out", str(tmp_path / "r")] + args)
+    assert rc == 2
+    assert match in capsys.readouterr().err
+
+
+def test_empty_and_small_image_folders(tmp_path, capsys):
+    empty = tmp_path / "empty"
+    empty.mkdir()
+    assert main(TINY + ["--out", str(tmp_path / "r1"), "--train-dir", str(empty)]) == 2
+    assert "contains no images" in capsys.readouterr().err
+    small = tmp_path / "small"
+    _write_images(small, [(40, 40), (20, 50)])
+    assert main(TINY + ["--out", str(tmp_path / "r2"), "--train-dir", str(small)]) == 2
+    err = capsys.readouterr().err
+    assert "1.png" in err and "smaller than the HR patch" in err
