@@ -101,19 +101,28 @@ def unavailable_reason(device, dtype, G=1, T=1, radius=0) -> str | None:
 # ---------------------------------------------------------------------------------------------
 # Tap tables (cached per kernel-size/dilation set)
 
+class _Table:
+    """A 0/1 tensor as Python data: its shape and the indices of its ones."""
+
+    def __init__(self, shape):
+        self.shape = tuple(shape)
+        self.nz: list[tuple[int, int, int]] = []
+
+
 @functools.lru_cache(maxsize=256)
 def _grouped_table(ksizes: tuple, dilations: tuple, kmax: int):
-    """(one-hot [G, KMAX*KMAX, T] as float64 cpu, offs list, ntaps list, radius)."""
+    """(one-hot table [G, KMAX*KMAX, T], offs, ntaps, radius); the table is a _Table of Python
+    data (no tensor is made here, so a first call under FakeTensorMode caches nothing fake)."""
     G = len(ksizes)
     T = max(k * k for k in ksizes)
-    onehot = torch.zeros(G, kmax * kmax, T, dtype=torch.float64)
+    onehot = _Table((G, kmax * kmax, T))
     offs, ntaps, radius = [], [], 0
     for g, (k, d) in enumerate(zip(ksizes, dilations)):
         o, r = (kmax - k) // 2, k // 2
         t = 0
         for i in range(k):
             for j in range(k):
-                onehot[g, (o + i) * kmax + o + j, t] = 1
+                onehot.nz.append((g, (o + i) * kmax + o + j, t))
                 offs += [(i - r) * d, (j - r) * d]
                 t += 1
         offs += [0, 0] * (T - t)
@@ -124,7 +133,7 @@ def _grouped_table(ksizes: tuple, dilations: tuple, kmax: int):
 
 @functools.lru_cache(maxsize=256)
 def _union_table(ksizes: tuple, dilations: tuple, kmax: int):
-    """(one-hot [G, KMAX*KMAX, U] float64 cpu, offs, (U,), radius) of the union stencil."""
+    """(one-hot _Table [G, KMAX*KMAX, U], offs, (U,), radius) of the union stencil."""
     taps = {}
     for k, d in zip(ksizes, dilations):
         r = k // 2
@@ -132,12 +141,12 @@ def _union_table(ksizes: tuple, dilations: tuple, kmax: int):
             for j in range(k):
                 taps.setdefault(((i - r) * d, (j - r) * d), len(taps))
     U = len(taps)
-    onehot = torch.zeros(len(ksizes), kmax * kmax, U, dtype=torch.float64)
+    onehot = _Table((len(ksizes), kmax * kmax, U))
     for g, (k, d) in enumerate(zip(ksizes, dilations)):
         o, r = (kmax - k) // 2, k // 2
         for i in range(k):
             for j in range(k):
-                onehot[g, (o + i) * kmax + o + j, taps[((i - r) * d, (j - r) * d)]] = 1
+                onehot.nz.append((g, (o + i) * kmax + o + j, taps[((i - r) * d, (j - r) * d)]))
     offs = []
     for (dy, dx), _ in sorted(taps.items(), key=lambda kv: kv[1]):
         offs += [dy, dx]
@@ -148,11 +157,20 @@ def _union_table(ksizes: tuple, dilations: tuple, kmax: int):
 _onehot_cache: dict = {}
 
 
-def _onehot(table, device, dtype):
+def _onehot(table, device, dtype, like):
+    """The one-hot table as a tensor on (device, dtype); cached for real tensors, built afresh
+    for fake ones (FakeTensorMode / torch.compile tracing must not see a real constant)."""
+    from torch._subclasses.fake_tensor import is_fake
+
+    fake = is_fake(like)
     key = (id(table), device, dtype)
-    t = _onehot_cache.get(key)
+    t = None if fake else _onehot_cache.get(key)
     if t is None:
-        t = _onehot_cache[key] = table.to(device=device, dtype=dtype)
+        idx = torch.tensor(table.nz, dtype=torch.long, device=device).t()
+        t = torch.zeros(table.shape, dtype=dtype, device=device)
+        t = t.index_put((idx[0], idx[1], idx[2]), torch.ones((), dtype=dtype, device=device))
+        if not fake:
+            _onehot_cache[key] = t
     return t
 
 
@@ -172,7 +190,7 @@ def grouped_dw(x, kernels, ksizes, dilations, relu_input: bool, shared_input: bo
     G, C, kmax = kernels.shape[0], kernels.shape[1], kernels.shape[-1]
     table, offs, ntaps, radius = _grouped_table(ksizes, dilations, kmax)
     _require(x, G, table.shape[-1], radius)
-    onehot = _onehot(table, x.device, x.dtype)
+    onehot = _onehot(table, x.device, x.dtype, x)
     w = torch.matmul(kernels.reshape(G, C, kmax * kmax), onehot)  # [G, C, T], exact gather
     return torch.ops.hdnas_native.dw_fwd(x, w, list(offs), list(ntaps), bool(relu_input),
                                          bool(shared_input))
@@ -187,7 +205,7 @@ def mixed_dw(x, weights, kernels, ksizes, dilations, relu_input: bool, skip_weig
     G, C, kmax = kernels.shape[0], kernels.shape[1], kernels.shape[-1]
     table, offs, ntaps, radius = _union_table(ksizes, dilations, kmax)
     _require(x, 1, table.shape[-1], radius)
-    onehot = _onehot(table, x.device, x.dtype)
+    onehot = _onehot(table, x.device, x.dtype, x)
     # W_eff[c, u] = sum_g weights[g] * sum_k kernels[g, c, k] * onehot[g, k, u]
     per_group = torch.matmul(kernels.reshape(G, C, kmax * kmax), onehot)  # [G, C, U]
     w_eff = (per_group * weights.to(x.dtype).view(G, 1, 1)).sum(0, keepdim=True)

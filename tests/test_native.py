@@ -1,0 +1,259 @@
+"""The native (C++) depthwise kernels against their plain PyTorch twins.
+
+The library is built once per session (JIT, cached under $HDNAS_CACHE_DIR or ~/.cache/hdnas, or
+the one setup.py built). If it cannot be built the tests skip, unless HDNAS_REQUIRE_NATIVE=1
+(set it in CI, which has a compiler) makes that a failure.
+"""
+from __future__ import annotations
+
+import os
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+from hdnas.mixed.primitives import grouped_dw_ref, mixed_dw_ref
+
+DLSR_ST1 = ((3, 5, 7, 3, 5), (1, 1, 1, 2, 2))  # sep3/5/7 then dil3/5: the shared first stage
+DLSR_ST2 = ((3, 5, 7), (1, 1, 1))
+
+
+@pytest.fixture(scope="session")
+def nat():
+    from hdnas import native_build
+    from hdnas.mixed import native
+
+    if not native.available("cpu"):
+        msg = f"native CPU kernels unavailable: {native_build.error('cpu')}"
+        if os.environ.get("HDNAS_REQUIRE_NATIVE") == "1":
+            pytest.fail(msg)
+        pytest.skip(msg)
+    return native
+
+
+def _close(a, b, tol):
+    scale = max(b.abs().max().item(), 1e-30)
+    err = (a - b).abs().max().item() / scale
+    assert err <= tol, f"relative error {err:.3g} > {tol:.3g}"
+
+
+def _rand(*shape, dtype=torch.float64, gen=None):
+    return torch.randn(*shape, generator=gen, dtype=torch.float64).to(dtype)
+
+
+def _grouped_case(shared, G, C, N, H, W, kmax, ksizes, dils, dtype, gen, layout="contiguous"):
+    cin = C if shared else G * C
+    if layout == "channel_slice":  # a channel slice of a bigger tensor (non-contiguous)
+        x = _rand(N, cin + 3, H, W, dtype=dtype, gen=gen)[:, 1:1 + cin]
+    elif layout == "transposed":
+        x = _rand(N, cin, W, H, dtype=dtype, gen=gen).transpose(2, 3)
+    else:
+        x = _rand(N, cin, H, W, dtype=dtype, gen=gen)
+    K = _rand(G, C, kmax, kmax, dtype=dtype, gen=gen)
+    return x, K
+
+
+@pytest.mark.parametrize("dtype,tol", [(torch.float64, 1e-12), (torch.float32, 2e-5)])
+@pytest.mark.parametrize("shared", [True, False])
+@pytest.mark.parametrize("relu", [True, False])
+@pytest.mark.parametrize("layout", ["contiguous", "channel_slice", "transposed"])
+def test_grouped_dw_matches_ref(nat, dtype, tol, shared, relu, layout):
+    gen = torch.Generator().manual_seed(hash((shared, relu, layout)) % 1000)
+    ksizes, dils = DLSR_ST1 if shared else DLSR_ST2
+    G = len(ksizes)
+    # odd sizes, H != W, and an image smaller than the dilated 5x5 stencil (9x9) in one dim
+    x, K = _grouped_case(shared, G, 3, 2, 11, 6, 7, ksizes, dils, dtype, gen, layout)
+    x.requires_grad_(True)
+    K.requires_grad_(True)
+    y = nat.grouped_dw(x, K, ksizes, dils, relu, shared)
+    yr = grouped_dw_ref(x, K, ksizes, dils, relu, shared)
+    assert y.shape == yr.shape and y.dtype == yr.dtype
+    _close(y, yr, tol)
+    gy = torch.randn_like(y)
+    gx, gk = torch.autograd.grad(y, (x, K), gy)
+    gxr, gkr = torch.autograd.grad(yr, (x, K), gy)
+    _close(gx, gxr, tol)
+    _close(gk, gkr, tol)
+
+
+@pytest.mark.parametrize("dtype,tol", [(torch.float64, 1e-12), (torch.float32, 2e-5)])
+@pytest.mark.parametrize("skip", [None, "tensor", "float"])
+@pytest.mark.parametrize("relu", [True, False])
+def test_mixed_dw_matches_ref(nat, dtype, tol, skip, relu):
+    gen = torch.Generator().manual_seed(7)
+    ksizes, dils = (3, 5, 7, 3, 5, 1), (1, 1, 1, 2, 2, 1)
+    x = _rand(3, 4, 9, 13, dtype=dtype, gen=gen)[:, :, :, 1:12].requires_grad_(True)  # sliced
+    K = _rand(6, 4, 7, 7, dtype=dtype, gen=gen).requires_grad_(True)
+    w = _rand(6, dtype=dtype, gen=gen).requires_grad_(True)
+    s = {None: None, "float": 0.37,
+         "tensor": torch.tensor(0.37, dtype=dtype, requires_grad=True)}[skip]
+    y = nat.mixed_dw(x, w, K, ksizes, dils, relu, s)
+    yr = mixed_dw_ref(x, w, K, ksizes, dils, relu, s)
+    _close(y, yr, tol)
+    inputs = (x, w, K) + ((s,) if skip == "tensor" else ())
+    gy = torch.randn_like(y)
+    for a, b in zip(torch.autograd.grad(y, inputs, gy), torch.autograd.grad(yr, inputs, gy)):
+        _close(a, b, tol)
+
+
+def test_gradcheck_fp64(nat):
+    gen = torch.Generator().manual_seed(1)
+    x = _rand(1, 2, 5, 6, gen=gen).requires_grad_(True)
+    K = _rand(2, 2, 5, 5, gen=gen).requires_grad_(True)
+    assert torch.autograd.gradcheck(
+        lambda x, K: nat.grouped_dw(x, K, (3, 5), (2, 1), True, True), (x, K))
+    x2 = _rand(1, 4, 5, 6, gen=gen).requires_grad_(True)
+    assert torch.autograd.gradcheck(
+        lambda x, K: nat.grouped_dw(x, K, (5, 3), (1, 1), False, False), (x2, K))
+    w = _rand(2, gen=gen).requires_grad_(True)
+    s = torch.tensor(0.5, dtype=torch.float64, requires_grad=True)
+    assert torch.autograd.gradcheck(
+        lambda x, w, K, s: nat.mixed_dw(x, w, K, (3, 5), (2, 1), True, s), (x, w, K, s))
+
+
+def test_opcheck(nat):
+    """Schema, fake (meta) kernel, autograd registration and dispatch of the custom op."""
+    gen = torch.Generator().manual_seed(2)
+    x = _rand(2, 3, 5, 7, gen=gen).requires_grad_(True)
+    _, offs, ntaps, _ = nat._grouped_table((3, 1), (2, 1), 3)
+    w = _rand(2, 3, 9, gen=gen).requires_grad_(True)
+    torch.library.opcheck(torch.ops.hdnas_native.dw_fwd.default,
+                          (x, w, list(offs), list(ntaps), True, True))
+
+
+def test_fake_tensor_shapes(nat):
+    from torch._subclasses.fake_tensor import FakeTensorMode
+
+    with FakeTensorMode():
+        x = torch.empty(2, 6, 9, 10)
+        K = torch.empty(5, 6, 7, 7)
+        y = nat.grouped_dw(x, K, *DLSR_ST1, True, True)
+    assert tuple(y.shape) == (2, 30, 9, 10)
+
+
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
+def test_half_precision_storage(nat, dtype):
+    """fp16/bf16 in and out, fp32 accumulation: matches the fp32 reference to storage precision."""
+    gen = torch.Generator().manual_seed(3)
+    x, K = _grouped_case(True, 5, 4, 2, 10, 10, 7, *DLSR_ST1, torch.float32, gen)
+    y = nat.grouped_dw(x.to(dtype), K.to(dtype), *DLSR_ST1, True, True)
+    assert y.dtype == dtype
+    yr = grouped_dw_ref(x.to(dtype).float(), K.to(dtype).float(), *DLSR_ST1, True, True)
+    _close(y.float(), yr, 1e-2 if dtype == torch.bfloat16 else 2e-3)
+
+
+def test_weight_grad_deterministic_across_threads(nat):
+    gen = torch.Generator().manual_seed(4)
+    x, K = _grouped_case(True, 5, 6, 4, 12, 12, 7, *DLSR_ST1, torch.float32, gen)
+    K.requires_grad_(True)
+    x.requires_grad_(True)
+    gy = torch.randn(4, 30, 12, 12, generator=gen)
+    old = torch.get_num_threads()
+    outs = []
+    try:
+        for nt in (1, 2, 1):
+            torch.set_num_threads(nt)
+            y = nat.grouped_dw(x, K, *DLSR_ST1, True, True)
+            outs.append(torch.autograd.grad(y, (x, K), gy))
+    finally:
+        torch.set_num_threads(old)
+    for o in outs[1:]:
+        assert torch.equal(o[0], outs[0][0]) and torch.equal(o[1], outs[0][1])
+
+
+def test_bad_inputs_rejected(nat):
+    from hdnas.mixed import BackendError
+
+    K = torch.randn(2, 3, 3, 3)
+    with pytest.raises(ValueError, match="channels"):
+        nat.grouped_dw(torch.randn(1, 4, 5, 5), K, (3, 3), (1, 1), True, True)
+    with pytest.raises(ValueError, match="floating point"):
+        nat.grouped_dw(torch.ones(1, 3, 5, 5, dtype=torch.int32), K.int(), (3, 3), (1, 1), True, True)
+    with pytest.raises(BackendError, match="native"):
+        nat.grouped_dw(torch.randn(1, 3, 5, 5, device="meta"), K.to("meta"), (3, 3), (1, 1), True, True)
+    with pytest.raises(RuntimeError, match="channels"):  # the C++ checks, below the Python ones
+        torch.ops.hdnas_native.dw_fwd(torch.randn(1, 4, 5, 5), torch.randn(2, 3, 9),
+                                      [0, 0] * 18, [9, 9], False, True)
+    with pytest.raises(RuntimeError, match="offsets"):
+        torch.ops.hdnas_native.dw_fwd(torch.randn(1, 3, 5, 5), torch.randn(2, 3, 9),
+                                      [0, 0] * 5, [9, 9], False, True)
+
+
+def test_empty_batch(nat):
+    x = torch.zeros(0, 3, 5, 5, requires_grad=True)
+    K = torch.randn(2, 3, 3, 3, requires_grad=True)
+    y = nat.grouped_dw(x, K, (3, 3), (1, 2), True, True)
+    assert y.shape == (0, 6, 5, 5)
+    gx, gk = torch.autograd.grad(y.sum(), (x, K))
+    assert gx.shape == x.shape and torch.all(gk == 0)
+
+
+# ---------------------------------------------------------------------------------------------
+# The native backend (the merged composition over these primitives) against the reference
+
+def _copy_params(dst, src):
+    with torch.no_grad():
+        for a, b in zip(dst.parameters(), src.parameters()):
+            a.copy_(b)
+
+
+def test_native_backend_mixed_op(nat):
+    from hdnas.mixed import MixedOp, get_backend
+    from hdnas.space import DLSR_PRIMITIVES
+
+    torch.manual_seed(5)
+    m = MixedOp(8, DLSR_PRIMITIVES).double()
+    x = torch.randn(2, 8, 11, 9, dtype=torch.float64, requires_grad=True)
+    w = F.softmax(torch.randn(9, dtype=torch.float64), 0).requires_grad_(True)
+    outs = []
+    for name in ("native", "reference"):
+        y = get_backend(name).mixed_op(x, w, m)
+        grads = torch.autograd.grad((y * y).sum(), [x, w, *m.parameters()])
+        outs.append((y, grads))
+    _close(outs[0][0], outs[1][0], 1e-10)
+    for a, b in zip(outs[0][1], outs[1][1]):
+        _close(a, b, 1e-10)
+
+
+def test_fused_resolves_to_native_on_cpu(nat):
+    from hdnas.mixed import resolve_backend
+    from hdnas.space import DLSR_PRIMITIVES
+
+    b = resolve_backend("fused", "cpu", torch.float32, DLSR_PRIMITIVES)
+    assert b.name == "native"
+
+
+def test_supernet_search_step_matches_reference(nat):
+    """One whole search step (weight step + joint architecture step) in fp64: the native
+    backend's losses, gradients and updated parameters equal the reference's."""
+    from hdnas.architect import Architect
+    from hdnas.network import SuperNet
+
+    torch.manual_seed(6)
+    gen = torch.Generator().manual_seed(6)
+    lr_img = torch.rand(2, 3, 16, 16, generator=gen, dtype=torch.float64)
+    hr_img = torch.rand(2, 3, 32, 32, generator=gen, dtype=torch.float64)
+    nets = {name: SuperNet(C=8, backend=name).double() for name in ("reference", "native")}
+    _copy_params(nets["native"], nets["reference"])
+    results = {}
+    for name, net in nets.items():
+        wopt = torch.optim.Adam(net.weight_parameters(), lr=1e-3)
+        arch = Architect(net, F.l1_loss, rule="joint")
+        wopt.zero_grad()
+        loss = F.l1_loss(net(lr_img), hr_img)
+        loss.backward()
+        grads = [p.grad.clone() for p in net.weight_parameters()]
+        wopt.step()
+        out = arch.step((lr_img, hr_img), (lr_img, hr_img), eta=1e-3)
+        arch_grads = [p.grad.clone() for p in net.arch_parameters()]
+        results[name] = (loss.detach(), grads, out, arch_grads, float(F.l1_loss(net(lr_img), hr_img)))
+    (l0, g0, o0, a0, n0), (l1, g1, o1, a1, n1) = results["reference"], results["native"]
+    _close(l1, l0, 1e-10)
+    for a, b in zip(g1, g0):
+        _close(a, b, 1e-9)
+    assert abs(o1["loss_arch"] - o0["loss_arch"]) <= 1e-10 * abs(o0["loss_arch"])
+    for a, b in zip(a1, a0):
+        _close(a, b, 1e-9)
+    # after both updates (Adam's first step is ~lr*sign(grad): parameters whose gradient is ~0
+    # may move differently, so the updated network is compared through its loss)
+    assert abs(n1 - n0) <= 1e-6 * abs(n0)
