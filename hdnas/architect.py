@@ -66,7 +66,7 @@ class Architect:
             total.backward(inputs=arch)
             out = {"loss_arch": float(l_val.detach())}
         self.optimizer.step()
-        out["penalty"] = float(pen)
+        out["penalty"] = float(pen.detach())
         return out
 
     def unrolled_hypergradient(self, train_batch, arch_batch, eta: float):

@@ -40,7 +40,7 @@ def _cfg(tmp, **kw):
     return SearchConfig(**(base | kw))
 
 
-@pytest.mark.parametrize("rule", ["joint", "darts2"])
+@pytest.mark.parametrize("rule", ["joint", pytest.param("darts2", marks=pytest.mark.slow)])
 def test_killed_and_resumed_equals_uninterrupted(tmp_path, rule):
     torch.use_deterministic_algorithms(True)
     try:
