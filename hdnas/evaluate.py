@@ -34,7 +34,7 @@ import numpy as np
 import torch
 
 from hdnas.complexity import count_params_and_macs, format_count
-from hdnas.data.benchmark import BenchmarkError, BenchmarkSet
+from hdnas.data.benchmark import MIN_LR_SIZE, BenchmarkError, BenchmarkSet
 from hdnas.data.io import ImageError, save_rgb, to_hwc_uint8
 from hdnas.genotype import Genotype, GenotypeError
 from hdnas.imresize import imresize, matlab_round
@@ -273,8 +273,11 @@ def main(argv=None) -> int:
     try:
         for s in scales:
             for folder in args.data:
-                bench = BenchmarkSet(folder, s, gray="keep" if args.bicubic and
-                                     args.bicubic_protocol == "matlab-y" else "replicate",
+                gray = "keep" if args.bicubic and args.bicubic_protocol == "matlab-y" \
+                    else "replicate"
+                # a model needs LR >= 15 px (ESA); bicubic only needs room for shave + SSIM window
+                min_lr = MIN_LR_SIZE if model is not None else -(-(11 + 2 * s) // s)
+                bench = BenchmarkSet(folder, s, gray=gray, min_lr_size=min_lr,
                                      make_lr=args.make_lr)
                 res = evaluate_set(bench, model, method, args.self_ensemble, args.device,
                                    args.bicubic_protocol,
