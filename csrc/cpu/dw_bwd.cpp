@@ -25,7 +25,7 @@ static void dw_bwd_kernel(const scalar_t* gy, const scalar_t* x, const scalar_t*
   const bool need_gx = gx != nullptr, need_gw = part != nullptr;
   at::parallel_for(0, N * Cin, 1, [&](int64_t begin, int64_t end) {
     std::vector<acc_t> gpad(Hp * Wp), xpad(need_gw ? Hp * Wp : 0), gacc(need_gx ? H * W : 0),
-        row(W), wt(T);
+        wt(T);
     std::vector<int64_t> off(T);
     for (int64_t task = begin; task < end; ++task) {
       const int64_t n = task / Cin, ci = task % Cin;
@@ -43,15 +43,9 @@ static void dw_bwd_kernel(const scalar_t* gy, const scalar_t* x, const scalar_t*
             wt[t] = static_cast<acc_t>(wp[t]);
             off[t] = (P - tp.dy[g * T + t]) * Wp + P - tp.dx[g * T + t];
           }
-          for (int64_t h = 0; h < H; ++h) {
-            acc_t* __restrict a = gacc.data() + h * W;
-            const acc_t* base = gpad.data() + h * Wp;
-            for (int64_t t = 0; t < nt; ++t) {
-              const acc_t* __restrict src = base + off[t];
-              const acc_t k = wt[t];
-              for (int64_t i = 0; i < W; ++i) a[i] += k * src[i];
-            }
-          }
+          for (int64_t h = 0; h < H; ++h)
+            stencil_row<acc_t, true>(gacc.data() + h * W, gpad.data() + h * Wp, off.data(),
+                                     wt.data(), nt, W);
         }
         if (need_gw) {
           acc_t* pp = part + oplane * T;
@@ -61,15 +55,7 @@ static void dw_bwd_kernel(const scalar_t* gy, const scalar_t* x, const scalar_t*
               continue;
             }
             const int64_t o = (P + tp.dy[g * T + t]) * Wp + P + tp.dx[g * T + t];
-            acc_t* __restrict r = row.data();
-            std::fill(r, r + W, acc_t(0));
-            for (int64_t h = 0; h < H; ++h) {
-              const acc_t* __restrict xs = xpad.data() + h * Wp + o;
-              const acc_t* __restrict gs = gpad.data() + (h + P) * Wp + P;
-              for (int64_t i = 0; i < W; ++i) r[i] += xs[i] * gs[i];
-            }
-            acc_t s = 0;
-            for (int64_t i = 0; i < W; ++i) s += r[i];
+            const acc_t s = tap_dot(xpad.data() + o, gpad.data() + P * Wp + P, H, W, Wp);
             pp[t] = s;
           }
         }

@@ -77,13 +77,7 @@ static void dw_fwd_kernel(const scalar_t* x, const scalar_t* w, scalar_t* y, con
         scalar_t* __restrict yp = y + ((n * G + g) * C + c) * H * W;
         for (int64_t h = 0; h < H; ++h) {
           acc_t* __restrict a = acc.data();
-          std::fill(a, a + W, acc_t(0));
-          const acc_t* base = pad.data() + h * Wp;
-          for (int64_t t = 0; t < nt; ++t) {
-            const acc_t* __restrict src = base + off[t];
-            const acc_t k = wt[t];
-            for (int64_t i = 0; i < W; ++i) a[i] += k * src[i];
-          }
+          stencil_row<acc_t, false>(a, pad.data() + h * Wp, off.data(), wt.data(), nt, W);
           for (int64_t i = 0; i < W; ++i) yp[h * W + i] = static_cast<scalar_t>(a[i]);
         }
       }
