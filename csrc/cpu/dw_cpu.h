@@ -1,7 +1,9 @@
 // CPU side of the hdnas native depthwise engine (see ../hdnas_dw.h for the math).
 #pragma once
 
-#include <ATen/ATen.h>
+#include <ATen/core/Tensor.h>
+#include <ATen/ops/empty.h>
+#include <ATen/ops/empty_like.h>
 
 #include <vector>
 
