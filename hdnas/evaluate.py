@@ -16,6 +16,11 @@ rounded; a grey image is its own Y) is downscaled and upscaled in double precisi
 intermediate rounding; this ignores shipped LR files. ``--bicubic-protocol rgb`` upscales the
 set's 8-bit RGB LR images instead and scores them like a model output.
 
+Decisions where the sources are silent (method.md marks the paper UNCONFIRMED): rounding is
+half away from zero (MATLAB), not torch's half to even; the Y of the bicubic protocol is rounded
+to uint8 as ``rgb2ycbcr`` does on uint8 input (unrounded Y is within 0.006 dB); the mean PSNR of
+a set is the mean of per-image PSNRs.
+
 Writes ``results.md`` and ``results.csv`` (one row per method, scale and set) and
 ``per_image.csv`` to ``--out``; ``--save-images`` and ``--compare`` add SR images and
 bicubic / model / HR crop pictures.
