@@ -63,10 +63,9 @@ def _count_macs(model: nn.Module, x: torch.Tensor) -> int:
 
 
 def count_params_and_macs(model: nn.Module, scale: int | None = None, hr_size=HR_SIZE,
-                          in_channels: int = 3) -> dict:
-    """{'params', 'macs', 'lr_size', 'scale'} for one image with an ``hr_size`` (H, W) output.
-
-    ``scale`` defaults to ``model.scale``."""
+                          in_channels: int = 3) -> tuple[int, int]:
+    """(params, Multi-Adds) for one image with an ``hr_size`` (H, W) output; the LR input is
+    ``lr_size_for(scale, hr_size)``. ``scale`` defaults to ``model.scale``."""
     scale = scale if scale is not None else getattr(model, "scale", None)
     if scale is None:
         raise ValueError("count_params_and_macs needs a scale (the model has no .scale)")
@@ -83,7 +82,7 @@ def count_params_and_macs(model: nn.Module, scale: int | None = None, hr_size=HR
             macs = _count_macs(model, torch.zeros(1, in_channels, *lr, device=dev))
         finally:
             model.train(was_training)
-    return {"params": params, "macs": int(macs), "lr_size": lr, "scale": int(scale)}
+    return params, int(macs)
 
 
 def format_count(n: float, unit: str = "") -> str:

@@ -265,7 +265,8 @@ def main(argv=None) -> int:
             print(f"error: {e}", file=sys.stderr)
             return 2
         method = genotype.name or Path(args.genotype).stem
-        cost = count_params_and_macs(model, genotype.scale)
+        params, macs = count_params_and_macs(model, genotype.scale)
+        cost = {"params": params, "macs": macs}
         if args.self_ensemble:
             method += " (x8)"
     for s in scales:
