@@ -124,4 +124,24 @@ def test_empty_and_small_image_folders(tmp_path, capsys):
     _write_images(small, [(40, 40), (20, 50)])
     assert main(TINY + ["--out", str(tmp_path / "r2"), "--train-dir", str(small)]) == 2
     err = capsys.readouterr().err
-    assert "1.png" in err and "smaller than the HR patch" in err
+    assert "1.png" in err and "smaller than scale x patch" in err
+
+
+def test_training_patches_use_shipped_lr_and_stay_aligned(tmp_path):
+    from hdnas.data.train import PatchSampler
+
+    hr_dir = tmp_path / "DIV2K_train_HR"
+    lr_dir = tmp_path / "DIV2K_train_LR_bicubic" / "X2"
+    lr_dir.mkdir(parents=True)
+    _write_images(hr_dir, [(40, 36)])
+    Image.fromarray(np.full((20, 18, 3), 7, np.uint8)).save(lr_dir / "0x2.png")
+    s = PatchSampler(hr_dir, 2, 32)
+    lr, hr = s.sample(3, torch.Generator().manual_seed(0))
+    assert lr.shape == (3, 3, 16, 16) and hr.shape == (3, 3, 32, 32)
+    assert (lr == 7).all()  # the shipped LR image, not one made from HR
+    # HR-only: the LR patch is the MATLAB-bicubic LR of the image at the same place
+    s = PatchSampler(hr_dir.parent / "DIV2K_train_HR", 2, 32, augment=False)
+    s.lr[0] = torch.arange(20 * 18).view(1, 20, 18).expand(3, 20, 18).to(torch.uint8)
+    s.hr[0] = s.lr[0].repeat_interleave(2, 1).repeat_interleave(2, 2)
+    lr, hr = s.sample(4, torch.Generator().manual_seed(1))
+    assert torch.equal(hr[:, :, ::2, ::2], lr)

@@ -1,5 +1,7 @@
-"""Training input for search and retraining: a folder of HR images, decoded once, LR made once
-by MATLAB-style bicubic downscaling, then random aligned patches with flips and transposes.
+"""Training input for search and retraining: every image of a folder decoded once (any layout
+that ``hdnas.data.benchmark`` knows: HR only, DIV2K's ``*_HR`` + ``*_LR_bicubic/Xs``, ...; LR made
+by MATLAB-exact bicubic when the folder has none), then random aligned patches with flips and
+transposes, held in memory as uint8.
 
 Sampling draws every random number from one ``torch.Generator`` that the caller owns, so a run
 that is killed and resumed from a checkpoint (generator state included) sees the same batches.
@@ -10,54 +12,28 @@ from pathlib import Path
 
 import torch
 
-from hdnas.data.io import IMAGE_EXTENSIONS, load_rgb
-from hdnas.imresize import imresize_uint8
+from hdnas.data.benchmark import BenchmarkError, BenchmarkSet
 
 DEFAULT_DIR = Path(__file__).resolve().parent / "default"
-
-
-class DataError(ValueError):
-    """A missing, empty or unusable data folder or image."""
-
-
-def list_images(folder) -> list[Path]:
-    folder = Path(folder)
-    if not folder.exists():
-        raise DataError(f"data folder {folder} does not exist")
-    if not folder.is_dir():
-        raise DataError(f"{folder} is not a folder")
-    files = sorted(p for p in folder.iterdir() if p.suffix.lower() in IMAGE_EXTENSIONS)
-    if not files:
-        raise DataError(f"data folder {folder} contains no images "
-                        f"({', '.join(sorted(IMAGE_EXTENSIONS))})")
-    return files
-
-
-def make_lr(hr_uint8: torch.Tensor, scale: int) -> torch.Tensor:
-    """uint8 (3, H, W) HR, cropped to a multiple of scale -> uint8 LR, as MATLAB's imresize."""
-    return imresize_uint8(hr_uint8, scale=1 / scale)
+DataError = BenchmarkError
 
 
 class PatchSampler:
-    """Random (LR, HR) patch batches from a folder of HR images, values in [0, 255]."""
+    """Random (LR, HR) float patch batches in [0, 255] from the images of one folder."""
 
     def __init__(self, folder, scale: int, hr_patch: int, augment: bool = True):
         if hr_patch % scale:
             raise DataError(f"HR patch {hr_patch} is not a multiple of the scale {scale}")
         self.scale, self.hr_patch, self.augment = scale, hr_patch, augment
-        self.files = list_images(folder)
-        self.hr, self.lr = [], []
-        for f in self.files:
-            img = load_rgb(f, as_tensor=True)  # (3, H, W) uint8
-            H, W = img.shape[1:]
-            if min(H, W) < hr_patch:
-                raise DataError(f"{f} is {W}x{H}, smaller than the HR patch {hr_patch}x{hr_patch}")
-            img = img[:, :H - H % scale, :W - W % scale]
-            self.hr.append(img)
-            self.lr.append(make_lr(img, scale))
+        images = BenchmarkSet(folder, scale, min_lr_size=hr_patch // scale)
+        self.names, self.lr, self.hr = [], [], []
+        for item in images:
+            self.names.append(item["name"])
+            self.lr.append(item["lr"])
+            self.hr.append(item["hr"])
 
     def __len__(self):
-        return len(self.files)
+        return len(self.hr)
 
     def sample(self, batch: int, generator: torch.Generator):
         lp, s = self.hr_patch // self.scale, self.scale
