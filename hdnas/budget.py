@@ -3,8 +3,8 @@ search budget in params or Multi-Adds means the number the evaluation table will
 from __future__ import annotations
 
 from hdnas.genotype import Genotype
-from hdnas.losses import hr_pixels_to_lr
-from hdnas.network import DerivedNet, count_params
+from hdnas.complexity import count_params, count_params_and_macs, lr_size_for
+from hdnas.network import DerivedNet
 from hdnas.space import get_op
 
 
@@ -17,7 +17,7 @@ def fixed_cost(C: int, cells: int, scale: int, kind: str = "params") -> tuple[fl
     op_cost = 3 * cells * get_op("conv_1x1").params(C)
     if kind == "params":
         return float(count_params(net) - op_cost), 1.0
-    from hdnas.complexity import count_params_and_macs
-    pixels = hr_pixels_to_lr(scale=scale)
+    h, w = lr_size_for(scale)
+    pixels = h * w
     _, macs = count_params_and_macs(net, scale)
     return float(macs - op_cost * pixels), float(pixels)

@@ -2,8 +2,6 @@
 gradient (the release computes its penalty from ``.data``, so it never reaches alpha)."""
 from __future__ import annotations
 
-import math
-
 import torch
 import torch.nn.functional as F
 
@@ -89,7 +87,3 @@ class ComplexityPenalty:
                 value = value / w.shape[0]
             return self.weight * value
         return self.weight * F.relu(self.expected_total(alphas, num_cells) / self.budget - 1)
-
-
-def hr_pixels_to_lr(hr_size=(720, 1280), scale: int = 2) -> float:
-    return math.ceil(hr_size[0] / scale) * math.ceil(hr_size[1] / scale)

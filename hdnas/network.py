@@ -125,8 +125,3 @@ class DerivedNet(_SRNet):
                 inp = getattr(self, f"c{i + 1}")(torch.cat([outs[a], outs[b]], 1))
             outs.append(cell(inp))
         return self.tail(fea, outs)
-
-
-def count_params(model: nn.Module, exclude=()) -> int:
-    ex = {id(p) for p in exclude}
-    return sum(p.numel() for p in model.parameters() if id(p) not in ex)

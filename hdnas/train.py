@@ -20,7 +20,8 @@ from hdnas import checkpoint
 from hdnas.data.train import DEFAULT_DIR, PatchSampler
 from hdnas.genotype import Genotype
 from hdnas.losses import SRLoss
-from hdnas.network import DerivedNet, count_params
+from hdnas.complexity import count_params
+from hdnas.network import DerivedNet
 from hdnas.runs import History, Loop, cli_main, pick_device
 
 log = logging.getLogger("hdnas")

@@ -4,7 +4,8 @@ import torch
 
 from hdnas.genotype import BETA21, PARA_LOSS, TINY18, Genotype
 from hdnas.mixed import BackendError, MixedOp
-from hdnas.network import DerivedNet, SuperNet, count_params
+from hdnas.complexity import count_params
+from hdnas.network import DerivedNet, SuperNet
 from hdnas.space import DLSR_PRIMITIVES, OPS, SearchSpaceError, check_op_set, get_op
 
 
