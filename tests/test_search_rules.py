@@ -100,3 +100,18 @@ def test_unknown_rule():
     net, _, _ = _tiny_problem()
     with pytest.raises(ValueError, match="unknown update rule"):
         Architect(net, SRLoss(), "darts3")
+
+
+@pytest.mark.parametrize("kind", ["params", "macs"])
+def test_budget_fixed_part_plus_ops_is_the_evaluated_cost(kind):
+    """A budget means the number the evaluation table prints: fixed part + chosen ops."""
+    from hdnas.budget import fixed_cost
+    from hdnas.complexity import count_params_and_macs
+    from hdnas.genotype import BETA21
+    from hdnas.network import DerivedNet
+    from hdnas.space import get_op
+
+    fixed, pixels = fixed_cost(48, 6, 2, kind)
+    ops = sum(get_op(n).params(48) for n in BETA21.cell_ops[0]) * 6
+    params, macs = count_params_and_macs(DerivedNet(BETA21), 2)
+    assert fixed + ops * pixels == (params if kind == "params" else macs)
