@@ -263,6 +263,151 @@ def mixed_dw(x, weights, kernels, ksizes, dilations, relu_input, skip_weight=Non
     return y
 
 
+# ----------------------------------------------------------------------------- pw epilogue
+from hdnas.kernels import epilogue as _epi  # noqa: E402
+
+GPU_EPI_FWD_CFG = dict(BLOCK_CO=64, BLOCK_P=64, BLOCK_K=32, num_warps=8)
+GPU_EPI_DZ_CFG = dict(BLOCK_CO=32, BLOCK_P=64, BLOCK_K=32, num_warps=8)
+GPU_EPI_DW_CFG = dict(BLOCK_CO=64, BLOCK_P=32, BLOCK_K=32, num_warps=4)
+
+
+def _ip(dtype):
+    return "ieee" if dtype == torch.float32 else None
+
+
+def _epi_cfg(kind, C, K, HW):
+    if interpreting():
+        return dict(BLOCK_CO=max(16, _pow2(C)), BLOCK_P=max(16, min(_pow2(HW), 1024)),
+                    BLOCK_K=max(16, min(_pow2(K), 256)), num_warps=4)
+    return dict({"fwd": GPU_EPI_FWD_CFG, "dz": GPU_EPI_DZ_CFG, "dw": GPU_EPI_DW_CFG}[kind])
+
+
+def _strides4(t):
+    return tuple(t.stride()) if t is not None else (0, 0, 0, 0)
+
+
+def check_epilogue_args(z1, w1, z2, w2, add, res):
+    if z1.dim() != 4 or w1.dim() != 2 or w1.shape[1] != z1.shape[1]:
+        raise ValueError(f"pw_epilogue: z1 {tuple(z1.shape)} and w1 {tuple(w1.shape)} do not match")
+    N, _, H, W = z1.shape
+    C = w1.shape[0]
+    if (z2 is None) != (w2 is None):
+        raise ValueError("pw_epilogue: z2 and w2 go together")
+    if z2 is not None and (z2.dim() != 4 or w2.dim() != 2 or w2.shape != (C, z2.shape[1])
+                           or z2.shape[0] != N or z2.shape[2:] != z1.shape[2:]):
+        raise ValueError(f"pw_epilogue: z2 {tuple(z2.shape)} and w2 {tuple(w2.shape)} do not match")
+    for name, t in (("add", add), ("res", res)):
+        if t is not None and tuple(t.shape) != (N, C, H, W):
+            raise ValueError(f"pw_epilogue: {name} has shape {tuple(t.shape)}, expected {(N, C, H, W)}")
+    for t in (w1, z2, w2, add, res):
+        if t is not None and (t.dtype != z1.dtype or t.device != z1.device):
+            raise ValueError("pw_epilogue: all tensors must share dtype and device")
+
+
+@torch.library.custom_op(f"{NS}::pw_epilogue", mutates_args=())
+def pw_epilogue(z1: torch.Tensor, w1: torch.Tensor, z2: torch.Tensor | None, w2: torch.Tensor | None,
+                add: torch.Tensor | None, res: torch.Tensor | None, lrelu: bool) -> torch.Tensor:
+    check_epilogue_args(z1, w1, z2, w2, add, res)
+    N, K1, H, W = z1.shape
+    C = w1.shape[0]
+    out = torch.empty((N, C, H, W), device=z1.device, dtype=z1.dtype)
+    if out.numel() == 0:
+        return out
+    K2 = w2.shape[1] if w2 is not None else 0
+    cfg = _epi_cfg("fwd", C, max(K1, K2), H * W)
+    grid = (N, triton.cdiv(H * W, cfg["BLOCK_P"]), triton.cdiv(C, cfg["BLOCK_CO"]))
+    w1c = w1.contiguous()
+    w2c = w2.contiguous() if w2 is not None else w1c
+    _epi._epi_fwd[grid](z1, w1c, z2 if z2 is not None else z1, w2c,
+                        add if add is not None else out, res if res is not None else out, out,
+                        C, K1, K2, H, W, *z1.stride(), *_strides4(z2), *_strides4(add), *_strides4(res),
+                        HAS2=z2 is not None, HAS_ADD=add is not None, HAS_RES=res is not None,
+                        LRELU=bool(lrelu), ACC=_acc_dtype(z1.dtype), IP=_ip(z1.dtype), **cfg)
+    return out
+
+
+@pw_epilogue.register_fake
+def _(z1, w1, z2, w2, add, res, lrelu):
+    N, _, H, W = z1.shape
+    return z1.new_empty((N, w1.shape[0], H, W))
+
+
+def _epi_dzgrad(g, out, w, lrelu, gpre):
+    N, C, H, W = g.shape
+    K = w.shape[1]
+    dz = torch.empty((N, K, H, W), device=g.device, dtype=g.dtype)
+    cfg = _epi_cfg("dz", C, K, H * W)
+    grid = (N, triton.cdiv(H * W, cfg["BLOCK_P"]), triton.cdiv(K, cfg["BLOCK_K"]))
+    _epi._epi_bwd_dz[grid](g, out, w.contiguous(), dz, gpre if gpre is not None else g, C, K, H * W,
+                           LRELU=bool(lrelu), STORE_GPRE=gpre is not None, ACC=_acc_dtype(g.dtype),
+                           IP=_ip(g.dtype), **cfg)
+    return dz
+
+
+def _epi_dwgrad(gpre, z):
+    N, C, H, W = gpre.shape
+    K = z.shape[1]
+    cfg = _epi_cfg("dw", C, K, H * W)
+    progs = triton.cdiv(C, cfg["BLOCK_CO"]) * triton.cdiv(K, cfg["BLOCK_K"])
+    nblk = N * triton.cdiv(H * W, cfg["BLOCK_P"])
+    if interpreting() or gpre.device.type != "cuda":
+        split = 1
+    else:
+        sms = torch.cuda.get_device_properties(gpre.device).multi_processor_count
+        split = max(1, min(nblk, (4 * sms + progs - 1) // progs))
+    pdt = torch.float64 if gpre.dtype == torch.float64 else torch.float32
+    part = torch.empty((split, C, K), device=gpre.device, dtype=pdt)
+    grid = (triton.cdiv(C, cfg["BLOCK_CO"]), triton.cdiv(K, cfg["BLOCK_K"]), split)
+    _epi._epi_bwd_dw[grid](gpre, z, part, N, C, K, H, W, split, *z.stride(),
+                           ACC=_acc_dtype(gpre.dtype), IP=_ip(gpre.dtype), **cfg)
+    return part.sum(0).to(gpre.dtype)
+
+
+@torch.library.custom_op(f"{NS}::pw_epilogue_backward", mutates_args=())
+def pw_epilogue_backward(g: torch.Tensor, out: torch.Tensor, z1: torch.Tensor, w1: torch.Tensor,
+                         z2: torch.Tensor | None, w2: torch.Tensor | None, lrelu: bool
+                         ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+    """(gpre, dz1, dw1, dz2, dw2); gpre is empty without lrelu (it is g), dz2/dw2 are empty
+    when z2 is None."""
+    g = g.contiguous()
+    gpre = torch.empty_like(g) if lrelu else None
+    dz1 = _epi_dzgrad(g, out, w1, lrelu, gpre)
+    gp = gpre if lrelu else g
+    dw1 = _epi_dwgrad(gp, z1)
+    if z2 is not None:
+        dz2 = _epi_dzgrad(gp, out, w2, False, None)
+        dw2 = _epi_dwgrad(gp, z2)
+    else:
+        dz2, dw2 = g.new_empty(0), g.new_empty(0)
+    return (gpre if lrelu else g.new_empty(0)), dz1, dw1, dz2, dw2
+
+
+@pw_epilogue_backward.register_fake
+def _(g, out, z1, w1, z2, w2, lrelu):
+    e = g.new_empty(0)
+    return (g.new_empty(g.shape) if lrelu else e, z1.new_empty(z1.shape), w1.new_empty(w1.shape),
+            z2.new_empty(z2.shape) if z2 is not None else e, w2.new_empty(w2.shape) if w2 is not None else e)
+
+
+def _epi_setup(ctx, inputs, output):
+    z1, w1, z2, w2, add, res, lrelu = inputs
+    ctx.save_for_backward(z1, w1, z2, w2, output)
+    ctx.flags = (add is not None, res is not None, bool(lrelu))
+
+
+def _epi_backward(ctx, g):
+    z1, w1, z2, w2, out = ctx.saved_tensors
+    has_add, has_res, lrelu = ctx.flags
+    gpre, dz1, dw1, dz2, dw2 = pw_epilogue_backward(g, out, z1, w1, z2, w2, lrelu)
+    if not lrelu:
+        gpre = g
+    return (dz1, dw1, dz2 if z2 is not None else None, dw2 if w2 is not None else None,
+            gpre if has_add else None, gpre if has_res else None, None)
+
+
+pw_epilogue.register_autograd(_epi_backward, setup_context=_epi_setup)
+
+
 # ----------------------------------------------------------------------------- AOT specs
 _TT = {torch.float32: "fp32", torch.float16: "fp16", torch.bfloat16: "bf16", torch.float64: "fp64"}
 
@@ -295,4 +440,26 @@ def aot_specs(dtypes=(torch.float32,), kmaxes=(7,), modes=((True, True), (True, 
                             {"gy_ptr": f"*{t}", "x_ptr": f"*{t}", "taps_ptr": "*i32",
                              "dil_ptr": "*i32", "part_ptr": f"*{pt}", **ints, "SPLIT": "i32"},
                             {**base, "KKP": _pow2(K * K), **dc}, GPU_DK_CFG["num_warps"]))
+        if dt == torch.float64:  # the epilogue is not used for fp64 on a GPU (no fp64 tl.dot)
+            continue
+        ip = _ip(dt)
+        e = lambda c: {k: v for k, v in c.items() if k != "num_warps"}  # noqa: E731
+        zs = {"z1_ptr": f"*{t}", "w1_ptr": f"*{t}", "z2_ptr": f"*{t}", "w2_ptr": f"*{t}",
+              "add_ptr": f"*{t}", "res_ptr": f"*{t}", "out_ptr": f"*{t}"}
+        eints = {k: "i32" for k in ("C", "K1", "K2", "H", "W", "sz1n", "sz1c", "sz1h", "sz1w",
+                                    "sz2n", "sz2c", "sz2h", "sz2w", "san", "sac", "sah", "saw",
+                                    "srn", "src", "srh", "srw")}
+        for lrelu in (True, False):
+            out.append((_epi._epi_fwd, {**zs, **eints},
+                        dict(HAS2=True, HAS_ADD=True, HAS_RES=lrelu, LRELU=lrelu, ACC=acc, IP=ip,
+                             **e(GPU_EPI_FWD_CFG)), GPU_EPI_FWD_CFG["num_warps"]))
+            out.append((_epi._epi_bwd_dz,
+                        {"g_ptr": f"*{t}", "out_ptr": f"*{t}", "w_ptr": f"*{t}", "dz_ptr": f"*{t}",
+                         "gpre_ptr": f"*{t}", "C": "i32", "K": "i32", "HW": "i32"},
+                        dict(LRELU=lrelu, STORE_GPRE=lrelu, ACC=acc, IP=ip, **e(GPU_EPI_DZ_CFG)),
+                        GPU_EPI_DZ_CFG["num_warps"]))
+        out.append((_epi._epi_bwd_dw,
+                    {"gpre_ptr": f"*{t}", "z_ptr": f"*{t}", "part_ptr": f"*{pt}",
+                     **{k: "i32" for k in ("N", "C", "K", "H", "W", "SPLIT", "szn", "szc", "szh", "szw")}},
+                    dict(ACC=acc, IP=ip, **e(GPU_EPI_DW_CFG)), GPU_EPI_DW_CFG["num_warps"]))
     return out

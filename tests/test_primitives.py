@@ -199,3 +199,52 @@ def test_triton_torch_compile():
     gb = torch.autograd.grad(f(x, k), (x, k))
     for a, b in zip(ga, gb):
         torch.testing.assert_close(a, b, rtol=1e-12, atol=1e-12)
+
+
+def _epi_ref(z1, w1, z2, w2, add, res, lrelu):
+    y = torch.einsum("ck,nkhw->nchw", w1, z1)
+    if z2 is not None:
+        y = y + torch.einsum("ck,nkhw->nchw", w2, z2)
+    for t in (add, res):
+        if t is not None:
+            y = y + t
+    return F.leaky_relu(y, 0.05) if lrelu else y
+
+
+@pytest.mark.parametrize("flags", [(True, True, True, True), (False, False, False, False),
+                                   (True, False, True, False), (False, True, False, True)])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+def test_triton_pw_epilogue(flags, dtype):
+    """The fused alpha-block GEMM epilogue vs einsum, with strided z2 (channel slice), add
+    (channel slice) and res (transposed), forward and all gradients."""
+    ops = _triton_ops()
+    has2, has_add, has_res, lrelu = flags
+    gen = torch.Generator().manual_seed(8)
+    N, C, H, W = 2, 6, 5, 7
+
+    def r(*s):
+        return torch.randn(*s, generator=gen, dtype=torch.float64).to(dtype).requires_grad_(True)
+    z1, w1, zb, w2, ab, rb = r(N, 18, H, W), r(C, 18), r(N, 25, H, W), r(C, 10), r(N, C + 3, H, W), r(N, C, W, H)
+    z2 = zb[:, 15:25] if has2 else None
+    w2 = w2 if has2 else None
+    add = ab[:, :C] if has_add else None
+    res = rb.transpose(2, 3) if has_res else None
+    leaves = [t for t, on in ((z1, 1), (w1, 1), (zb, has2), (w2, has2), (ab, has_add), (rb, has_res)) if on]
+    g = torch.randn(N, C, H, W, generator=gen, dtype=torch.float64).to(dtype)
+    o1 = ops.pw_epilogue(z1, w1, z2, w2, add, res, lrelu)
+    o2 = _epi_ref(z1, w1, z2, w2, add, res, lrelu)
+    tol = _tol(dtype)
+    torch.testing.assert_close(o1, o2, **tol)
+    for a, b in zip(torch.autograd.grad(o1, leaves, g), torch.autograd.grad(o2, leaves, g)):
+        torch.testing.assert_close(a, b, **tol)
+
+
+def test_triton_pw_epilogue_opcheck():
+    ops = _triton_ops()
+    gen = torch.Generator().manual_seed(9)
+
+    def r(*s):
+        return torch.randn(*s, generator=gen, dtype=torch.float64, requires_grad=True)
+    for args in [(r(2, 12, 4, 5), r(4, 12), r(2, 8, 4, 5), r(4, 8), r(2, 4, 4, 5), r(2, 4, 4, 5), True),
+                 (r(1, 6, 3, 3), r(5, 6), None, None, None, None, False)]:
+        torch.library.opcheck(torch.ops.hdnas_triton.pw_epilogue.default, args)

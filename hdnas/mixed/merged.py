@@ -119,13 +119,25 @@ class DecomposedBackend(Backend):
         check_mixed_inputs(x, weights, mixed)
         if distill.weight.device != x.device:
             raise BackendError(f"distillation conv on {distill.weight.device} but input on {x.device}")
-        y, d = self._compose(x, weights, mixed, distill)
-        r = F.leaky_relu(y + x, LRELU_SLOPE)
+        r, d = self._compose(x, weights, mixed, distill)
         return F.leaky_relu(d, LRELU_SLOPE), r
+
+    def epilogue(self, terms, add, res, lrelu: bool):
+        """``act(sum_b _pw(z_b, W_b) + add + res)`` with act = LeakyReLU(0.05) if ``lrelu``;
+        ``terms`` is a list of (z, W) with W = an alpha-scaled block weight (Cout, Cin_b); add
+        and res may be None. Fused backends override this with one kernel."""
+        y = add
+        for z, Wb in terms:
+            t = _pw(z, Wb)
+            y = t if y is None else y + t
+        if res is not None:
+            y = y + res
+        return F.leaky_relu(y, LRELU_SLOPE) if lrelu else y
 
     # -- composition ------------------------------------------------------------------------
     def _compose(self, x, weights, mixed, distill):
-        """(sum_k w_k op_k(x), c_d(x) or None)."""
+        """Without ``distill``: (sum_k w_k op_k(x), None). With it: (lrelu(sum_k w_k op_k(x) + x),
+        c_d(x)) -- the remaining branch of a distillation step, before the distilled lrelu."""
         plan = plan_of(mixed.op_names)
         why = self.unsupported_reason(mixed.op_names, x.device, x.dtype)
         if why is not None:
@@ -151,14 +163,16 @@ class DecomposedBackend(Backend):
                 y = F.conv2d(x, Wd, padding=K // 2)
         if distill is not None and d is None:
             d = distill(x)
+        for i in plan.skip:
+            y = w[i] * x if y is None else y + w[i] * x
 
-        # 2.-5. separable and dilated ops
+        # 2.-5. separable and dilated ops: (z_b, alpha-scaled block weight) terms
+        terms = []
         if plan.sep or plan.dil:
             st1 = plan.sep + plan.dil
             k1 = torch.stack([_pad_to(ops[i].op[1].weight[:, 0], plan.st1_kmax) for i in st1])
             s1 = self.primitives.grouped_dw(x, k1, plan.st1_ksizes, plan.st1_dils, True, True)
             Gs = len(plan.sep)
-            terms = []
             if Gs:
                 N, _, H, W_ = x.shape
                 pw1 = torch.stack([ops[i].op[2].weight[:, :, 0, 0] for i in plan.sep])  # (Gs,C,C)
@@ -167,15 +181,12 @@ class DecomposedBackend(Backend):
                 k2 = torch.stack([_pad_to(ops[i].op[4].weight[:, 0], plan.st2_kmax) for i in plan.sep])
                 s2 = self.primitives.grouped_dw(p1, k2, plan.st2_ksizes, (1,) * Gs, True, False)
                 Wsep = torch.cat([w[i] * ops[i].op[5].weight[:, :, 0, 0] for i in plan.sep], 1)
-                terms.append(_pw(s2, Wsep))
+                terms.append((s2, Wsep))
             if plan.dil:
                 Wdil = torch.cat([w[i] * ops[i].op[2].weight[:, :, 0, 0] for i in plan.dil], 1)
-                terms.append(_pw(s1[:, Gs * C:] if Gs else s1, Wdil))
-            for t in terms:
-                y = t if y is None else y + t
-        for i in plan.skip:
-            y = w[i] * x if y is None else y + w[i] * x
-        return y, d
+                terms.append((s1[:, Gs * C:] if Gs else s1, Wdil))
+        res = x if distill is not None else None
+        return self.epilogue(terms, y, res, distill is not None), d
 
 
 MERGED = register_backend(DecomposedBackend("merged", TORCH_PRIMITIVES, priority=10))

@@ -61,8 +61,23 @@ def triton_unsupported_reason(device: torch.device, dtype: torch.dtype) -> str |
 
 
 class TritonBackend(DecomposedBackend):
+    """The composition with Triton depthwise stages and the fused alpha-block GEMM epilogue
+    (``hdnas_triton::pw_epilogue``: final pointwise convs of every sep/dil op + dense-conv output
+    + residual + LeakyReLU in one pass)."""
+
     def primitives_unsupported_reason(self, device, dtype):
         return triton_unsupported_reason(device, dtype)
+
+    def epilogue(self, terms, add, res, lrelu):
+        if 1 <= len(terms) <= 2 and _epilogue_ok(terms[0][0]):
+            (z1, w1), (z2, w2) = terms[0], (terms[1] if len(terms) == 2 else (None, None))
+            return _ops.pw_epilogue(z1, w1, z2, w2, add, res, bool(lrelu))
+        return super().epilogue(terms, add, res, lrelu)
+
+
+def _epilogue_ok(z):
+    # tl.dot has no fp64 path on the GPU: fp64 on CUDA keeps the cuBLAS GEMMs
+    return not (z.device.type == "cuda" and z.dtype == torch.float64)
 
 
 TRITON = register_backend(TritonBackend("triton", TRITON_PRIMITIVES,
