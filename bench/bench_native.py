@@ -105,6 +105,24 @@ def step_case(N, C, H, reps, scale=2):
     return timeit(fns, reps)
 
 
+def _load():
+    try:
+        return " ".join(f"{v:.1f}" for v in os.getloadavg())
+    except OSError:
+        return "?"
+
+
+def _cpu_name():
+    try:
+        with open("/proc/cpuinfo") as f:
+            for line in f:
+                if line.startswith("model name"):
+                    return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return platform.processor() or platform.machine()
+
+
 def fmt(ts):
     return f"{min(ts) * 1e3:.0f}"
 
@@ -117,40 +135,44 @@ def main(argv=None):
     p.add_argument("--reps", type=int, default=5)
     p.add_argument("--step-reps", type=int, default=2)
     p.add_argument("--no-step", action="store_true")
-    p.add_argument("--out", default=None, help="write the markdown here")
+    p.add_argument("--threads", type=int, nargs="+", default=[torch.get_num_threads()],
+                   help="torch intra-op thread counts to measure (each a separate table row set)")
+    p.add_argument("--out", default=None, help="write the markdown here (appended)")
     a = p.parse_args(argv)
     if not native.available("cpu"):
         raise SystemExit(f"native kernels unavailable: {native.native_build.error('cpu')}")
     C, H = a.channels, a.size
-    lines = [f"machine: {platform.processor() or platform.machine()}, {os.cpu_count()} cores, "
-             f"torch {torch.__version__}, {torch.get_num_threads()} threads, "
+    lines = [f"machine: {_cpu_name()}, {os.cpu_count()} cores, torch {torch.__version__}, "
              f"OMP_WAIT_POLICY={os.environ.get('OMP_WAIT_POLICY')}, C={C}, LR {H}x{H}; "
-             "times in ms, best of the interleaved repetitions", ""]
+             f"load average at start {_load()}; times in ms, best of the interleaved repetitions "
+             f"(reps {a.reps}, search step reps {a.step_reps}, one warm-up each)", ""]
     print(lines[0], flush=True)
     rows = []
-    for N in a.batch:
+    for nt, N in [(nt, N) for nt in a.threads for N in a.batch]:
+        torch.set_num_threads(nt)
         for shared, label in ((True, "stage-1 grouped_dw (5 groups, shared x) fwd+bwd"),
                               (False, "stage-2 grouped_dw (3 groups) fwd+bwd")):
             r = prim_case(N, C, H, shared, a.reps)
-            rows.append((N, label, fmt(r["torch"]), "", fmt(r["native"]),
+            rows.append((nt, N, label, fmt(r["torch"]), "", fmt(r["native"]),
                          f"{min(r['torch']) / min(r['native']):.2f}x"))
             print(rows[-1], flush=True)
         r = mixed_case(N, C, H, a.reps)
-        rows.append((N, "DLSR mixed op (9 ops) fwd+bwd", fmt(r["reference"]), fmt(r["merged"]),
+        rows.append((nt, N, "DLSR mixed op (9 ops) fwd+bwd", fmt(r["reference"]), fmt(r["merged"]),
                      fmt(r["native"]), f"{min(r['reference']) / min(r['native']):.2f}x"))
         print(rows[-1], flush=True)
         if not a.no_step:
             r = step_case(N, C, H, a.step_reps)
-            rows.append((N, "SuperNet search step (weight + joint arch step)", fmt(r["reference"]),
+            rows.append((nt, N, "SuperNet search step (weight + joint arch step)", fmt(r["reference"]),
                          "", fmt(r["native"]), f"{min(r['reference']) / min(r['native']):.2f}x"))
             print(rows[-1], flush=True)
-    lines += ["| batch | what | reference | merged (torch prims) | native | reference / native |",
-              "|---|---|---|---|---|---|"]
-    lines += [f"| {n} | {w} | {r} | {m or '-'} | {nv} | {x} |" for n, w, r, m, nv, x in rows]
+    lines += ["| threads | batch | what | reference | merged (torch prims) | native | reference / native |",
+              "|---|---|---|---|---|---|---|"]
+    lines += [f"| {t} | {n} | {w} | {r} | {m or '-'} | {nv} | {x} |" for t, n, w, r, m, nv, x in rows]
+    lines += ["", f"load average at end {_load()}", ""]
     md = "\n".join(lines)
     print(md)
     if a.out:
-        with open(a.out, "w") as f:
+        with open(a.out, "a") as f:
             f.write(md + "\n")
 
 

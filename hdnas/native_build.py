@@ -152,3 +152,26 @@ def error(kind: str = "cpu") -> str | None:
 
 def status() -> dict[str, object]:
     return dict(_state)
+
+
+def main(argv=None) -> int:
+    """``python -m hdnas.native_build [--cuda]``: build (or find) the native libraries now, e.g.
+    once in CI before the tests; prints where they came from and exits 1 if the CPU one fails."""
+    import argparse
+    import time
+
+    p = argparse.ArgumentParser(description=main.__doc__)
+    p.add_argument("--cuda", action="store_true", help="also the CUDA library")
+    a = p.parse_args(argv)
+    rc = 0
+    for kind in ("cpu", "cuda") if a.cuda else ("cpu",):
+        t = time.time()
+        ok = load(kind)
+        src = _prebuilt(kind) or f"JIT cache {cache_dir() / kind}"
+        print(f"{kind}: {'ok' if ok else 'FAILED: ' + str(error(kind))} ({src}, {time.time() - t:.1f} s)")
+        rc |= int(not ok and kind == "cpu")
+    return rc
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
