@@ -21,6 +21,7 @@ get_backend("reference")  # loads the optional backends (triton, native) before 
 BACKENDS = [b for b in available_backends() if b != "reference"]
 REF = get_backend("reference")
 
+DEVICES = ["cpu"] + (["cuda"] if torch.cuda.is_available() else [])
 FP64_TOL = 1e-10
 FP32_TOL = 5e-5  # max abs error / max |reference|, fp32 reassociation of sums of <= 49*C terms
 
@@ -66,14 +67,14 @@ def _make(op_names, C, dtype, seed):
     return m.to(dtype)
 
 
-def _input(N, C, H, W, dtype, gen, layout):
+def _input(N, C, H, W, dtype, gen, layout, device="cpu"):
     if layout == "contiguous":
-        return torch.randn(N, C, H, W, generator=gen, dtype=torch.float64).to(dtype)
+        return torch.randn(N, C, H, W, generator=gen, dtype=torch.float64).to(device, dtype)
     if layout == "channel_slice":  # a channel slice of a bigger batch (distillation split)
-        big = torch.randn(N, C + 5, H, W, generator=gen, dtype=torch.float64).to(dtype)
+        big = torch.randn(N, C + 5, H, W, generator=gen, dtype=torch.float64).to(device, dtype)
         return big[:, 2:2 + C]
     if layout == "transposed":  # non-contiguous spatial strides
-        return torch.randn(N, C, W, H, generator=gen, dtype=torch.float64).to(dtype).transpose(2, 3)
+        return torch.randn(N, C, W, H, generator=gen, dtype=torch.float64).to(device, dtype).transpose(2, 3)
     raise ValueError(layout)
 
 
@@ -123,20 +124,21 @@ def _run(backend, mixed, distill, x, w, g_list):
 
 
 def _compare(name, op_names, N, C, H, W, dtype, wkind="softmax", layout="contiguous",
-             distill=False, seed=0):
-    b = _backend_or_skip(name, op_names, "cpu", dtype)
+             distill=False, seed=0, device="cpu"):
+    b = _backend_or_skip(name, op_names, device, dtype)
     gen = torch.Generator().manual_seed(seed)
-    mixed = _make(op_names, C, dtype, seed)
+    mixed = _make(op_names, C, dtype, seed).to(device)
     c_d = None
     if distill:
         c_d = torch.nn.Conv2d(C, C // 2 or 1, 1, bias=True).to(dtype)
         with torch.no_grad():
             c_d.weight.normal_(0, 0.5)
             c_d.bias.normal_(0, 0.5)
-    x = _input(N, C, H, W, dtype, gen, layout)
-    w = _weights(wkind, len(op_names), gen, dtype)
+        c_d = c_d.to(device)
+    x = _input(N, C, H, W, dtype, gen, layout, device)
+    w = _weights(wkind, len(op_names), gen, dtype).to(device)
     shapes = [(N, C // 2 or 1, H, W), (N, C, H, W)] if distill else [(N, C, H, W)]
-    g_list = [torch.randn(s, generator=gen, dtype=torch.float64).to(dtype) for s in shapes]
+    g_list = [torch.randn(s, generator=gen, dtype=torch.float64).to(device, dtype) for s in shapes]
     ref_out, ref_grads = _run(REF, mixed, c_d, x, w, g_list)
     out, grads = _run(b, mixed, c_d, x, w, g_list)
     tol = FP64_TOL if dtype == torch.float64 else FP32_TOL
@@ -148,36 +150,63 @@ def _compare(name, op_names, N, C, H, W, dtype, wkind="softmax", layout="contigu
 
 
 # ---------------------------------------------------------------------------------------------
+@pytest.fixture(autouse=True)
+def _no_tf32():
+    """On a GPU, fp32 convs and GEMMs default to TF32 (cuDNN): compare in real fp32."""
+    if not torch.cuda.is_available():
+        yield
+        return
+    old = torch.backends.cudnn.allow_tf32, torch.backends.cuda.matmul.allow_tf32
+    torch.backends.cudnn.allow_tf32 = torch.backends.cuda.matmul.allow_tf32 = False
+    yield
+    torch.backends.cudnn.allow_tf32, torch.backends.cuda.matmul.allow_tf32 = old
+
+
+@pytest.mark.parametrize("device", DEVICES)
 @pytest.mark.parametrize("name", BACKENDS)
 @pytest.mark.parametrize("ops", list(OP_SETS))
-def test_op_sets_fp64(name, ops):
-    _compare(name, OP_SETS[ops], 2, 6, 9, 7, torch.float64, "softmax", seed=1)
+def test_op_sets_fp64(name, ops, device):
+    _compare(name, OP_SETS[ops], 2, 6, 9, 7, torch.float64, "softmax", seed=1, device=device)
 
 
+@pytest.mark.parametrize("device", DEVICES)
 @pytest.mark.parametrize("name", BACKENDS)
 @pytest.mark.parametrize("shape", [(1, 3, 1, 1), (2, 5, 17, 9), (1, 1, 4, 11), (3, 7, 5, 5)])
-def test_odd_shapes_fp64(name, shape):
-    _compare(name, DLSR_PRIMITIVES, *shape, torch.float64, "sigmoid", seed=2)
+def test_odd_shapes_fp64(name, shape, device):
+    _compare(name, DLSR_PRIMITIVES, *shape, torch.float64, "sigmoid", seed=2, device=device)
 
 
+@pytest.mark.parametrize("device", DEVICES)
 @pytest.mark.parametrize("name", BACKENDS)
 @pytest.mark.parametrize("wkind", ["softmax", "sigmoid", "onehot", "raw"])
-def test_weight_kinds_fp32(name, wkind):
-    _compare(name, DLSR_PRIMITIVES + ("skip_connect",), 2, 6, 8, 10, torch.float32, wkind, seed=3)
+def test_weight_kinds_fp32(name, wkind, device):
+    _compare(name, DLSR_PRIMITIVES + ("skip_connect",), 2, 6, 8, 10, torch.float32, wkind, seed=3,
+             device=device)
 
 
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a GPU")
+@pytest.mark.parametrize("name", BACKENDS)
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+def test_gpu_search_shape(name, dtype):
+    """A realistic size on the GPU (tile edges, many programs, split reductions)."""
+    _compare(name, DLSR_PRIMITIVES, 8, 48, 33, 31, dtype, "softmax", distill=True, seed=11,
+             device="cuda")
+
+
+@pytest.mark.parametrize("device", DEVICES)
 @pytest.mark.parametrize("name", BACKENDS)
 @pytest.mark.parametrize("layout", ["channel_slice", "transposed"])
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
-def test_noncontiguous(name, layout, dtype):
-    _compare(name, DLSR_PRIMITIVES, 2, 6, 7, 9, dtype, "softmax", layout=layout, seed=4)
+def test_noncontiguous(name, layout, dtype, device):
+    _compare(name, DLSR_PRIMITIVES, 2, 6, 7, 9, dtype, "softmax", layout=layout, seed=4, device=device)
 
 
+@pytest.mark.parametrize("device", DEVICES)
 @pytest.mark.parametrize("name", BACKENDS)
 @pytest.mark.parametrize("ops", ["dlsr", "no_dense", "dil_skip"])
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
-def test_distill_step(name, ops, dtype):
-    _compare(name, OP_SETS[ops], 2, 6, 7, 6, dtype, "softmax", distill=True, seed=5)
+def test_distill_step(name, ops, dtype, device):
+    _compare(name, OP_SETS[ops], 2, 6, 7, 6, dtype, "softmax", distill=True, seed=5, device=device)
 
 
 @pytest.mark.parametrize("name", BACKENDS)

@@ -20,9 +20,12 @@ IMPLS = {b.name: b for b in _REGISTRY.values()
          if isinstance(b, DecomposedBackend) and b.primitives is not TORCH_PRIMITIVES}
 
 
-def _impl(name, dtype):
+DEVICES = ["cpu"] + (["cuda"] if torch.cuda.is_available() else [])
+
+
+def _impl(name, dtype, device="cpu"):
     b = IMPLS[name]
-    why = b.primitives_unsupported_reason(torch.device("cpu"), dtype)
+    why = b.primitives_unsupported_reason(torch.device(device), dtype)
     if why is not None:
         pytest.skip(f"{name}: {why}")
     return b.primitives
@@ -42,17 +45,23 @@ GROUPED_CASES = [
 ]
 
 
+@pytest.mark.parametrize("device", DEVICES)
 @pytest.mark.parametrize("name", sorted(IMPLS))
-@pytest.mark.parametrize("case", range(len(GROUPED_CASES)))
+@pytest.mark.parametrize("case", range(len(GROUPED_CASES) + 1))
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
-def test_grouped_dw(name, case, dtype):
-    prim = _impl(name, dtype)
-    N, C, H, W, ks, ds, kmax, relu, shared = GROUPED_CASES[case]
+def test_grouped_dw(name, case, dtype, device):
+    prim = _impl(name, dtype, device)
+    if case == len(GROUPED_CASES):  # a big case, GPU only: many programs, split reductions
+        if device != "cuda":
+            pytest.skip("GPU-sized case")
+        N, C, H, W, ks, ds, kmax, relu, shared = 16, 48, 37, 33, (3, 5, 7, 3, 5), (1, 1, 1, 2, 2), 7, True, True
+    else:
+        N, C, H, W, ks, ds, kmax, relu, shared = GROUPED_CASES[case]
     G = len(ks)
     gen = torch.Generator().manual_seed(case)
-    x0 = torch.randn(N, C if shared else G * C, H, W, generator=gen, dtype=torch.float64).to(dtype)
-    k0 = torch.randn(G, C, kmax, kmax, generator=gen, dtype=torch.float64).to(dtype)
-    gy = torch.randn(N, G * C, H, W, generator=gen, dtype=torch.float64).to(dtype)
+    x0 = torch.randn(N, C if shared else G * C, H, W, generator=gen, dtype=torch.float64).to(device, dtype)
+    k0 = torch.randn(G, C, kmax, kmax, generator=gen, dtype=torch.float64).to(device, dtype)
+    gy = torch.randn(N, G * C, H, W, generator=gen, dtype=torch.float64).to(device, dtype)
     outs = []
     for fn in (lambda *a: prim.grouped_dw(*a), grouped_dw_ref):
         x = x0.clone().requires_grad_(True)

@@ -19,7 +19,7 @@ def _aot(*args):
     env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
     env.setdefault("TRITON_DEFAULT_FP_FUSION", "1")
     p = subprocess.run([sys.executable, "-m", "hdnas.kernels.aot", *args], capture_output=True,
-                       text=True, env=env, timeout=900)
+                       text=True, env=env, timeout=3600)
     recs = [json.loads(line) for line in p.stdout.splitlines() if line.startswith("{")]
     if p.returncode == 2:
         pytest.skip(f"cannot AOT-compile here: {recs[-1].get('error') if recs else p.stderr[-500:]}")
