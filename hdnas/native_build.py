@@ -42,7 +42,7 @@ def cxx_flags() -> list[str]:
 
 NVCC_FLAGS = ["-O3", "-std=c++17", "--expt-relaxed-constexpr", "-lineinfo"]
 
-_lock = threading.Lock()
+_lock = threading.RLock()  # load("cuda") loads "cpu" first, under the lock
 _state: dict[str, object] = {}  # kind -> True | error string
 
 

@@ -111,6 +111,21 @@ def test_gradcheck_fp64(nat):
         lambda x, w, K, s: nat.mixed_dw(x, w, K, (3, 5), (2, 1), True, s), (x, w, K, s))
 
 
+def test_gradgradcheck_fp64(nat):
+    """Double backward (e.g. gradient penalties, Hessian-vector products by autograd)."""
+    gen = torch.Generator().manual_seed(10)
+    x = _rand(1, 2, 4, 5, gen=gen).requires_grad_(True)
+    K = _rand(2, 2, 3, 3, gen=gen).requires_grad_(True)
+    assert torch.autograd.gradgradcheck(
+        lambda x, K: nat.grouped_dw(x, K, (3, 1), (2, 1), True, True), (x, K))
+    x2 = _rand(1, 4, 4, 5, gen=gen).requires_grad_(True)
+    assert torch.autograd.gradgradcheck(
+        lambda x, K: nat.grouped_dw(x, K, (3, 3), (1, 2), False, False), (x2, K))
+    w = _rand(2, gen=gen).requires_grad_(True)
+    assert torch.autograd.gradgradcheck(
+        lambda x, w, K: nat.mixed_dw(x, w, K, (3, 1), (2, 1), True, 0.5), (x, w, K))
+
+
 def test_opcheck(nat):
     """Schema, fake (meta) kernel, autograd registration and dispatch of the custom op."""
     gen = torch.Generator().manual_seed(2)
@@ -257,3 +272,60 @@ def test_supernet_search_step_matches_reference(nat):
     # after both updates (Adam's first step is ~lr*sign(grad): parameters whose gradient is ~0
     # may move differently, so the updated network is compared through its loss)
     assert abs(n1 - n0) <= 1e-6 * abs(n0)
+
+
+# ---------------------------------------------------------------------------------------------
+# CUDA kernels (run only on a machine with a GPU, a CUDA torch and the CUDA library built)
+
+@pytest.fixture(scope="session")
+def nat_cuda(nat):
+    if not torch.cuda.is_available():
+        pytest.skip("no CUDA device")
+    if not nat.available("cuda"):
+        from hdnas import native_build
+        pytest.skip(f"native CUDA kernels unavailable: {native_build.error('cuda')}")
+    return nat
+
+
+@pytest.mark.parametrize("dtype,tol", [(torch.float64, 1e-12), (torch.float32, 2e-5),
+                                       (torch.float16, 3e-3), (torch.bfloat16, 2e-2)])
+@pytest.mark.parametrize("shared", [True, False])
+def test_cuda_grouped_dw_matches_ref(nat_cuda, dtype, tol, shared):
+    gen = torch.Generator().manual_seed(8)
+    ksizes, dils = DLSR_ST1 if shared else DLSR_ST2
+    # 37 x 45: several tiles, partial tiles at both edges
+    x, K = _grouped_case(shared, len(ksizes), 5, 3, 37, 45, 7, ksizes, dils, torch.float64, gen,
+                         "channel_slice")
+    xc = x.to("cuda", dtype).requires_grad_(True)
+    Kc = K.to("cuda", dtype).requires_grad_(True)
+    # the reference in fp64 on the CPU from the same (rounded) values
+    xr = xc.detach().cpu().double().requires_grad_(True)
+    Kr = Kc.detach().cpu().double().requires_grad_(True)
+    y = nat_cuda.grouped_dw(xc, Kc, ksizes, dils, True, shared)
+    yr = grouped_dw_ref(xr, Kr, ksizes, dils, True, shared)
+    _close(y.double().cpu(), yr, tol)
+    gy = torch.randn(yr.shape, generator=gen, dtype=torch.float64)
+    g = torch.autograd.grad(y, (xc, Kc), gy.to("cuda", dtype))
+    gr = torch.autograd.grad(yr, (xr, Kr), gy.to(dtype).double())
+    for a, b in zip(g, gr):
+        _close(a.double().cpu(), b, tol * 4)
+    # deterministic weight gradient
+    g2 = torch.autograd.grad(nat_cuda.grouped_dw(xc, Kc, ksizes, dils, True, shared), (xc, Kc),
+                             gy.to("cuda", dtype))
+    assert torch.equal(g[1], g2[1]) and torch.equal(g[0], g2[0])
+
+
+def test_cuda_mixed_dw_matches_ref(nat_cuda):
+    gen = torch.Generator().manual_seed(9)
+    ksizes, dils = (3, 5, 7, 3, 5), (1, 1, 1, 2, 2)
+    x = _rand(2, 6, 19, 40, gen=gen)
+    K = _rand(5, 6, 7, 7, gen=gen)
+    w = _rand(5, gen=gen)
+    args = [t.requires_grad_(True) for t in (x, w, K)]
+    argsc = [t.detach().cuda().requires_grad_(True) for t in (x, w, K)]
+    y = nat_cuda.mixed_dw(argsc[0], argsc[1], argsc[2], ksizes, dils, True, 0.25)
+    yr = mixed_dw_ref(args[0], args[1], args[2], ksizes, dils, True, 0.25)
+    _close(y.cpu(), yr, 1e-12)
+    gy = torch.randn(yr.shape, generator=gen, dtype=torch.float64)
+    for a, b in zip(torch.autograd.grad(y, argsc, gy.cuda()), torch.autograd.grad(yr, args, gy)):
+        _close(a.cpu(), b, 1e-12)

@@ -66,6 +66,36 @@ def _register_python_side():
         return (gx if need_gx else None), (gw if need_gw else None), None, None, None, None
 
     torch.library.register_autograd("hdnas_native::dw_fwd", _backward, setup_context=_setup)
+
+    # Double backward: dw_bwd is bilinear in (grad_y, w) and (act(x), grad_y), so its own
+    # gradients are again dw_fwd / dw_bwd calls (ReLU' is 0 almost everywhere).
+    def _setup_bwd(ctx, inputs, output):
+        gy, x, w, offs, ntaps, relu_input, shared_input, need_gx, need_gw = inputs
+        ctx.save_for_backward(gy, x, w)
+        ctx.args = (offs, ntaps, relu_input, shared_input)
+        ctx.need = (need_gx, need_gw)
+
+    def _backward_bwd(ctx, ggx, ggw):
+        gy, x, w = ctx.saved_tensors
+        offs, ntaps, relu, shared = ctx.args
+        need_gx, need_gw = ctx.need
+        ops = torch.ops.hdnas_native
+        d_gy = d_x = d_w = None
+        if need_gx and ggx is not None:
+            mg = ggx * (x > 0).to(ggx.dtype) if relu else ggx
+            if ctx.needs_input_grad[0]:
+                d_gy = ops.dw_fwd(mg, w, offs, ntaps, False, shared)
+            if ctx.needs_input_grad[2]:
+                d_w = ops.dw_bwd(gy, mg, w, offs, ntaps, False, shared, False, True)[1]
+        if need_gw and ggw is not None:
+            if ctx.needs_input_grad[0]:
+                t = ops.dw_fwd(x, ggw, offs, ntaps, relu, shared)
+                d_gy = t if d_gy is None else d_gy + t
+            if ctx.needs_input_grad[1]:
+                d_x = ops.dw_bwd(gy, x, ggw, offs, ntaps, relu, shared, True, False)[0]
+        return d_gy, d_x, d_w, None, None, None, None, None, None
+
+    torch.library.register_autograd("hdnas_native::dw_bwd", _backward_bwd, setup_context=_setup_bwd)
     _registered = True
 
 
