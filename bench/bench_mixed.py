@@ -33,6 +33,10 @@ _names = os.environ.get("HDNAS_BENCH_BACKENDS")
 BACKENDS = _names.split(",") if _names else available_backends()
 
 
+if DEVICE.type == "cuda":
+    torch.backends.cudnn.benchmark = True  # a fair dense-conv baseline for every backend
+
+
 def _sync():
     if DEVICE.type == "cuda":
         torch.cuda.synchronize()

@@ -39,21 +39,23 @@ MERGED_BWD = [
     ("stage 1 backward: cat split, 5 dw (dx, dW), relu, sum over groups", 5 + 15 + 2 + 5, 5 + 5 + 1 + 1),
     ("accumulate dx contributions (dense, stage 1)", 2, 1),
 ]
-# triton = the composition with the fused Triton primitives (one multi-group stencil per stage)
+# triton = the composition with the Triton primitives (one multi-group stencil per stage) and
+# the fused alpha-block GEMM epilogue (final pw of all 5 sep/dil ops + dense output [+ x, lrelu])
 TRITON_FWD = [
     ("dense merged 7x7 conv", 1, 1),
     ("stage 1 (shared read of x, relu on load)", 1, 5),
     ("pw1 batched GEMM", 3, 3),
     ("stage 2 (relu on load)", 3, 3),
-    ("final GEMM sep block", 3, 1), ("final GEMM dil block", 2, 1), ("2 adds", 4, 2),
+    ("epilogue: Z_sep, Z_dil (in place), dense out -> y", 3 + 2 + 1, 1),
 ]
 TRITON_BWD = [
-    ("dense conv backward", 3, 1),
-    ("final GEMMs backward", 2 + 5 + 5, 5),
-    ("stage 2 dx kernel (gy, x mask)", 3 + 3, 3), ("stage 2 dk kernel (gy, x)", 3 + 3, 0),
-    ("pw1 backward", 9, 3),
-    ("stage 1 dx kernel (5 gy, x)", 5 + 1, 1), ("stage 1 dk kernel (5 gy, x)", 5 + 1, 0),
-    ("accumulate dx contributions", 2, 1),
+    ("epilogue dZ_sep, dZ_dil (g read twice)", 2, 5),
+    ("epilogue dW_sep, dW_dil partials (g twice, Z)", 2 + 5, 0),
+    ("stage 2 dx kernel (gy, relu mask of its input)", 3 + 3, 3), ("stage 2 dk kernel (gy, input)", 3 + 3, 0),
+    ("pw1 backward: dZ, dW (cuBLAS)", 9, 3),
+    ("stage 1 dx kernel (5 gy, relu mask of x)", 5 + 1, 1), ("stage 1 dk kernel (5 gy, x)", 5 + 1, 0),
+    ("dense conv backward: dx, dW", 3, 1),
+    ("accumulate dx contributions (dense, stage 1)", 2, 1),
 ]
 MINIMUM_FWD = [("read x, write y", 1, 1)]
 MINIMUM_BWD = [("read x and g, write dx", 2, 1)]
@@ -76,8 +78,9 @@ def main(argv):
     M = N * C * H * W
     P = N * H * W
     print(f"shape N{N} C{C} {H}x{W}, {b} bytes/element, M = {M:,} elements = {M * b / 1e6:.1f} MB\n")
-    print("| backend | fwd traffic (xM) | fwd MB | fwd+bwd traffic (xM) | fwd+bwd MB | fwd GFLOP | fwd+bwd GFLOP | steps fwd/bwd |")
-    print("|---|---|---|---|---|---|---|---|")
+    print("| backend | fwd traffic (xM) | fwd MB | fwd+bwd traffic (xM) | fwd+bwd MB | fwd GFLOP | "
+          "fwd+bwd GFLOP | fwd+bwd floor at 3.0 TB/s | fwd+bwd FLOP floor FP32 67 TF/s | steps fwd/bwd |")
+    print("|---|---|---|---|---|---|---|---|---|---|")
     rows = [("two-tensor minimum", MINIMUM_FWD, MINIMUM_BWD, True),
             ("reference", REFERENCE_FWD, REFERENCE_BWD, False),
             ("merged", MERGED_FWD, MERGED_BWD, True),
@@ -86,8 +89,10 @@ def main(argv):
         fr, fw = total(f)
         br, bww = total(bw)
         fl = 2 * macs_per_pixel(C, merged) * P / 1e9
+        tot = (fr + fw + br + bww) * M * b
         print(f"| {name} | {fr + fw} | {(fr + fw) * M * b / 1e6:.0f} | {fr + fw + br + bww} | "
-              f"{(fr + fw + br + bww) * M * b / 1e6:.0f} | {fl:.1f} | {3 * fl:.1f} | {len(f)}/{len(bw)} |")
+              f"{tot / 1e6:.0f} | {fl:.1f} | {3 * fl:.1f} | {tot / 3.0e12 * 1e6:.0f} us | "
+              f"{3 * fl * 1e9 / 67e12 * 1e6:.0f} us | {len(f)}/{len(bw)} |")
 
 
 if __name__ == "__main__":
