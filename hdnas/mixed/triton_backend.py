@@ -9,7 +9,8 @@ Triton: stage 1 reads x once for all sep/dil first stages with one shared ReLU.
 Importing this module raises ImportError when triton is missing (the registry then skips it).
 On CPU the kernels only run when TRITON_INTERPRET=1 was set before hdnas.kernels was imported
 (tests/conftest.py does it); in that mode the backend is registered with a low priority so that
-'fused' keeps choosing the merged backend on CPU.
+'fused' keeps choosing a compiled backend on CPU. With CUDA, triton is the 'fused' choice for CUDA
+tensors (see ``_priority``).
 """
 from __future__ import annotations
 
@@ -80,5 +81,14 @@ def _epilogue_ok(z):
     return not (z.device.type == "cuda" and z.dtype == torch.float64)
 
 
-TRITON = register_backend(TritonBackend("triton", TRITON_PRIMITIVES,
-                                        priority=5 if _ops.interpreting() else 20))
+def _priority() -> int:
+    """The registry ranks by one static number, so the device rule is encoded here: on a
+    machine with CUDA, triton outranks every other fused backend (native is 30) for CUDA
+    tensors and declines CPU tensors (so 'fused' goes on to native/merged for those); under the
+    interpreter it ranks below merged (10), so 'fused' never picks the numpy interpreter."""
+    if _ops.interpreting():
+        return 5
+    return 40 if torch.cuda.is_available() else 20
+
+
+TRITON = register_backend(TritonBackend("triton", TRITON_PRIMITIVES, priority=_priority()))
