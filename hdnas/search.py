@@ -34,7 +34,8 @@ class SearchConfig:
     """Defaults finish on 2 CPU cores in about 10 minutes; ``--preset paper`` is the release's."""
 
     train_dir: str = ""  # empty: the embedded default data
-    arch_dir: str = ""
+    arch_dir: str = ""  # empty with a train_dir: the last arch_fraction of train_dir's images
+    arch_fraction: float = 0.13  # the release: DF2K images 3000-3450 of 3450
     out: str = ""
     scale: int = 2
     channels: int = 48
@@ -80,6 +81,8 @@ class SearchConfig:
             raise ValueError(f"--patch {self.patch} gives LR patches of {self.patch // self.scale}; "
                              "the ESA attention needs at least 15 (use --patch >= "
                              f"{15 * self.scale})")
+        if not 0 < self.arch_fraction < 1:
+            raise ValueError("--arch-fraction must be between 0 and 1")
         if not 0 <= self.warmup <= self.steps:
             raise ValueError("--warmup must be between 0 and --steps")
         if self.budget_kind not in ("params", "macs"):
@@ -107,8 +110,7 @@ class Search(Loop):
         self.device = pick_device(cfg.device)
         torch.manual_seed(cfg.seed)
         self.gen = torch.Generator().manual_seed(cfg.seed + 1)
-        self.train_data = PatchSampler(cfg.train_dir or DEFAULT_DIR / "train", cfg.scale, cfg.patch)
-        self.arch_data = PatchSampler(cfg.arch_dir or DEFAULT_DIR / "arch", cfg.scale, cfg.patch)
+        self.train_data, self.arch_data = self._samplers()
         self.backend = resolve_backend(cfg.backend, self.device, torch.float32, cfg.ops)
         self.model = SuperNet(cfg.channels, cfg.cells, cfg.scale, cfg.ops, cfg.alpha_per_cell,
                               self.backend).to(self.device)
@@ -129,6 +131,20 @@ class Search(Loop):
                                + [f"beta{c + 3}_{j}" for c in range(cfg.cells - 2)
                                   for j in range(c + 2)])
         self.op_columns = K
+
+    def _samplers(self):
+        cfg = self.cfg
+        if not cfg.train_dir:
+            if cfg.arch_dir:
+                raise ValueError("--arch-dir needs a --train-dir")
+            return (PatchSampler(DEFAULT_DIR / "train", cfg.scale, cfg.patch),
+                    PatchSampler(DEFAULT_DIR / "arch", cfg.scale, cfg.patch))
+        if cfg.arch_dir:
+            return (PatchSampler(cfg.train_dir, cfg.scale, cfg.patch),
+                    PatchSampler(cfg.arch_dir, cfg.scale, cfg.patch))
+        cut = 1.0 - cfg.arch_fraction
+        return (PatchSampler(cfg.train_dir, cfg.scale, cfg.patch, part=(0.0, cut)),
+                PatchSampler(cfg.train_dir, cfg.scale, cfg.patch, part=(cut, 1.0)))
 
     def _penalty(self):
         cfg = self.cfg

@@ -145,3 +145,28 @@ def test_training_patches_use_shipped_lr_and_stay_aligned(tmp_path):
     s.hr[0] = s.lr[0].repeat_interleave(2, 1).repeat_interleave(2, 2)
     lr, hr = s.sample(4, torch.Generator().manual_seed(1))
     assert torch.equal(hr[:, :, ::2, ::2], lr)
+
+
+def test_one_folder_is_split_into_weight_and_arch_images(tmp_path):
+    folder = tmp_path / "hr"
+    _write_images(folder, [(40, 40)] * 8)
+    cfg = _cfg(tmp_path, train_dir=str(folder), arch_fraction=0.25)
+    s = Search(cfg, tmp_path)
+    assert s.train_data.names == [str(i) for i in range(6)]
+    assert s.arch_data.names == ["6", "7"]
+    with pytest.raises(ValueError, match="split"):
+        Search(_cfg(tmp_path, train_dir=str(folder), arch_fraction=0.01), tmp_path)
+
+
+def test_retrain_and_resume(tmp_path, capsys):
+    from hdnas.train import main as train_main
+    out = tmp_path / "t"
+    args = ["--genotype", "tiny18", "--batch", "2", "--patch", "32", "--steps", "3",
+            "--ckpt-every", "2", "--log-every", "1", "--quiet", "--out", str(out)]
+    assert train_main(args) == 0
+    state = checkpoint.load(out / "checkpoint.pt")
+    assert state["step"] == 3 and Genotype.load(out / "genotype.json").channels == 18
+    assert len((out / "history.csv").read_text().splitlines()) == 4
+    assert train_main(["--resume", str(out), "--quiet"]) == 0
+    assert train_main(["--genotype", str(tmp_path / "none.json"), "--out", str(tmp_path / "u")]) == 2
+    assert "does not exist" in capsys.readouterr().err

@@ -21,11 +21,21 @@ DataError = BenchmarkError
 class PatchSampler:
     """Random (LR, HR) float patch batches in [0, 255] from the images of one folder."""
 
-    def __init__(self, folder, scale: int, hr_patch: int, augment: bool = True):
+    def __init__(self, folder, scale: int, hr_patch: int, augment: bool = True,
+                 part: tuple[float, float] = (0.0, 1.0)):
+        """``part``: the share of the folder's images (sorted by name) to use, e.g. (0, 0.87)
+        and (0.87, 1) split one folder into weight and architecture data, as the release's
+        ``--data_range 1-3000/3000-3450`` does with DF2K."""
         if hr_patch % scale:
             raise DataError(f"HR patch {hr_patch} is not a multiple of the scale {scale}")
         self.scale, self.hr_patch, self.augment = scale, hr_patch, augment
         images = BenchmarkSet(folder, scale, min_lr_size=hr_patch // scale)
+        n = len(images.pairs)
+        lo, hi = round(part[0] * n), round(part[1] * n)
+        if hi <= lo:
+            raise DataError(f"{folder}: the split {part} of {n} images is empty; give more images "
+                            "or a separate --arch-dir")
+        images.pairs = images.pairs[lo:hi]
         self.names, self.lr, self.hr = [], [], []
         for item in images:
             self.names.append(item["name"])
