@@ -278,3 +278,37 @@ def test_supernet_search_steps(name):
     _assert_close(a, ref_a, 1e-8, f"alphas after {_SEARCH_STEPS} Adam steps")
     for i, (gi, ri) in enumerate(zip(g, ref_g)):
         _assert_close(gi, ri, 1e-8, f"weight grad {i} at the last step")
+
+
+@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("name", BACKENDS)
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
+def test_half_precision(name, dtype, device):
+    """fp16/bf16 storage vs the fp64 reference: outputs and gradients within 2e-2 (fp16) /
+    6e-2 (bf16) of the largest reference value, or no worse than twice the error of the
+    reference itself run in the same precision (stock PyTorch CPU half convs accumulate in
+    half: the reference's own fp16 dL/dx is ~50% off on this case)."""
+    b = _backend_or_skip(name, DLSR_PRIMITIVES, device, dtype)
+    if REF.unsupported_reason(DLSR_PRIMITIVES, torch.device(device), dtype) is not None:
+        pytest.skip("the reference cannot run this dtype here")
+    gen = torch.Generator().manual_seed(12)
+    mixed = _make(DLSR_PRIMITIVES, 6, torch.float64, 12).to(device)
+    c_d = torch.nn.Conv2d(6, 3, 1).double().to(device)
+    x = _input(2, 6, 7, 5, torch.float64, gen, "contiguous", device)
+    w = _weights("softmax", 9, gen, torch.float64).to(device)
+    g_list = [torch.randn(s, generator=gen, dtype=torch.float64).to(device)
+              for s in ((2, 3, 7, 5), (2, 6, 7, 5))]
+    truth = _run(REF, mixed, c_d, x, w, g_list)
+
+    def run_half(backend):
+        return _run(backend, copy.deepcopy(mixed).to(dtype), copy.deepcopy(c_d).to(dtype),
+                    x.to(dtype), w.to(dtype), [g.to(dtype) for g in g_list])
+    ref_half = run_half(REF)
+    got = run_half(b)
+    base = 2e-2 if dtype == torch.float16 else 6e-2
+    for i in range(len(truth[0])):
+        tol = max(base, 2 * _rel_err(ref_half[0][i].double(), truth[0][i]))
+        _assert_close(got[0][i].double(), truth[0][i], tol, f"{name} {dtype} output {i}")
+    for k in truth[1]:
+        tol = max(base, 2 * _rel_err(ref_half[1][k].double(), truth[1][k]))
+        _assert_close(got[1][k].double(), truth[1][k], tol, f"{name} {dtype} grad {k}")
