@@ -44,8 +44,8 @@ class SearchConfig:
     alpha_per_cell: bool = False
     batch: int = 4
     patch: int = 64  # HR patch side; the LR patch is patch // scale
-    steps: int = 160
-    warmup: int = 40  # weight-only steps before alpha/beta updates (the release: 20 epochs)
+    steps: int = 80
+    warmup: int = 20  # weight-only steps before alpha/beta updates (the release: 20 epochs)
     rule: str = "joint"
     lr: float = 5e-4
     lr_milestones: list = field(default_factory=lambda: [0.2, 0.4, 0.6])  # fractions of steps
