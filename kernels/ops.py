@@ -412,7 +412,8 @@ pw_epilogue.register_autograd(_epi_backward, setup_context=_epi_setup)
 _TT = {torch.float32: "fp32", torch.float16: "fp16", torch.bfloat16: "bf16", torch.float64: "fp64"}
 
 
-def aot_specs(dtypes=(torch.float32,), kmaxes=(7,), modes=((True, True), (True, False))):
+def aot_specs(dtypes=(torch.float32,), kmaxes=(7,), modes=((True, True), (True, False)),
+              epi_lrelu=(True, False)):
     """The (kernel, signature, constexprs, num_warps) triples launched on a GPU for the given
     dtypes, kernel slots and (relu_input, shared_input) modes, for ahead-of-time compilation
     (tests/test_triton_aot.py). The DLSR search uses KMAX 7 in both modes."""
@@ -449,7 +450,7 @@ def aot_specs(dtypes=(torch.float32,), kmaxes=(7,), modes=((True, True), (True, 
         eints = {k: "i32" for k in ("C", "K1", "K2", "H", "W", "sz1n", "sz1c", "sz1h", "sz1w",
                                     "sz2n", "sz2c", "sz2h", "sz2w", "san", "sac", "sah", "saw",
                                     "srn", "src", "srh", "srw")}
-        for lrelu in (True, False):
+        for lrelu in epi_lrelu:
             out.append((_epi._epi_fwd, {**zs, **eints},
                         dict(HAS2=True, HAS_ADD=True, HAS_RES=lrelu, LRELU=lrelu, ACC=acc, IP=ip,
                              **e(GPU_EPI_FWD_CFG)), GPU_EPI_FWD_CFG["num_warps"]))
