@@ -30,8 +30,11 @@ def _dw_taps_fwd(x_ptr, k_ptr, taps_ptr, dil_ptr, y_ptr,
                  G,
                  KMAX: tl.constexpr, RELU: tl.constexpr, SHARED: tl.constexpr,
                  ACC: tl.constexpr, BLOCK_R: tl.constexpr, BLOCK_S: tl.constexpr):
+    """One program: BLOCK_R (n, c) planes x BLOCK_S pixels. With SHARED, the program computes
+    every group from the same input tile (grid axis 1 is 1), so the tile and its halo are
+    fetched from DRAM once and re-read from L1 by the other groups' taps."""
     pid_r = tl.program_id(0)
-    g = tl.program_id(1)
+    pid_g = tl.program_id(1)
     pid_s = tl.program_id(2)
     rows = pid_r * BLOCK_R + tl.arange(0, BLOCK_R)      # (n, c) planes
     rmask = rows < N * C
@@ -42,36 +45,45 @@ def _dw_taps_fwd(x_ptr, k_ptr, taps_ptr, dil_ptr, y_ptr,
     smask = pix < H * W
     h = pix // W
     w = pix % W
-    if SHARED:
-        cin = c
-    else:
-        cin = g * C + c
-    xrow = n.to(tl.int64) * sxn + cin.to(tl.int64) * sxc
-    # int64 scalars: per-tap offset math is then free of the interpreter's int32 overflow checks
-    d = tl.load(dil_ptr + g).to(tl.int64)
     KK: tl.constexpr = KMAX * KMAX
-    krow = (g * C + c) * KK
-    xc = x_ptr + (xrow[:, None] + (h * sxh + w * sxw)[None, :])   # centre pointers
-    acc = tl.zeros([BLOCK_R, BLOCK_S], dtype=ACC)
-    for ty in tl.static_range(KMAX):
-        oy = (ty - KMAX // 2) * d
-        hh = h + oy
-        hm = smask & (hh >= 0) & (hh < H)
-        xr = xc + oy * sxh
-        for tx in tl.static_range(KMAX):
-            active = tl.load(taps_ptr + g * KK + (ty * KMAX + tx))
-            if active != 0:
-                ox = (tx - KMAX // 2) * d
-                ww = w + ox
-                m = hm & (ww >= 0) & (ww < W)
-                xv = tl.load(xr + ox * sxw, mask=m[None, :], other=0.).to(ACC)
-                if RELU:
-                    xv = tl.maximum(xv, 0.)
-                kv = tl.load(k_ptr + krow + (ty * KMAX + tx)).to(ACC)
-                acc += kv[:, None] * xv
-    yrow = (n.to(tl.int64) * G + g) * C + c
-    tl.store(y_ptr + yrow[:, None] * (H * W) + pix[None, :], acc.to(y_ptr.dtype.element_ty),
-             mask=rmask[:, None] & smask[None, :])
+    hw_off = (h * sxh + w * sxw)[None, :]
+    omask = rmask[:, None] & smask[None, :]
+    if SHARED:
+        g_lo = 0
+        g_hi = G
+    else:
+        g_lo = pid_g
+        g_hi = pid_g + 1
+    for g in range(g_lo, g_hi):
+        if SHARED:
+            cin = c
+        else:
+            cin = g * C + c
+        xrow = n.to(tl.int64) * sxn + cin.to(tl.int64) * sxc
+        # int64 scalars: per-tap offset math skips the interpreter's int32 overflow checks
+        d = tl.load(dil_ptr + g).to(tl.int64)
+        krow = (g * C + c) * KK
+        xc = x_ptr + (xrow[:, None] + hw_off)   # centre pointers
+        acc = tl.zeros([BLOCK_R, BLOCK_S], dtype=ACC)
+        for ty in tl.static_range(KMAX):
+            oy = (ty - KMAX // 2) * d
+            hh = h + oy
+            hm = smask & (hh >= 0) & (hh < H)
+            xr = xc + oy * sxh
+            for tx in tl.static_range(KMAX):
+                active = tl.load(taps_ptr + g * KK + (ty * KMAX + tx))
+                if active != 0:
+                    ox = (tx - KMAX // 2) * d
+                    ww = w + ox
+                    m = hm & (ww >= 0) & (ww < W)
+                    xv = tl.load(xr + ox * sxw, mask=m[None, :], other=0.).to(ACC)
+                    if RELU:
+                        xv = tl.maximum(xv, 0.)
+                    kv = tl.load(k_ptr + krow + (ty * KMAX + tx)).to(ACC)
+                    acc += kv[:, None] * xv
+        yrow = (n.to(tl.int64) * G + g) * C + c
+        tl.store(y_ptr + yrow[:, None] * (H * W) + pix[None, :], acc.to(y_ptr.dtype.element_ty),
+                 mask=omask)
 
 
 @triton.jit

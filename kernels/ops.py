@@ -124,7 +124,8 @@ def _launch_fwd(x, kernels, taps, dilations, relu_input, shared_input):
     kc = kernels.contiguous()
     tt, dd = _tables(taps, dilations, x.device)
     cfg = _fwd_cfg(N * C, H * W)
-    grid = (triton.cdiv(N * C, cfg["BLOCK_R"]), G, triton.cdiv(H * W, cfg["BLOCK_S"]))
+    grid = (triton.cdiv(N * C, cfg["BLOCK_R"]), 1 if shared_input else G,
+            triton.cdiv(H * W, cfg["BLOCK_S"]))
     _dw._dw_taps_fwd[grid](x, kc, tt, dd, y, N, C, H, W, *x.stride(), G,
                            KMAX=K, RELU=bool(relu_input), SHARED=bool(shared_input),
                            ACC=_acc_dtype(x.dtype), **cfg)
