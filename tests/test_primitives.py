@@ -287,3 +287,34 @@ def test_triton_backend_torch_compile():
     torch.testing.assert_close(la, lb, rtol=1e-12, atol=1e-12)
     for a, c in zip(ga, gb):
         torch.testing.assert_close(a, c, rtol=1e-10, atol=1e-12)
+
+
+def test_triton_unsupported_reasons():
+    """The triton backend says why it cannot serve a device/dtype, and 'fused' never picks the
+    numpy interpreter on CPU."""
+    import subprocess
+    import sys
+    import warnings
+
+    from hdnas.mixed import resolve_backend
+    from hdnas.space import DLSR_PRIMITIVES
+    _triton_ops()
+    b = get_backend("triton")
+    assert "bf16" in b.unsupported_reason(DLSR_PRIMITIVES, torch.device("cpu"), torch.bfloat16)
+    assert "TRITON_INTERPRET" in b.unsupported_reason(DLSR_PRIMITIVES, torch.device("cuda"), torch.float32)
+    assert "meta" in b.unsupported_reason(DLSR_PRIMITIVES, torch.device("meta"), torch.float32)
+    assert "floating" in b.unsupported_reason(DLSR_PRIMITIVES, torch.device("cpu"), torch.int32)
+    assert resolve_backend("fused", "cpu", torch.float32, DLSR_PRIMITIVES).name != "triton"
+    with warnings.catch_warnings(record=True) as rec:
+        warnings.simplefilter("always")
+        assert resolve_backend("triton", "cpu", torch.bfloat16, DLSR_PRIMITIVES).name == "reference"
+    assert any("bf16" in str(r.message) for r in rec)
+    # without the interpreter, CPU tensors are declined with the reason (fresh process: the
+    # interpreter is chosen when the kernels are decorated)
+    env = {k: v for k, v in __import__("os").environ.items() if k != "TRITON_INTERPRET"}
+    code = ("import torch; from hdnas.mixed import get_backend; "
+            "print(get_backend('triton').unsupported_reason(('conv_1x1',), torch.device('cpu'), torch.float32))")
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=env, timeout=300)
+    if torch.cuda.is_available():
+        return
+    assert "TRITON_INTERPRET=1" in out.stdout, out.stdout + out.stderr
