@@ -7,9 +7,11 @@ Measured side by side in one process, interleaved (ref, merged, native, ref, ...
 
 * the depthwise primitives alone (stage 1: 5 shared-input groups; stage 2: 3 groups), fwd+bwd;
 * one DLSR mixed op (9 candidates, C=48) forward + backward;
-* one whole search step of SuperNet(C=48): a weight step (forward, backward, Adam) then the
-  architecture step of hdnas.architect.Architect (rule 'joint': L_train + L_val on the batch,
-  backward to alpha/beta, Adam), i.e. 3 forward+backward passes.
+* one whole search step of SuperNet(C=48), as hdnas.search's train_step does it: a weight step
+  (forward, backward to the weights, Adam) then the architecture step of
+  hdnas.architect.Architect (rule 'joint': L_train + L_val, here on the same batch, backward to
+  alpha/beta, Adam), i.e. 3 forward and 2 backward passes. Each backend runs in a fresh process
+  (at batch 64 two supernets do not fit in 23 GB together); rounds alternate the backends.
 
 Timings are wall-clock on whatever machine runs this; the markdown records it.
 """
@@ -82,27 +84,53 @@ def mixed_case(N, C, H, reps):
     return timeit({n: run(n) for n in ("reference", "merged", "native")}, reps)
 
 
-def step_case(N, C, H, reps, scale=2):
+def step_case(N, C, H, reps, backend, scale=2):
+    """Best time of one search step on ``backend`` (run alone in this process)."""
     from hdnas.architect import Architect
     from hdnas.network import SuperNet
 
     torch.manual_seed(0)
     lr_img = torch.rand(N, 3, H, H)
     hr_img = torch.rand(N, 3, H * scale, H * scale)
-    nets = {n: SuperNet(C=C, backend=n) for n in ("reference", "native")}
-    nets["native"].load_state_dict(nets["reference"].state_dict())
-    fns = {}
-    for name, net in nets.items():
-        wopt = torch.optim.Adam(net.weight_parameters(), lr=1e-4)
-        arch = Architect(net, F.l1_loss, rule="joint")
+    net = SuperNet(C=C, backend=backend)
+    wopt = torch.optim.Adam(net.weight_parameters(), lr=1e-4)
+    arch = Architect(net, F.l1_loss, rule="joint")
+    weights = net.weight_parameters()
 
-        def g(net=net, wopt=wopt, arch=arch):
-            wopt.zero_grad(set_to_none=True)
-            F.l1_loss(net(lr_img), hr_img).backward()
-            wopt.step()
-            arch.step((lr_img, hr_img), (lr_img, hr_img), eta=1e-4)
-        fns[name] = g
-    return timeit(fns, reps)
+    def g():  # as hdnas.search's train_step: weight step, then the joint architecture step
+        wopt.zero_grad(set_to_none=True)
+        F.l1_loss(net(lr_img), hr_img).backward(inputs=weights)
+        wopt.step()
+        arch.step((lr_img, hr_img), (lr_img, hr_img), eta=1e-4)
+    return timeit({backend: g}, reps)[backend]
+
+
+def step_isolated(N, C, H, reps, backend, threads):
+    """step_case in a fresh process (two N=64 supernets do not fit in memory together):
+    (best seconds, peak RSS in GiB)."""
+    import json
+    import subprocess
+
+    cmd = [sys.executable, os.path.abspath(__file__), "--_step", backend, str(N), str(C), str(H),
+           str(reps), str(threads)]
+    r = subprocess.run(cmd, capture_output=True, text=True)
+    if r.returncode != 0:
+        return None, f"failed (rc {r.returncode}{', out of memory?' if r.returncode in (-9, 137) else ''})"
+    d = json.loads(r.stdout.strip().splitlines()[-1])
+    return min(d["times"]), d["peak_rss_gib"]
+
+
+def _step_child(args):
+    import json
+    import resource
+
+    backend, N, C, H, reps, threads = args[0], *map(int, args[1:])
+    torch.set_num_threads(threads)
+    if backend == "native" and not native.available("cpu"):
+        raise SystemExit(2)
+    ts = step_case(N, C, H, reps, backend)
+    peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2 ** 20
+    print(json.dumps({"times": ts, "peak_rss_gib": round(peak, 1)}))
 
 
 def _load():
@@ -128,12 +156,17 @@ def fmt(ts):
 
 
 def main(argv=None):
+    argv = sys.argv[1:] if argv is None else argv
+    if argv and argv[0] == "--_step":
+        return _step_child(argv[1:])
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--batch", type=int, nargs="+", default=[16, 64])
     p.add_argument("--channels", type=int, default=48)
     p.add_argument("--size", type=int, default=32, help="LR patch size")
     p.add_argument("--reps", type=int, default=5)
     p.add_argument("--step-reps", type=int, default=2)
+    p.add_argument("--step-rounds", type=int, default=1,
+                   help="alternating rounds of fresh processes (reference, native) per step case")
     p.add_argument("--no-step", action="store_true")
     p.add_argument("--threads", type=int, nargs="+", default=[torch.get_num_threads()],
                    help="torch intra-op thread counts to measure (each a separate table row set)")
@@ -160,10 +193,24 @@ def main(argv=None):
         rows.append((nt, N, "DLSR mixed op (9 ops) fwd+bwd", fmt(r["reference"]), fmt(r["merged"]),
                      fmt(r["native"]), f"{min(r['reference']) / min(r['native']):.2f}x"))
         print(rows[-1], flush=True)
-        if not a.no_step:
-            r = step_case(N, C, H, a.step_reps)
-            rows.append((nt, N, "SuperNet search step (weight + joint arch step)", fmt(r["reference"]),
-                         "", fmt(r["native"]), f"{min(r['reference']) / min(r['native']):.2f}x"))
+        if not a.no_step:  # one backend at a time, alternating, each in a fresh process
+            res = {"reference": [], "native": []}
+            mem = {}
+            for _ in range(a.step_rounds):
+                for b in res:
+                    t, m = step_isolated(N, C, H, a.step_reps, b, nt)
+                    if t is not None:
+                        res[b].append(t)
+                    mem[b] = m
+            tr = min(res["reference"]) if res["reference"] else None
+            tn = min(res["native"]) if res["native"] else None
+
+            def cell(t, b):
+                m = mem[b]
+                return (f"{t * 1e3:.0f} (peak {m} GiB)" if t is not None else str(m))
+            rows.append((nt, N, "SuperNet search step (weight step + joint arch step)",
+                         cell(tr, "reference"), "", cell(tn, "native"),
+                         f"{tr / tn:.2f}x" if tr and tn else "-"))
             print(rows[-1], flush=True)
     lines += ["| threads | batch | what | reference | merged (torch prims) | native | reference / native |",
               "|---|---|---|---|---|---|---|"]
