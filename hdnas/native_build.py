@@ -40,7 +40,7 @@ def cxx_flags() -> list[str]:
     return flags
 
 
-NVCC_FLAGS = ["-O3", "-std=c++17", "--expt-relaxed-constexpr", "-lineinfo"]
+NVCC_FLAGS = ["-O3", "--expt-relaxed-constexpr", "-lineinfo"]  # torch picks -std
 
 _lock = threading.RLock()  # load("cuda") loads "cpu" first, under the lock
 _state: dict[str, object] = {}  # kind -> True | error string
@@ -101,7 +101,7 @@ def _jit(kind: str, verbose: bool = False) -> None:
                                f"(torch.version.cuda={torch.version.cuda}, "
                                f"CUDA_HOME={cpp_extension.CUDA_HOME})")
         cpp_extension.load(name="hdnas_native_cuda", sources=_sources(CUDA_SOURCES),
-                           extra_cflags=["-O3", "-std=c++17"], extra_cuda_cflags=NVCC_FLAGS,
+                           extra_cflags=["-O3"], extra_cuda_cflags=NVCC_FLAGS,
                            extra_include_paths=[str(CSRC)], build_directory=str(build_dir),
                            is_python_module=False, verbose=verbose)
 
