@@ -2,7 +2,7 @@
 
     python -m hdnas.kernels.aot [--arch 90] [--all]
 
-Prints one JSON line per kernel config: {"kernel", "signature", "constexprs", "num_warps",
+Prints one JSON line per kernel config: {"kernel", "signature", "constexprs", "options",
 "usage": {"REG", "STACK", "SHARED", "LOCAL"}} or {"error": ...}; exit code 2 when the toolchain
 cannot run here (no ptxas/cuobjdump), 1 when a kernel fails to compile or spills (LOCAL > 0).
 Run it without TRITON_INTERPRET (code generation consults that knob).
@@ -48,14 +48,14 @@ def main(argv=None):
     target = GPUTarget("cuda", a.arch, 32)
     bad = 0
     with tempfile.TemporaryDirectory() as tmp:
-        for fn, sig, consts, nw in specs:
+        for fn, sig, consts, opts in specs:
             full = dict(sig)
             full.update({k: "constexpr" for k in consts})
-            rec = {"kernel": fn.__name__, "signature": sig, "num_warps": nw,
+            rec = {"kernel": fn.__name__, "signature": sig, "options": opts,
                    "constexprs": {k: str(v) for k, v in consts.items()}}
             try:
                 k = triton.compile(ASTSource(fn=fn, signature=full, constexprs=consts),
-                                   target=target, options={"num_warps": nw})
+                                   target=target, options=dict(opts))
                 f = os.path.join(tmp, "k.cubin")
                 with open(f, "wb") as fh:
                     fh.write(k.asm["cubin"])

@@ -36,10 +36,11 @@ def interpreting() -> bool:
     return type(_dw._dw_taps_fwd).__name__ == "InterpretedFunction"
 
 # ----------------------------------------------------------------------------- launch configs
-#: GPU configs: (BLOCK_R, BLOCK_S, num_warps) for fwd/dx, (BLOCK_C, BLOCK_S, num_warps) for dk.
+#: GPU configs: (BLOCK_R, BLOCK_S) for fwd/dx, (BLOCK_C, BLOCK_S) for dk, plus launch options
+#: (num_warps; num_stages=1: software-pipelining the group/pixel loops only adds registers).
 #: tests/test_triton_aot.py compiles exactly these for sm_90.
-GPU_FWD_CFG = dict(BLOCK_R=4, BLOCK_S=256, num_warps=4)
-GPU_DK_CFG = dict(BLOCK_C=16, BLOCK_S=128, num_warps=8)
+GPU_FWD_CFG = dict(BLOCK_R=2, BLOCK_S=256, num_warps=4, num_stages=1)
+GPU_DK_CFG = dict(BLOCK_C=16, BLOCK_S=128, num_warps=8, num_stages=1)
 
 
 def _acc_dtype(dtype):
@@ -413,9 +414,20 @@ pw_epilogue.register_autograd(_epi_backward, setup_context=_epi_setup)
 _TT = {torch.float32: "fp32", torch.float16: "fp16", torch.bfloat16: "bf16", torch.float64: "fp64"}
 
 
+_LAUNCH_KEYS = ("num_warps", "num_stages")
+
+
+def _consts(cfg):
+    return {k: v for k, v in cfg.items() if k not in _LAUNCH_KEYS}
+
+
+def _launch(cfg):
+    return {k: v for k, v in cfg.items() if k in _LAUNCH_KEYS}
+
+
 def aot_specs(dtypes=(torch.float32,), kmaxes=(7,), modes=((True, True), (True, False)),
               epi_lrelu=(True, False)):
-    """The (kernel, signature, constexprs, num_warps) triples launched on a GPU for the given
+    """The (kernel, signature, constexprs, launch options) tuples launched on a GPU for the given
     dtypes, kernel slots and (relu_input, shared_input) modes, for ahead-of-time compilation
     (tests/test_triton_aot.py). The DLSR search uses KMAX 7 in both modes."""
     import triton.language as tl
@@ -428,24 +440,23 @@ def aot_specs(dtypes=(torch.float32,), kmaxes=(7,), modes=((True, True), (True, 
         for K in kmaxes:
             for relu, shared in modes:
                 base = dict(KMAX=K, RELU=relu, SHARED=shared, ACC=acc)
-                fc = {k: v for k, v in GPU_FWD_CFG.items() if k != "num_warps"}
-                dc = {k: v for k, v in GPU_DK_CFG.items() if k != "num_warps"}
+                fc, dc = _consts(GPU_FWD_CFG), _consts(GPU_DK_CFG)
                 out.append((_dw._dw_taps_fwd,
                             {"x_ptr": f"*{t}", "k_ptr": f"*{t}", "taps_ptr": "*i32",
                              "dil_ptr": "*i32", "y_ptr": f"*{t}", **ints},
-                            {**base, **fc}, GPU_FWD_CFG["num_warps"]))
+                            {**base, **fc}, _launch(GPU_FWD_CFG)))
                 out.append((_dw._dw_taps_bwd_dx,
                             {"gy_ptr": f"*{t}", "x_ptr": f"*{t}", "k_ptr": f"*{t}",
                              "taps_ptr": "*i32", "dil_ptr": "*i32", "dx_ptr": f"*{t}", **ints},
-                            {**base, **fc}, GPU_FWD_CFG["num_warps"]))
+                            {**base, **fc}, _launch(GPU_FWD_CFG)))
                 out.append((_dw._dw_taps_bwd_dk,
                             {"gy_ptr": f"*{t}", "x_ptr": f"*{t}", "taps_ptr": "*i32",
                              "dil_ptr": "*i32", "part_ptr": f"*{pt}", **ints, "SPLIT": "i32"},
-                            {**base, "KKP": _pow2(K * K), **dc}, GPU_DK_CFG["num_warps"]))
+                            {**base, "KKP": _pow2(K * K), **dc}, _launch(GPU_DK_CFG)))
         if dt == torch.float64:  # the epilogue is not used for fp64 on a GPU (no fp64 tl.dot)
             continue
         ip = _ip(dt)
-        e = lambda c: {k: v for k, v in c.items() if k != "num_warps"}  # noqa: E731
+        e = _consts
         zs = {"z1_ptr": f"*{t}", "w1_ptr": f"*{t}", "z2_ptr": f"*{t}", "w2_ptr": f"*{t}",
               "add_ptr": f"*{t}", "res_ptr": f"*{t}", "out_ptr": f"*{t}"}
         eints = {k: "i32" for k in ("C", "K1", "K2", "H", "W", "sz1n", "sz1c", "sz1h", "sz1w",
@@ -454,14 +465,14 @@ def aot_specs(dtypes=(torch.float32,), kmaxes=(7,), modes=((True, True), (True, 
         for lrelu in epi_lrelu:
             out.append((_epi._epi_fwd, {**zs, **eints},
                         dict(HAS2=True, HAS_ADD=True, HAS_RES=lrelu, LRELU=lrelu, ACC=acc, IP=ip,
-                             **e(GPU_EPI_FWD_CFG)), GPU_EPI_FWD_CFG["num_warps"]))
+                             **e(GPU_EPI_FWD_CFG)), _launch(GPU_EPI_FWD_CFG)))
             out.append((_epi._epi_bwd_dz,
                         {"g_ptr": f"*{t}", "out_ptr": f"*{t}", "w_ptr": f"*{t}", "dz_ptr": f"*{t}",
                          "gpre_ptr": f"*{t}", "C": "i32", "K": "i32", "HW": "i32"},
                         dict(LRELU=lrelu, STORE_GPRE=lrelu, ACC=acc, IP=ip, **e(GPU_EPI_DZ_CFG)),
-                        GPU_EPI_DZ_CFG["num_warps"]))
+                        _launch(GPU_EPI_DZ_CFG)))
         out.append((_epi._epi_bwd_dw,
                     {"gpre_ptr": f"*{t}", "z_ptr": f"*{t}", "part_ptr": f"*{pt}",
                      **{k: "i32" for k in ("N", "C", "K", "H", "W", "SPLIT", "szn", "szc", "szh", "szw")}},
-                    dict(ACC=acc, IP=ip, **e(GPU_EPI_DW_CFG)), GPU_EPI_DW_CFG["num_warps"]))
+                    dict(ACC=acc, IP=ip, **e(GPU_EPI_DW_CFG)), _launch(GPU_EPI_DW_CFG)))
     return out
