@@ -28,8 +28,8 @@ def _epi_fwd(z1_ptr, w1_ptr, z2_ptr, w2_ptr, add_ptr, res_ptr, out_ptr,
              HAS2: tl.constexpr, HAS_ADD: tl.constexpr, HAS_RES: tl.constexpr,
              LRELU: tl.constexpr, ACC: tl.constexpr, IP: tl.constexpr,
              BLOCK_CO: tl.constexpr, BLOCK_P: tl.constexpr, BLOCK_K: tl.constexpr):
-    n = tl.program_id(0).to(tl.int64)
-    pid_p = tl.program_id(1)
+    pid_p = tl.program_id(0)           # pixel blocks on axis 0 (no 65535 limit)
+    n = tl.program_id(1).to(tl.int64)
     co = tl.program_id(2) * BLOCK_CO + tl.arange(0, BLOCK_CO)
     comask = co < C
     p = pid_p * BLOCK_P + tl.arange(0, BLOCK_P)
@@ -69,8 +69,8 @@ def _epi_bwd_dz(g_ptr, out_ptr, w_ptr, dz_ptr, gpre_ptr,
                 LRELU: tl.constexpr, STORE_GPRE: tl.constexpr, ACC: tl.constexpr, IP: tl.constexpr,
                 BLOCK_CO: tl.constexpr, BLOCK_P: tl.constexpr, BLOCK_K: tl.constexpr):
     """dz[n, k, p] = sum_co W[co, k] * gpre[n, co, p]; g, out, dz, gpre contiguous NCHW."""
-    n = tl.program_id(0).to(tl.int64)
-    p = tl.program_id(1) * BLOCK_P + tl.arange(0, BLOCK_P)
+    p = tl.program_id(0) * BLOCK_P + tl.arange(0, BLOCK_P)
+    n = tl.program_id(1).to(tl.int64)
     pmask = p < HW
     kb = tl.program_id(2)
     k = kb * BLOCK_K + tl.arange(0, BLOCK_K)

@@ -1,4 +1,4 @@
-"""torch custom ops around the Triton depthwise kernels (namespace ``hdnas_triton``).
+"""torch custom ops around the Triton kernels (namespace ``hdnas_triton``).
 
 * ``hdnas_triton::dw_taps(x, kernels, taps, dilations, relu_input, shared_input) -> y``
   the multi-group tap-table stencil of ``hdnas.kernels.dw`` (see there for the formula);
@@ -6,7 +6,11 @@
 * ``hdnas_triton::dw_taps_backward(gy, x, kernels, taps, dilations, relu_input, shared_input)
   -> (dx, dkernels)``; dkernels is exactly zero on inactive taps.
 
-Both have fake (meta) implementations and the forward has an autograd formula, so
+* ``hdnas_triton::pw_epilogue(z1, w1, z2?, w2?, add?, res?, lrelu) -> out`` and its backward
+  ``pw_epilogue_backward``: the alpha-block pointwise GEMM with its epilogue
+  (``hdnas.kernels.epilogue``).
+
+All have fake (meta) implementations and the forward ops have autograd formulas, so
 ``torch.library.opcheck`` passes and ``torch.compile`` treats them as opaque nodes.
 
 On top of them, the two depthwise primitives of ``hdnas.mixed.primitives``:
@@ -317,7 +321,7 @@ def pw_epilogue(z1: torch.Tensor, w1: torch.Tensor, z2: torch.Tensor | None, w2:
         return out
     K2 = w2.shape[1] if w2 is not None else 0
     cfg = _epi_cfg("fwd", C, max(K1, K2), H * W)
-    grid = (N, triton.cdiv(H * W, cfg["BLOCK_P"]), triton.cdiv(C, cfg["BLOCK_CO"]))
+    grid = (triton.cdiv(H * W, cfg["BLOCK_P"]), N, triton.cdiv(C, cfg["BLOCK_CO"]))
     w1c = w1.contiguous()
     w2c = w2.contiguous() if w2 is not None else w1c
     _epi._epi_fwd[grid](z1, w1c, z2 if z2 is not None else z1, w2c,
@@ -339,7 +343,7 @@ def _epi_dzgrad(g, out, w, lrelu, gpre):
     K = w.shape[1]
     dz = torch.empty((N, K, H, W), device=g.device, dtype=g.dtype)
     cfg = _epi_cfg("dz", C, K, H * W)
-    grid = (N, triton.cdiv(H * W, cfg["BLOCK_P"]), triton.cdiv(K, cfg["BLOCK_K"]))
+    grid = (triton.cdiv(H * W, cfg["BLOCK_P"]), N, triton.cdiv(K, cfg["BLOCK_K"]))
     _epi._epi_bwd_dz[grid](g, out, w.contiguous(), dz, gpre if gpre is not None else g, C, K, H * W,
                            LRELU=bool(lrelu), STORE_GPRE=gpre is not None, ACC=_acc_dtype(g.dtype),
                            IP=_ip(g.dtype), **cfg)
