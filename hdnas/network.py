@@ -49,7 +49,16 @@ class _SRNet(nn.Module):
             raise ValueError(f"input {tuple(x.shape[-2:])} is too small: the ESA attention needs LR "
                              "images of at least 15x15")
 
-    def tail(self, fea, outs):
+    def forward(self, x):
+        self.check_input(x)
+        fea = self.fea_conv(x)
+        outs = []
+        for i, cell in enumerate(self.cells()):
+            if i < 2:  # B1 reads the head, B2 reads B1 (a fixed chain)
+                inp = fea if i == 0 else outs[0]
+            else:
+                inp = getattr(self, f"c{i + 1}")(self.cell_input(i, outs))
+            outs.append(self.run_cell(i, cell, inp))
         out = self.cout(torch.cat(outs, dim=1))
         return self.upsampler(self.LR_conv(out) + fea)
 
@@ -82,19 +91,14 @@ class SuperNet(_SRNet):
     def op_weights(self) -> torch.Tensor:
         return F.softmax(self.alphas, dim=-1)
 
-    def forward(self, x):
-        self.check_input(x)
+    def cell_input(self, i, outs):
+        """beta-weighted concat of all earlier cells."""
+        b = F.softmax(self.betas[i - 2], dim=-1)
+        return torch.cat([b[j] * o for j, o in enumerate(outs)], 1)
+
+    def run_cell(self, i, cell, inp):
         w = self.op_weights()
-        fea = self.fea_conv(x)
-        outs = []
-        for i, cell in enumerate(self.cells()):
-            if i < 2:
-                inp = fea if i == 0 else outs[0]
-            else:
-                b = F.softmax(self.betas[i - 2], dim=-1)
-                inp = getattr(self, f"c{i + 1}")(torch.cat([b[j] * o for j, o in enumerate(outs)], 1))
-            outs.append(cell(inp, w[i] if w.dim() == 3 else w, self.backend))
-        return self.tail(fea, outs)
+        return cell(inp, w[i] if w.dim() == 3 else w, self.backend)
 
     def genotype(self, name: str = "") -> Genotype:
         return derive(self.alphas, self.betas, self.op_names, self.C, self.scale, name)
@@ -113,15 +117,9 @@ class DerivedNet(_SRNet):
         for i in range(3, genotype.num_cells + 1):
             setattr(self, f"c{i}", conv_block(2 * C, C))
 
-    def forward(self, x):
-        self.check_input(x)
-        fea = self.fea_conv(x)
-        outs = []
-        for i, cell in enumerate(self.cells()):
-            if i < 2:
-                inp = fea if i == 0 else outs[0]
-            else:
-                a, b = self.genotype.inputs[i - 2]
-                inp = getattr(self, f"c{i + 1}")(torch.cat([outs[a], outs[b]], 1))
-            outs.append(cell(inp))
-        return self.tail(fea, outs)
+    def cell_input(self, i, outs):
+        a, b = self.genotype.inputs[i - 2]
+        return torch.cat([outs[a], outs[b]], 1)
+
+    def run_cell(self, i, cell, inp):
+        return cell(inp)

@@ -113,6 +113,16 @@ class Loop:
 
     name = "run"
 
+    def __init__(self, cfg, run_dir: Path):
+        """Thread count, device, seeds and the data generator, the same way for every loop."""
+        self.cfg, self.run_dir = cfg, run_dir
+        if cfg.threads:
+            torch.set_num_threads(cfg.threads)
+        self.device = pick_device(cfg.device)
+        torch.manual_seed(cfg.seed)
+        self.gen = torch.Generator().manual_seed(cfg.seed + 1)
+        self.step = 0
+
     def run(self, stop_after: int | None = None, quiet: bool = False):
         """Run to ``cfg.steps``. ``stop_after`` stops early without a final checkpoint: tests use
         it as a kill between checkpoints."""

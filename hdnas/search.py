@@ -22,7 +22,7 @@ from hdnas.genotype import check_scale
 from hdnas.losses import ComplexityPenalty, SRLoss
 from hdnas.mixed import available_backends, resolve_backend
 from hdnas.network import SuperNet
-from hdnas.runs import History, Loop, cli_main, pick_device
+from hdnas.runs import History, Loop, cli_main
 from hdnas.space import DLSR_PRIMITIVES, check_op_set
 from hdnas.visualize import plot_run
 
@@ -104,12 +104,7 @@ class Search(Loop):
     name = "search"
 
     def __init__(self, cfg: SearchConfig, run_dir: Path):
-        self.cfg, self.run_dir = cfg, run_dir
-        if cfg.threads:
-            torch.set_num_threads(cfg.threads)
-        self.device = pick_device(cfg.device)
-        torch.manual_seed(cfg.seed)
-        self.gen = torch.Generator().manual_seed(cfg.seed + 1)
+        super().__init__(cfg, run_dir)
         self.train_data, self.arch_data = self._samplers()
         self.backend = resolve_backend(cfg.backend, self.device, torch.float32, cfg.ops)
         self.model = SuperNet(cfg.channels, cfg.cells, cfg.scale, cfg.ops, cfg.alpha_per_cell,
@@ -122,7 +117,6 @@ class Search(Loop):
         self.architect = Architect(self.model, self.loss_fn, cfg.rule, cfg.arch_lr,
                                    weight_decay=cfg.arch_weight_decay, penalty=self._penalty(),
                                    w_weight_decay=cfg.weight_decay)
-        self.step = 0
         K = len(cfg.ops)
         n_alpha = self.model.alphas.numel()
         self.history = History(run_dir / "history.csv",

@@ -22,7 +22,7 @@ from hdnas.genotype import Genotype
 from hdnas.losses import SRLoss
 from hdnas.complexity import count_params
 from hdnas.network import DerivedNet
-from hdnas.runs import History, Loop, cli_main, pick_device
+from hdnas.runs import History, Loop, cli_main
 
 log = logging.getLogger("hdnas")
 
@@ -72,12 +72,7 @@ class Train(Loop):
     name = "train"
 
     def __init__(self, cfg: TrainConfig, run_dir: Path):
-        self.cfg, self.run_dir = cfg, run_dir
-        if cfg.threads:
-            torch.set_num_threads(cfg.threads)
-        self.device = pick_device(cfg.device)
-        torch.manual_seed(cfg.seed)
-        self.gen = torch.Generator().manual_seed(cfg.seed + 1)
+        super().__init__(cfg, run_dir)
         self.genotype = cfg.load_genotype()
         self.genotype.save(run_dir / "genotype.json")
         folder = cfg.train_dir or DEFAULT_DIR / "train"
@@ -88,7 +83,6 @@ class Train(Loop):
                                     weight_decay=cfg.weight_decay)
         milestones = sorted({max(1, int(m * cfg.steps)) for m in cfg.lr_milestones})
         self.sched = torch.optim.lr_scheduler.MultiStepLR(self.opt, milestones, cfg.lr_gamma)
-        self.step = 0
         self.history = History(run_dir / "history.csv", ["step", "lr", "loss_train", "sec_per_step"])
 
     def train_step(self) -> dict:
