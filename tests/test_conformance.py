@@ -33,6 +33,7 @@ OP_SETS = {
     "sep_only": ("sep_conv_5x5",),
     "dil_skip": ("skip_connect", "dil_conv_5x5", "dil_conv_3x3"),
     "conv_sep": ("conv_7x7", "sep_conv_3x3"),
+    "conv1_dil": ("conv_1x1", "dil_conv_3x3"),  # 1x1 dense: the distill 1x1 joins that conv
 }
 
 
@@ -203,7 +204,7 @@ def test_noncontiguous(name, layout, dtype, device):
 
 @pytest.mark.parametrize("device", DEVICES)
 @pytest.mark.parametrize("name", BACKENDS)
-@pytest.mark.parametrize("ops", ["dlsr", "no_dense", "dil_skip"])
+@pytest.mark.parametrize("ops", ["dlsr", "no_dense", "dil_skip", "conv1_dil"])
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
 def test_distill_step(name, ops, dtype, device):
     _compare(name, OP_SETS[ops], 2, 6, 7, 6, dtype, "softmax", distill=True, seed=5, device=device)
