@@ -376,6 +376,11 @@ def pw_epilogue_backward(g: torch.Tensor, out: torch.Tensor, z1: torch.Tensor, w
     """(gpre, dz1, dw1, dz2, dw2); gpre is empty without lrelu (it is g), dz2/dw2 are empty
     when z2 is None."""
     g = g.contiguous()
+    if g.numel() == 0:  # empty batch or image: no launch (a 0-sized grid is invalid on CUDA)
+        e = g.new_empty(0)
+        return (torch.zeros_like(g) if lrelu else e, torch.zeros_like(z1), torch.zeros_like(w1),
+                torch.zeros_like(z2) if z2 is not None else e,
+                torch.zeros_like(w2) if w2 is not None else e)
     gpre = torch.empty_like(g) if lrelu else None
     dz1 = _epi_dzgrad(g, out, w1, lrelu, gpre)
     gp = gpre if lrelu else g
