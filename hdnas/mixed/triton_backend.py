@@ -77,7 +77,8 @@ class TritonBackend(DecomposedBackend):
 
 
 def _epilogue_ok(z):
-    # tl.dot has no fp64 path on the GPU: fp64 on CUDA keeps the cuBLAS GEMMs
+    # fp64 is a checking dtype: on CUDA it keeps the cuBLAS GEMMs (an fp64 tl.dot compiles for
+    # sm_90 with triton 3.9 but has not been run on a GPU here)
     return not (z.device.type == "cuda" and z.dtype == torch.float64)
 
 
