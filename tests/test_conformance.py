@@ -211,6 +211,13 @@ def test_distill_step(name, ops, dtype, device):
 
 
 @pytest.mark.parametrize("name", BACKENDS)
+@pytest.mark.parametrize("layout", ["channel_slice", "transposed"])
+def test_distill_step_noncontiguous(name, layout):
+    _compare(name, DLSR_PRIMITIVES, 2, 6, 5, 7, torch.float64, "softmax", layout=layout,
+             distill=True, seed=13)
+
+
+@pytest.mark.parametrize("name", BACKENDS)
 def test_distill_step_odd_channels(name):
     _compare(name, DLSR_PRIMITIVES, 1, 5, 6, 5, torch.float64, "raw", distill=True, seed=6)
 
