@@ -29,7 +29,10 @@ gradients (kernels.md §0.2, §8.4). Backends differ only in ``primitives``:
 
       register_backend(DecomposedBackend("native", MyPrimitives(), priority=30))
 
-``DecomposedBackend(name, primitives, priority, fused=True)`` is a stable API.
+``DecomposedBackend(name, primitives, priority, fused=True)`` is a stable API, with two
+optional hooks for subclasses: ``primitives_unsupported_reason(device, dtype)`` (why the
+primitives cannot serve; None if they can) and ``epilogue(terms, add, res, lrelu)`` (step 5 plus
+the distillation step's ``lrelu(y + x)``; the triton backend replaces it by one fused kernel).
 """
 from __future__ import annotations
 
