@@ -75,12 +75,16 @@ class DistillCell(nn.Module):
 
     def forward(self, x, weights=None, backend=None):
         """``weights``: (3, K) op weights when the steps are mixed ops; None for a derived cell."""
+        if weights is not None and backend is None:
+            backend = get_backend("reference")
         distilled = []
         for i, (c_d, c_r) in enumerate(self.steps()):
             if isinstance(c_r, MixedOp):
-                d, x = (backend or get_backend("reference")).distill_step(x, weights[i], c_r, c_d)
+                d, x = backend.distill_step(x, weights[i], c_r, c_d)
             else:
                 d, x = lrelu(c_d(x)), lrelu(c_r(x) + x)
             distilled.append(d)
-        r4 = lrelu(self.c4(x))
-        return self.esa(self.c5(torch.cat(distilled + [r4], dim=1)))
+        parts = distilled + [lrelu(self.c4(x))]
+        if backend is None:
+            return self.esa(self.c5(torch.cat(parts, dim=1)))
+        return self.esa(backend.fuse_concat(parts, self.c5))

@@ -320,3 +320,26 @@ def test_half_precision(name, dtype, device):
     for k in truth[1]:
         tol = max(base, 2 * _rel_err(ref_half[1][k].double(), truth[1][k]))
         _assert_close(got[1][k].double(), truth[1][k], tol, f"{name} {dtype} grad {k}")
+
+
+@pytest.mark.parametrize("name", BACKENDS)
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+def test_fuse_concat(name, dtype):
+    """The cell's 1x1 fuse over [d1, d2, d3, r4] (strided parts included), with gradients."""
+    b = get_backend(name)
+    gen = torch.Generator().manual_seed(5)
+    fuse = torch.nn.Conv2d(4 * 5, 11, 1).to(dtype)
+    big = torch.randn(2, 9, 6, 7, generator=gen, dtype=torch.float64).to(dtype)
+    parts = [big[:, 0:5], torch.randn(2, 5, 6, 7, generator=gen, dtype=torch.float64).to(dtype),
+             big[:, 4:9], torch.randn(2, 5, 7, 6, generator=gen, dtype=torch.float64).to(dtype).transpose(2, 3)]
+    g = torch.randn(2, 11, 6, 7, generator=gen, dtype=torch.float64).to(dtype)
+    results = []
+    for backend in (REF, b):
+        ps = [p.detach().clone().requires_grad_(True) for p in parts]
+        f = copy.deepcopy(fuse)
+        y = backend.fuse_concat(ps, f)
+        y.backward(g)
+        results.append([y] + [p.grad for p in ps] + [f.weight.grad, f.bias.grad])
+    tol = FP64_TOL if dtype == torch.float64 else FP32_TOL
+    for i, (want, got) in enumerate(zip(*results)):
+        _assert_close(got, want, tol, f"{name} fuse_concat tensor {i}")

@@ -13,7 +13,7 @@ from PIL import Image
 from torch import nn
 
 from hdnas.evaluate import main, self_ensemble
-from hdnas.genotype import BETA21, TINY18
+from hdnas.genotype import TINY18
 from hdnas.network import DerivedNet
 
 torch.set_num_threads(2)

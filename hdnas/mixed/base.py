@@ -54,6 +54,10 @@ class Backend:
         r = F.leaky_relu(self.mixed_op(x, weights, mixed) + x, LRELU_SLOPE)
         return d, r
 
+    def fuse_concat(self, parts, fuse: nn.Conv2d):
+        """``fuse(cat(parts, 1))``: the cell's 1x1 fuse over its distilled parts and r4."""
+        return fuse(torch.cat(parts, dim=1))
+
     def __repr__(self):
         return f"<backend {self.name}>"
 

@@ -127,6 +127,19 @@ class DecomposedBackend(Backend):
         r, d = self._compose(x, weights, mixed, distill)
         return F.leaky_relu(d, LRELU_SLOPE), r
 
+    def fuse_concat(self, parts, fuse):
+        """A 1x1 conv of a concat is the sum of per-part GEMMs with the matching weight columns:
+        the cell's concat buffer is never written (the parts may be strided slices)."""
+        W = fuse.weight.flatten(1)
+        y, c0 = None, 0
+        for p in parts:
+            t = _pw(p, W[:, c0:c0 + p.shape[1]])
+            y = t if y is None else y + t
+            c0 += p.shape[1]
+        if c0 != W.shape[1]:
+            raise BackendError(f"fuse conv takes {W.shape[1]} channels, the parts have {c0}")
+        return y if fuse.bias is None else y + fuse.bias.view(1, -1, 1, 1)
+
     def epilogue(self, terms, add, res, lrelu: bool):
         """``act(sum_b _pw(z_b, W_b) + add + res)`` with act = LeakyReLU(0.05) if ``lrelu``;
         ``terms`` is a list of (z, W) with W = an alpha-scaled block weight (Cout, Cin_b); add
