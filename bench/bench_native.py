@@ -168,6 +168,7 @@ def main(argv=None):
     p.add_argument("--step-rounds", type=int, default=1,
                    help="alternating rounds of fresh processes (reference, native) per step case")
     p.add_argument("--no-step", action="store_true")
+    p.add_argument("--only-step", action="store_true", help="skip the primitive and mixed-op rows")
     p.add_argument("--threads", type=int, nargs="+", default=[torch.get_num_threads()],
                    help="torch intra-op thread counts to measure (each a separate table row set)")
     p.add_argument("--out", default=None, help="write the markdown here (appended)")
@@ -183,16 +184,19 @@ def main(argv=None):
     rows = []
     for nt, N in [(nt, N) for nt in a.threads for N in a.batch]:
         torch.set_num_threads(nt)
-        for shared, label in ((True, "stage-1 grouped_dw (5 groups, shared x) fwd+bwd"),
-                              (False, "stage-2 grouped_dw (3 groups) fwd+bwd")):
+        for shared, label in () if a.only_step else (
+                (True, "stage-1 grouped_dw (5 groups, shared x) fwd+bwd"),
+                (False, "stage-2 grouped_dw (3 groups) fwd+bwd")):
             r = prim_case(N, C, H, shared, a.reps)
             rows.append((nt, N, label, fmt(r["torch"]), "", fmt(r["native"]),
                          f"{min(r['torch']) / min(r['native']):.2f}x"))
             print(rows[-1], flush=True)
-        r = mixed_case(N, C, H, a.reps)
-        rows.append((nt, N, "DLSR mixed op (9 ops) fwd+bwd", fmt(r["reference"]), fmt(r["merged"]),
-                     fmt(r["native"]), f"{min(r['reference']) / min(r['native']):.2f}x"))
-        print(rows[-1], flush=True)
+        r = None if a.only_step else mixed_case(N, C, H, a.reps)
+        if r is not None:
+            rows.append((nt, N, "DLSR mixed op (9 ops) fwd+bwd", fmt(r["reference"]),
+                         fmt(r["merged"]), fmt(r["native"]),
+                         f"{min(r['reference']) / min(r['native']):.2f}x"))
+            print(rows[-1], flush=True)
         if not a.no_step:  # one backend at a time, alternating, each in a fresh process
             res = {"reference": [], "native": []}
             mem = {}
