@@ -191,18 +191,20 @@ class DecomposedBackend(Backend):
             k1 = torch.stack([_pad_to(ops[i].op[1].weight[:, 0], plan.st1_kmax) for i in st1])
             s1 = self.primitives.grouped_dw(x, k1, plan.st1_ksizes, plan.st1_dils, True, True)
             Gs = len(plan.sep)
+            # one split (its backward is one cat) rather than two slices (each of whose backward
+            # zero-fills and copies a whole stage-1-sized gradient)
+            z_sep, z_dil = s1.split([Gs * C, len(plan.dil) * C], dim=1)
             if Gs:
                 N, _, H, W_ = x.shape
                 pw1 = torch.stack([ops[i].op[2].weight[:, :, 0, 0] for i in plan.sep])  # (Gs,C,C)
-                z = s1[:, :Gs * C] if plan.dil else s1
-                p1 = torch.matmul(pw1, z.reshape(N, Gs, C, H * W_)).view(N, Gs * C, H, W_)
+                p1 = torch.matmul(pw1, z_sep.reshape(N, Gs, C, H * W_)).view(N, Gs * C, H, W_)
                 k2 = torch.stack([_pad_to(ops[i].op[4].weight[:, 0], plan.st2_kmax) for i in plan.sep])
                 s2 = self.primitives.grouped_dw(p1, k2, plan.st2_ksizes, (1,) * Gs, True, False)
                 Wsep = torch.cat([w[i] * ops[i].op[5].weight[:, :, 0, 0] for i in plan.sep], 1)
                 terms.append((s2, Wsep))
             if plan.dil:
                 Wdil = torch.cat([w[i] * ops[i].op[2].weight[:, :, 0, 0] for i in plan.dil], 1)
-                terms.append((s1[:, Gs * C:] if Gs else s1, Wdil))
+                terms.append((z_dil, Wdil))
         res = x if distill is not None else None
         return self.epilogue(terms, y, res, distill is not None), d
 
