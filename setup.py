@@ -114,7 +114,7 @@ setup(
     install_requires=["torch>=2.3", "numpy", "pillow", "tqdm"],
     extras_require={
         "triton": ["triton>=3.6"],
-        "test": ["pytest", "pytest-benchmark", "scipy"],  # scipy: independent SSIM reference in tests
+        "test": ["pytest", "pytest-benchmark", "scipy", "ninja"],  # scipy: independent SSIM check; ninja: native JIT build
     },
     ext_modules=ext_modules,
     cmdclass=cmdclass,
