@@ -24,6 +24,18 @@ import triton.language as tl
 
 
 @triton.jit
+def _load_tap(xr, w, hm, ox, sxw, W, RELU: tl.constexpr, ACC: tl.constexpr):
+    """The input row block shifted by ``ox`` columns (zero outside the image), ReLU'd if asked:
+    one tap of the stencil, shared by the forward and the kernel-gradient kernels."""
+    ww = w + ox
+    m = hm & (ww >= 0) & (ww < W)
+    xv = tl.load(xr + ox * sxw, mask=m[None, :], other=0.).to(ACC)
+    if RELU:
+        xv = tl.maximum(xv, 0.)
+    return xv
+
+
+@triton.jit
 def _dw_taps_fwd(x_ptr, k_ptr, taps_ptr, dil_ptr, y_ptr,
                  N, C, H, W,
                  sxn, sxc, sxh, sxw,
@@ -73,12 +85,7 @@ def _dw_taps_fwd(x_ptr, k_ptr, taps_ptr, dil_ptr, y_ptr,
             for tx in tl.static_range(KMAX):
                 active = tl.load(taps_ptr + g * KK + (ty * KMAX + tx))
                 if active != 0:
-                    ox = (tx - KMAX // 2) * d
-                    ww = w + ox
-                    m = hm & (ww >= 0) & (ww < W)
-                    xv = tl.load(xr + ox * sxw, mask=m[None, :], other=0.).to(ACC)
-                    if RELU:
-                        xv = tl.maximum(xv, 0.)
+                    xv = _load_tap(xr, w, hm, (tx - KMAX // 2) * d, sxw, W, RELU, ACC)
                     kv = tl.load(k_ptr + krow + (ty * KMAX + tx)).to(ACC)
                     acc += kv[:, None] * xv
         yrow = (n.to(tl.int64) * G + g) * C + c
@@ -191,12 +198,7 @@ def _dw_taps_bwd_dk(gy_ptr, x_ptr, taps_ptr, dil_ptr, part_ptr,
             for tx in tl.static_range(KMAX):
                 active = tl.load(taps_ptr + g * KK + (ty * KMAX + tx))
                 if active != 0:
-                    ox = (tx - KMAX // 2) * d
-                    ww = w + ox
-                    m = hm & (ww >= 0) & (ww < W)
-                    xv = tl.load(xr + ox * sxw, mask=m[None, :], other=0.).to(ACC)
-                    if RELU:
-                        xv = tl.maximum(xv, 0.)
+                    xv = _load_tap(xr, w, hm, (tx - KMAX // 2) * d, sxw, W, RELU, ACC)
                     part = tl.sum(xv * gv, axis=1)
                     acc += tl.where(cols[None, :] == (ty * KMAX + tx), part[:, None], 0.)
     prow = ((sid * G + g) * C + c) * KK
