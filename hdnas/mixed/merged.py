@@ -27,7 +27,8 @@ gradients (kernels.md §0.2, §8.4). Backends differ only in ``primitives``:
 * ``triton``  : Triton primitives (hdnas.mixed.triton_backend);
 * ``native``  : a C++ primitives set plugs in the same way::
 
-      register_backend(DecomposedBackend("native", MyPrimitives(), priority=30))
+      register_backend(DecomposedBackend("native", Primitives("native", my_grouped_dw,
+                                                               my_mixed_dw), priority=30))
 
 ``DecomposedBackend(name, primitives, priority, fused=True)`` is a stable API, with two
 optional hooks for subclasses: ``primitives_unsupported_reason(device, dtype)`` (why the

@@ -260,19 +260,8 @@ def mixed_dw(x, weights, kernels, ksizes, dilations, relu_input: bool, skip_weig
     return y
 
 
-class NativePrimitives(Primitives):
-    """The C++/CUDA primitives (``--fused`` on a CPU uses these)."""
-
-    name = "native"
-
-    def grouped_dw(self, x, kernels, ksizes, dilations, relu_input, shared_input):
-        return grouped_dw(x, kernels, ksizes, dilations, relu_input, shared_input)
-
-    def mixed_dw(self, x, weights, kernels, ksizes, dilations, relu_input, skip_weight=None):
-        return mixed_dw(x, weights, kernels, ksizes, dilations, relu_input, skip_weight)
-
-
-NATIVE_PRIMITIVES = NativePrimitives()
+#: The C++/CUDA primitives (``--fused`` on a CPU uses these).
+NATIVE_PRIMITIVES = Primitives("native", grouped_dw, mixed_dw)
 
 
 class NativeBackend(DecomposedBackend):

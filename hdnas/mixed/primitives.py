@@ -15,6 +15,9 @@ the composition around them (hdnas.mixed.merged) is shared, so backends differ o
 """
 from __future__ import annotations
 
+from dataclasses import dataclass
+from typing import Callable
+
 import torch
 import torch.nn.functional as F
 
@@ -71,16 +74,14 @@ def mixed_dw_ref(x, weights, kernels, ksizes, dilations, relu_input: bool, skip_
     return y
 
 
+@dataclass(frozen=True)
 class Primitives:
-    """A set of depthwise primitives. The reference set uses stock PyTorch convs."""
+    """A set of depthwise primitives: two functions with the signatures of the twins above.
+    The stock set is the twins themselves (PyTorch convs)."""
 
-    name = "torch"
-
-    def grouped_dw(self, x, kernels, ksizes, dilations, relu_input, shared_input):
-        return grouped_dw_ref(x, kernels, ksizes, dilations, relu_input, shared_input)
-
-    def mixed_dw(self, x, weights, kernels, ksizes, dilations, relu_input, skip_weight=None):
-        return mixed_dw_ref(x, weights, kernels, ksizes, dilations, relu_input, skip_weight)
+    name: str = "torch"
+    grouped_dw: Callable = grouped_dw_ref
+    mixed_dw: Callable = mixed_dw_ref
 
 
 TORCH_PRIMITIVES = Primitives()

@@ -27,17 +27,7 @@ GPU_DTYPES = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
 INTERP_DTYPES = (torch.float16, torch.float32, torch.float64)
 
 
-class TritonPrimitives(Primitives):
-    name = "triton"
-
-    def grouped_dw(self, x, kernels, ksizes, dilations, relu_input, shared_input):
-        return _ops.grouped_dw(x, kernels, ksizes, dilations, relu_input, shared_input)
-
-    def mixed_dw(self, x, weights, kernels, ksizes, dilations, relu_input, skip_weight=None):
-        return _ops.mixed_dw(x, weights, kernels, ksizes, dilations, relu_input, skip_weight)
-
-
-TRITON_PRIMITIVES = TritonPrimitives()
+TRITON_PRIMITIVES = Primitives("triton", _ops.grouped_dw, _ops.mixed_dw)
 
 
 def triton_unsupported_reason(device: torch.device, dtype: torch.dtype) -> str | None:
