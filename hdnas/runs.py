@@ -15,6 +15,8 @@ from pathlib import Path
 import torch
 from tqdm import tqdm
 
+from hdnas import checkpoint
+
 log = logging.getLogger("hdnas")
 
 
@@ -123,6 +125,10 @@ class Loop:
         self.gen = torch.Generator().manual_seed(cfg.seed + 1)
         self.step = 0
 
+    def save(self) -> None:
+        """The whole state (``state_dict``), atomically."""
+        checkpoint.save_atomic(self.state_dict(), self.run_dir / "checkpoint.pt")
+
     def run(self, stop_after: int | None = None, quiet: bool = False):
         """Run to ``cfg.steps``. ``stop_after`` stops early without a final checkpoint: tests use
         it as a kill between checkpoints."""
@@ -183,8 +189,7 @@ def cli_main(argv, loop_cls, cfg_cls, presets: dict, prog: str, doc: str,
             cfg = cfg_cls(**json.loads(cfg_file.read_text())["resolved"])
             setup_logging(run_dir, args.quiet)
             loop = loop_cls(cfg, run_dir)
-            loop.load_state_dict(torch.load(run_dir / "checkpoint.pt", map_location="cpu",
-                                            weights_only=False))
+            loop.load_state_dict(checkpoint.load(run_dir / "checkpoint.pt"))
             loop.history.truncate_after(loop.step)
             log.info("resumed %s at step %d", run_dir, loop.step)
         else:

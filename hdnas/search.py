@@ -117,14 +117,12 @@ class Search(Loop):
         self.architect = Architect(self.model, self.loss_fn, cfg.rule, cfg.arch_lr,
                                    weight_decay=cfg.arch_weight_decay, penalty=self._penalty(),
                                    w_weight_decay=cfg.weight_decay)
-        K = len(cfg.ops)
         n_alpha = self.model.alphas.numel()
         self.history = History(run_dir / "history.csv",
                                ["step", "lr", "loss_train", "loss_arch", "penalty", "sec_per_step"]
                                + [f"alpha_{i}" for i in range(n_alpha)]
                                + [f"beta{c + 3}_{j}" for c in range(cfg.cells - 2)
                                   for j in range(c + 2)])
-        self.op_columns = K
 
     def _samplers(self):
         cfg = self.cfg
@@ -164,7 +162,7 @@ class Search(Loop):
         self.step = s["step"]
 
     def save(self) -> None:
-        checkpoint.save_atomic(self.state_dict(), self.run_dir / "checkpoint.pt")
+        super().save()
         self.model.genotype(name=self.run_dir.name).save(self.run_dir / "genotype.json")
 
     def result(self):

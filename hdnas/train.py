@@ -118,9 +118,6 @@ class Train(Loop):
         checkpoint.set_rng_state(s["rng"], self.gen)
         self.step = s["step"]
 
-    def save(self) -> None:
-        checkpoint.save_atomic(self.state_dict(), self.run_dir / "checkpoint.pt")
-
     def result(self):
         return self.run_dir / "checkpoint.pt"
 
