@@ -113,23 +113,36 @@ def _pairs():
     return pairs
 
 
+def _ours_and_matlab(hr_path, per_pass=True):
+    hr = np.array(Image.open(hr_path))
+    lr = np.array(Image.open(str(hr_path).replace("_HR.png", "_LR.png")))
+    t = torch.from_numpy(hr)
+    ours = imresize_uint8(t.movedim(-1, 0) if hr.ndim == 3 else t, 0.5, per_pass=per_pass)
+    ours = (ours.movedim(0, -1) if hr.ndim == 3 else ours).numpy()
+    assert ours.shape == lr.shape, hr_path
+    return ours, lr
+
+
 def test_lr_equals_matlab_lr():
-    """Our LR from the shared HR against the MATLAB LR images: max |diff| <= 1 and the share of
-    equal pixels (printed; it is 1.0 with edge clamping and per-pass uint8 rounding)."""
-    total = equal = 0
-    worst = 0
+    """Our x2 LR from each shared HR image (Set5, Set14) equals MATLAB's LR image exactly, every
+    value of every image (2,710,531 values)."""
+    off = []
     for hr_path in _pairs():
-        hr = np.array(Image.open(hr_path))
-        lr = np.array(Image.open(str(hr_path).replace("_HR.png", "_LR.png")))
-        ours = imresize_uint8(torch.from_numpy(hr).movedim(-1, 0) if hr.ndim == 3
-                              else torch.from_numpy(hr), 0.5)
-        ours = (ours.movedim(0, -1) if hr.ndim == 3 else ours).numpy()
-        assert ours.shape == lr.shape, hr_path
-        d = np.abs(ours.astype(int) - lr.astype(int))
-        worst = max(worst, int(d.max()))
-        total += d.size
-        equal += int((d == 0).sum())
-    share = equal / total
-    print(f"imresize vs MATLAB LR: max diff {worst}, equal share {share:.6f} over {total} values")
-    assert worst <= 1
-    assert share >= 0.99
+        ours, lr = _ours_and_matlab(hr_path)
+        n = int((ours != lr).sum())
+        if n:
+            d = np.abs(ours.astype(int) - lr.astype(int)).max()
+            off.append(f"{hr_path.parent.name}/{hr_path.name}: {n} of {lr.size} values differ (max {d})")
+    assert not off, "\n".join(off)
+
+
+def test_rounding_once_does_not_match_matlab_lr():
+    """The per-pass uint8 rounding is what makes the LR images exact: rounding once at the end
+    (MATLAB on a double image) is off by one or more on many values of the same images (about
+    14% over Set5 and Set14, up to 11 grey levels), so the exact test above is not trivial."""
+    differ = total = 0
+    for hr_path in _pairs():
+        ours, lr = _ours_and_matlab(hr_path, per_pass=False)
+        differ += int((ours != lr).sum())
+        total += lr.size
+    assert differ > 0.05 * total
