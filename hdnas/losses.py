@@ -19,14 +19,16 @@ _LAPLACE = ((0.0, 1.0, 0.0), (1.0, -4.0, 1.0), (0.0, 1.0, 0.0))
 
 def _log_response(img):
     """The release's LoG: 5x5 Gaussian per channel (no padding), then a 3x3 Laplacian summed over
-    the colour channels (its conv weight spans all input channels), normalised by the max."""
+    the colour channels (its conv weight spans all input channels), divided by its max over the
+    batch unless that max is 0. Dividing by 1 in that case (rather than selecting between r / m
+    and r) keeps the gradient finite: the unselected r / 0 would make it NaN."""
     C = img.shape[1]
     g = _gaussian(device=img.device, dtype=img.dtype).expand(C, 1, 5, 5)
     blurred = F.conv2d(img, g, groups=C)
     lap = torch.tensor(_LAPLACE, device=img.device, dtype=img.dtype).expand(1, C, 3, 3)
     r = F.conv2d(blurred, lap, padding=1)
     m = r.max()
-    return torch.where(m != 0, r / m, r)
+    return r / torch.where(m != 0, m, torch.ones_like(m))
 
 
 def hfen(sr, hr):
