@@ -6,21 +6,26 @@ otherwise the error names the first offending tensor (in the model's order) and 
 plus what the file's head and tail say about its channels and scale.
 
 Accepted files: ``{'model': sd}`` (hdnas), ``{'state_dict': sd, 'epoch', 'optimizer'}`` (the
-DLSR release), a bare state dict, or a pickled ``nn.Module``. A ``module.`` prefix (DataParallel)
-is removed. The official layer names equal ours (``hdnas.cell`` keeps them), so no renaming is
-needed. Two genotypes that differ only in their connections have identical tensor shapes, so
-that mistake cannot be detected from the file. Files are read with ``weights_only=True`` first; the release's pickles need the full
-unpickler, which is used as a fallback (only load checkpoints you trust).
+DLSR release), a bare state dict, or a pickled ``nn.Module`` (only with ``trust_pickle``). A
+``module.`` prefix (DataParallel) is removed. The official layer names equal ours (``hdnas.cell``
+keeps them), so no renaming is needed. Two genotypes that differ only in their connections have
+identical tensor shapes, so that mistake cannot be detected from the file.
+
+Files are read with torch's safe loader (``weights_only=True``, ``hdnas.checkpoint.load``); the
+release's checkpoints are plain dicts of tensors and numbers and load with it. A file it refuses
+(a pickled ``nn.Module``, anything naming other Python objects) needs the full unpickler, which
+can run code stored in the file: it is only used with ``trust_pickle=True`` (``hdnas.evaluate
+--trust-pickle``), otherwise the file is a ``WeightsError`` that says so.
 """
 from __future__ import annotations
 
-import pickle
 from collections.abc import Mapping
 from pathlib import Path
 
 import torch
 from torch import nn
 
+from hdnas import checkpoint
 from hdnas.genotype import Genotype
 from hdnas.network import DerivedNet
 
@@ -32,17 +37,12 @@ class WeightsError(ValueError):
     """A weights file that cannot be read or does not fit the model."""
 
 
-def _read(path: Path):
+def _read(path: Path, trust_pickle: bool = False):
     try:
-        return torch.load(path, map_location="cpu", weights_only=True)
-    except (pickle.UnpicklingError, RuntimeError, AttributeError, TypeError):
-        pass  # not a plain tensor file: retry with the full unpickler below
-    except (EOFError, OSError) as e:
-        raise WeightsError(f"{path}: cannot read checkpoint ({type(e).__name__}: {e})") from None
-    try:
-        return torch.load(path, map_location="cpu", weights_only=False)
-    except Exception as e:  # noqa: BLE001 - any unpickling failure means "not a checkpoint"
-        raise WeightsError(f"{path}: cannot read checkpoint ({type(e).__name__}: {e})") from None
+        return checkpoint.load(path, trust_pickle=trust_pickle,
+                               hint="--trust-pickle (trust_pickle=True)")
+    except checkpoint.CheckpointError as e:
+        raise WeightsError(str(e)) from None
 
 
 def _is_state_dict(obj) -> bool:
@@ -71,11 +71,12 @@ def extract_state_dict(obj, source: str = "checkpoint") -> dict[str, torch.Tenso
     return sd
 
 
-def read_state_dict(path) -> dict[str, torch.Tensor]:
+def read_state_dict(path, trust_pickle: bool = False) -> dict[str, torch.Tensor]:
+    """The model state dict in a weights file, read safely (see the module docstring)."""
     path = Path(path)
     if not path.is_file():
         raise WeightsError(f"weights file {path} does not exist")
-    return extract_state_dict(_read(path), str(path))
+    return extract_state_dict(_read(path, trust_pickle), str(path))
 
 
 def describe_state_dict(sd) -> str:
@@ -130,11 +131,12 @@ def check_state_dict(model: nn.Module, sd: Mapping, source: str = "checkpoint") 
     raise WeightsError(msg)
 
 
-def load_weights(model: nn.Module, weights, source: str | None = None) -> nn.Module:
+def load_weights(model: nn.Module, weights, source: str | None = None,
+                 trust_pickle: bool = False) -> nn.Module:
     """Strictly load a weights file path (or a state dict / checkpoint object) into ``model``."""
     if isinstance(weights, (str, Path)):
         source = source or str(weights)
-        sd = read_state_dict(weights)
+        sd = read_state_dict(weights, trust_pickle)
     else:
         source = source or "checkpoint"
         sd = extract_state_dict(weights, source)
@@ -143,11 +145,11 @@ def load_weights(model: nn.Module, weights, source: str | None = None) -> nn.Mod
     return model
 
 
-def load_official_checkpoint(path, genotype) -> DerivedNet:
+def load_official_checkpoint(path, genotype, trust_pickle: bool = False) -> DerivedNet:
     """A DerivedNet of ``genotype`` (a Genotype, a JSON path or a name such as 'TINY18') with
     the weights of an official DLSR ``.pt`` (or an hdnas checkpoint), in eval mode."""
     if not isinstance(genotype, Genotype):
         genotype = Genotype.load(genotype)
     model = DerivedNet(genotype)
-    load_weights(model, path)
+    load_weights(model, path, trust_pickle=trust_pickle)
     return model.eval()
