@@ -23,7 +23,12 @@ a set is the mean of per-image PSNRs.
 
 Writes ``results.md`` and ``results.csv`` (one row per method, scale and set) and
 ``per_image.csv`` to ``--out``; ``--save-images`` and ``--compare`` add SR images and
-bicubic / model / HR crop pictures.
+bicubic / model / HR crop pictures. A progress bar per set (one tick per image) goes to stderr
+when it is a terminal (``--progress`` / ``--no-progress`` force it).
+
+``--weights`` is read with torch's safe loader; a file it refuses (a pickled module, anything
+naming other Python objects) stops with an error unless ``--trust-pickle`` allows the full
+unpickler, which can run code stored in the file (``hdnas.official``).
 """
 from __future__ import annotations
 
@@ -36,6 +41,7 @@ from pathlib import Path
 
 import numpy as np
 import torch
+from tqdm import tqdm
 
 from hdnas.complexity import count_params_and_macs, format_count
 from hdnas.data.benchmark import MIN_LR_SIZE, BenchmarkError, BenchmarkSet
@@ -129,11 +135,13 @@ def compare_picture(path, panels: list[tuple[str, np.ndarray]], box, panel_px: i
 # --------------------------------------------------------------------------- scoring
 def evaluate_set(bench: BenchmarkSet, model=None, method: str = "model", ensemble: bool = False,
                  device: str = "cpu", bicubic_protocol: str = "matlab-y", save_dir=None,
-                 compare_dir=None, crop=None, log=None) -> dict:
-    """Mean PSNR/SSIM of one set at one scale, with the per-image scores."""
+                 compare_dir=None, crop=None, log=None, progress: bool = False) -> dict:
+    """Mean PSNR/SSIM of one set at one scale, with the per-image scores; ``progress`` shows a
+    bar (one tick per image) on stderr."""
     s = bench.scale
     per_image = []
-    for item in bench:
+    for item in tqdm(bench, total=len(bench), desc=f"{bench.name} x{s}", unit="img",
+                     disable=not progress, file=sys.stderr):
         hr, lr = item["hr"], item["lr"]
         if model is None and bicubic_protocol == "matlab-y":
             p, q = bicubic_matlab_y(hr, s)
@@ -214,6 +222,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--genotype", help="genotype JSON file or a named one (BETA21, PARA_LOSS, TINY18)")
     p.add_argument("--weights", help="hdnas checkpoint ({'model': sd}), official DLSR .pt "
                                      "({'state_dict': sd}) or a bare state dict")
+    p.add_argument("--trust-pickle", action="store_true",
+                   help="read --weights with the full unpickler if the safe loader refuses it "
+                        "(e.g. a pickled nn.Module); this can run code stored in the file, so "
+                        "only for files you trust")
     p.add_argument("--bicubic", action="store_true", help="score bicubic upscaling, no model")
     p.add_argument("--bicubic-protocol", choices=("matlab-y", "rgb"), default="matlab-y",
                    help="matlab-y: Y channel down/up in double (the published Bicubic rows); "
@@ -232,7 +244,11 @@ def build_parser() -> argparse.ArgumentParser:
                    help="HR crop for --compare (default: a centred 96 px square)")
     p.add_argument("--device", default="cpu")
     p.add_argument("--threads", type=int, default=min(4, os.cpu_count() or 1))
-    p.add_argument("--quiet", action="store_true", help="no per-image lines")
+    p.add_argument("--quiet", action="store_true", help="no per-image lines (and no progress "
+                                                         "bar unless --progress)")
+    p.add_argument("--progress", action=argparse.BooleanOptionalAction, default=None,
+                   help="a progress bar per data set on stderr (default: when stderr is a "
+                        "terminal and not --quiet)")
     return p
 
 
@@ -240,12 +256,14 @@ def main(argv=None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
     torch.set_num_threads(max(1, args.threads))
-    log = (lambda m: None) if args.quiet else (lambda m: print(m, file=sys.stderr, flush=True))
+    log = (lambda m: None) if args.quiet else (lambda m: tqdm.write(m, file=sys.stderr))
+    progress = args.progress if args.progress is not None else \
+        (not args.quiet and sys.stderr.isatty())
 
     model, method, cost = None, "Bicubic", {}
     if args.bicubic:
-        if args.genotype or args.weights:
-            parser.error("--bicubic takes no --genotype/--weights")
+        if args.genotype or args.weights or args.trust_pickle:
+            parser.error("--bicubic takes no --genotype/--weights/--trust-pickle")
         scales = args.scales or [2, 3, 4]
     else:
         if not args.genotype or not args.weights:
@@ -259,7 +277,8 @@ def main(argv=None) -> int:
             parser.error(f"the genotype is for x{genotype.scale}; a model scores one scale "
                          f"(asked for {scales})")
         try:
-            model = load_weights(DerivedNet(genotype), args.weights).eval().to(args.device)
+            model = load_weights(DerivedNet(genotype), args.weights,
+                                 trust_pickle=args.trust_pickle).eval().to(args.device)
         except WeightsError as e:
             print(f"error: {e}", file=sys.stderr)
             return 2
@@ -287,7 +306,8 @@ def main(argv=None) -> int:
                 res = evaluate_set(bench, model, method, args.self_ensemble, args.device,
                                    args.bicubic_protocol,
                                    out / "images" if args.save_images else None,
-                                   out / "compare" if args.compare else None, args.crop, log)
+                                   out / "compare" if args.compare else None, args.crop, log,
+                                   progress)
                 per_image += res.pop("per_image")
                 rows.append({"method": method, **res, "params": cost.get("params", 0),
                              "multi_adds": cost.get("macs", 0)})

@@ -129,3 +129,25 @@ def test_cli_bicubic_on_shared_set5(tmp_path):
                  "--quiet"]) == 0
     row = next(csv.DictReader(open(tmp_path / "results.csv")))
     assert abs(float(row["psnr"]) - 33.66) <= 0.01 and abs(float(row["ssim"]) - 0.9299) <= 0.0005
+
+
+@pytest.mark.parametrize("flags, bar, lines", [([], False, True), (["--progress"], True, True),
+                                               (["--quiet", "--progress"], True, False),
+                                               (["--no-progress"], False, True)])
+def test_progress_bar(tmp_path, tiny_set, capsys, flags, bar, lines):
+    # under pytest stderr is not a terminal, so the default (auto) shows no bar
+    rc = main(["--bicubic", "--data", str(tiny_set), "--scales", "2", "--out", str(tmp_path)]
+              + flags)
+    err = capsys.readouterr().err
+    assert rc == 0
+    assert ("Tiny x2: 100%" in err and "3/3" in err) == bar, err
+    assert ("Tiny x2 im0:" in err) == lines, err
+
+
+def test_progress_auto_follows_terminal(tmp_path, tiny_set, capsys, monkeypatch):
+    monkeypatch.setattr(sys.stderr, "isatty", lambda: True)
+    args = ["--bicubic", "--data", str(tiny_set), "--scales", "2", "--out", str(tmp_path)]
+    assert main(args) == 0
+    assert "Tiny x2: 100%" in capsys.readouterr().err
+    assert main(args + ["--quiet"]) == 0
+    assert "100%" not in capsys.readouterr().err
