@@ -45,6 +45,18 @@ class Backend:
         """None if this backend can compute the op set on (device, dtype), else why not."""
         return None
 
+    def require(self, op_names, device: torch.device, dtype: torch.dtype) -> None:
+        """Raise BackendError if ``unsupported_reason`` says why this backend cannot serve.
+        The answer is computed once per (op set, device, dtype) value and then reused, so the
+        hot path pays one dict lookup instead of the full check."""
+        key = (tuple(op_names), torch.device(device), dtype)
+        cache = self.__dict__.setdefault("_supported", {})
+        why = cache.get(key, False)
+        if why is False:
+            why = cache[key] = self.unsupported_reason(*key)
+        if why is not None:
+            raise BackendError(f"backend {self.name!r} cannot compute this mixed op: {why}")
+
     def mixed_op(self, x, weights, mixed: MixedOp):
         raise NotImplementedError
 
@@ -112,6 +124,19 @@ def resolve_backend(name: str, device, dtype, op_names) -> Backend:
     warnings.warn(f"backend {name!r} cannot serve {device.type}/{dtype}: {'; '.join(reasons)}; "
                   f"falling back to {ref.name!r}", RuntimeWarning, stacklevel=2)
     return ref
+
+
+def amp_dtype(x: torch.Tensor) -> torch.dtype | None:
+    """The low-precision dtype that ``torch.autocast`` would cast ``x`` to here, or None.
+
+    Autocast casts floating tensors other than fp64 for its lower-precision ops (conv2d,
+    matmul), so under an enabled autocast region for ``x``'s device a mixed op computed with
+    those ops stores its activations in that dtype. Fused backends follow the same policy
+    explicitly (docs/kernels.md, dtype policy)."""
+    dev = x.device.type
+    if x.dtype == torch.float64 or not torch.is_autocast_enabled(dev):
+        return None
+    return torch.get_autocast_dtype(dev)
 
 
 def check_mixed_inputs(x, weights, mixed: MixedOp):

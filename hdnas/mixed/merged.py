@@ -32,16 +32,18 @@ gradients (kernels.md §0.2, §8.4). Backends differ only in ``primitives``:
 
 ``DecomposedBackend(name, primitives, priority, fused=True)`` is a stable API, with two
 optional hooks for subclasses: ``primitives_unsupported_reason(device, dtype)`` (why the
-primitives cannot serve; None if they can) and ``epilogue(terms, add, res, lrelu)`` (step 5 plus
+primitives cannot serve; None if they can) and ``epilogue(terms, add, res, lrelu, out_dtype)`` (step 5 plus
 the distillation step's ``lrelu(y + x)``; the triton backend replaces it by one fused kernel).
 """
 from __future__ import annotations
 
+import contextlib
+
 import torch
 import torch.nn.functional as F
 
-from hdnas.mixed.base import (LRELU_SLOPE, Backend, BackendError, MixedOp, check_mixed_inputs,
-                              register_backend)
+from hdnas.mixed.base import (LRELU_SLOPE, Backend, BackendError, MixedOp, amp_dtype,
+                              check_mixed_inputs, register_backend)
 from hdnas.mixed.primitives import TORCH_PRIMITIVES, Primitives
 from hdnas.space import get_op
 
@@ -125,44 +127,73 @@ class DecomposedBackend(Backend):
         check_mixed_inputs(x, weights, mixed)
         if distill.weight.device != x.device:
             raise BackendError(f"distillation conv on {distill.weight.device} but input on {x.device}")
+        if (distill.weight.shape[1:] != (mixed.C, 1, 1) or tuple(distill.stride) != (1, 1)
+                or distill.groups != 1):
+            raise BackendError(f"the distillation conv must be a 1x1 conv from {mixed.C} channels "
+                               f"with stride 1, got {distill}")
         r, d = self._compose(x, weights, mixed, distill)
         return F.leaky_relu(d, LRELU_SLOPE), r
 
     def fuse_concat(self, parts, fuse):
         """A 1x1 conv of a concat is the sum of per-part GEMMs with the matching weight columns:
-        the cell's concat buffer is never written (the parts may be strided slices)."""
-        W = fuse.weight.flatten(1)
-        y, c0 = None, 0
-        for p in parts:
-            t = _pw(p, W[:, c0:c0 + p.shape[1]])
-            y = t if y is None else y + t
-            c0 += p.shape[1]
-        if c0 != W.shape[1]:
-            raise BackendError(f"fuse conv takes {W.shape[1]} channels, the parts have {c0}")
-        return y if fuse.bias is None else y + fuse.bias.view(1, -1, 1, 1)
+        the cell's concat buffer is never written (the parts may be strided slices). Under
+        autocast the GEMMs run in the autocast dtype, the sum in fp32, the result is stored in
+        the autocast dtype (as ``fuse(cat(parts))`` would be)."""
+        cdt = amp_dtype(parts[0])
+        with _no_autocast(parts[0], cdt):
+            cdt = cdt or parts[0].dtype
+            acc = _acc_dtype(cdt)
+            W = fuse.weight.flatten(1).to(cdt)
+            y, c0 = None, 0
+            for p in parts:
+                t = _pw(p.to(cdt), W[:, c0:c0 + p.shape[1]]).to(acc)
+                y = t if y is None else y + t
+                c0 += p.shape[1]
+            if c0 != W.shape[1]:
+                raise BackendError(f"fuse conv takes {W.shape[1]} channels, the parts have {c0}")
+            if fuse.bias is not None:
+                y = y + fuse.bias.to(acc).view(1, -1, 1, 1)
+            return y.to(cdt)
 
-    def epilogue(self, terms, add, res, lrelu: bool):
-        """``act(sum_b _pw(z_b, W_b) + add + res)`` with act = LeakyReLU(0.05) if ``lrelu``;
-        ``terms`` is a list of (z, W) with W = an alpha-scaled block weight (Cout, Cin_b); add
-        and res may be None. Fused backends override this with one kernel."""
-        y = add
+    def epilogue(self, terms, add, res, lrelu: bool, out_dtype: torch.dtype):
+        """``act(sum_b _pw(z_b, W_b) + add + res)`` with act = LeakyReLU(0.05) if ``lrelu``,
+        accumulated in fp32 (fp64 for fp64) and stored as ``out_dtype``; ``terms`` is a list of
+        (z, W) with W = an alpha-scaled block weight (Cout, Cin_b) of z's dtype; add and res may
+        be None, and (under autocast) of another dtype than z. Fused backends override this
+        with one kernel."""
+        acc = _acc_dtype(out_dtype)
+        y = None if add is None else add.to(acc)
         for z, Wb in terms:
-            t = _pw(z, Wb)
+            t = _pw(z, Wb).to(acc)
             y = t if y is None else y + t
         if res is not None:
             y = y + res
-        return F.leaky_relu(y, LRELU_SLOPE) if lrelu else y
+        return (F.leaky_relu(y, LRELU_SLOPE) if lrelu else y).to(out_dtype)
 
     # -- composition ------------------------------------------------------------------------
     def _compose(self, x, weights, mixed, distill):
         """Without ``distill``: (sum_k w_k op_k(x), None). With it: (lrelu(sum_k w_k op_k(x) + x),
-        c_d(x)) -- the remaining branch of a distillation step, before the distilled lrelu."""
+        c_d(x)) -- the remaining branch of a distillation step, before the distilled lrelu.
+
+        dtype policy (docs/kernels.md): without autocast everything is in x's dtype. Under
+        ``torch.autocast`` the reference's policy, made explicit: convs, GEMMs and depthwise
+        stages store their activations in the autocast dtype ``cdt`` (accumulating in fp32),
+        the merged weights are formed from the fp32 parameters and the fp32 op weights in fp32
+        and then cast (so d alpha and every parameter gradient are fp32), sums are accumulated
+        in fp32, and each output has the reference's dtype: ``cdt`` for the mixed op (x's dtype
+        joins when 'skip' is a candidate, since the identity is not cast), the promotion of
+        that with x's dtype for the residual branch, ``cdt`` for the distilled branch."""
+        cdt = amp_dtype(x)
+        with _no_autocast(x, cdt):
+            return self._compose_in(x, weights, mixed, distill, cdt)
+
+    def _compose_in(self, x, weights, mixed, distill, amp):
         plan = plan_of(mixed.op_names)
-        why = self.unsupported_reason(mixed.op_names, x.device, x.dtype)
-        if why is not None:
-            raise BackendError(f"backend {self.name!r} cannot compute this mixed op: {why}")
+        cdt = amp or x.dtype
+        self.require(mixed.op_names, x.device, cdt)
         ops = mixed.ops
-        w = weights.to(x.dtype)
+        w = weights if amp else weights.to(x.dtype)  # autocast: fp32 op weights, fp32 d alpha
+        xc = x.to(cdt)
         C = mixed.C
         y = None
         d = None
@@ -172,25 +203,32 @@ class DecomposedBackend(Backend):
             K = plan.conv_k
             Wd = sum(w[i] * _pad_to(ops[i].op[0].weight, K) for i in plan.conv)
             if distill is not None and K == 1:
-                Wcat = torch.cat([Wd, _pad_to(distill.weight, K)], 0)
+                Wcat = torch.cat([Wd, _pad_to(distill.weight, K).to(Wd.dtype)], 0)
                 bias = None
                 if distill.bias is not None:
-                    bias = torch.cat([distill.bias.new_zeros(C), distill.bias])
-                out = F.conv2d(x, Wcat, bias, padding=K // 2)
+                    bias = torch.cat([distill.bias.new_zeros(C), distill.bias]).to(cdt)
+                out = F.conv2d(xc, Wcat.to(cdt), bias, padding=K // 2)
                 y, d = out[:, :C], out[:, C:]
             else:
-                y = F.conv2d(x, Wd, padding=K // 2)
+                y = F.conv2d(xc, Wd.to(cdt), padding=K // 2)
         if distill is not None and d is None:
-            d = distill(x)
-        for i in plan.skip:
-            y = w[i] * x if y is None else y + w[i] * x
+            bias = None if distill.bias is None else distill.bias.to(cdt)
+            d = F.conv2d(xc, distill.weight.to(cdt), bias)
+        out_dtype = cdt
+        if plan.skip:  # the identity candidate is not cast by autocast: x's dtype joins the sum
+            out_dtype = torch.promote_types(cdt, x.dtype)
+            acc = _acc_dtype(out_dtype)
+            y = None if y is None else y.to(acc)
+            for i in plan.skip:
+                y = w[i] * x if y is None else y + w[i] * x
 
         # 2.-5. separable and dilated ops: (z_b, alpha-scaled block weight) terms
         terms = []
         if plan.sep or plan.dil:
             st1 = plan.sep + plan.dil
             k1 = torch.stack([_pad_to(ops[i].op[1].weight[:, 0], plan.st1_kmax) for i in st1])
-            s1 = self.primitives.grouped_dw(x, k1, plan.st1_ksizes, plan.st1_dils, True, True)
+            s1 = self.primitives.grouped_dw(xc, k1.to(cdt), plan.st1_ksizes, plan.st1_dils,
+                                            True, True)
             Gs = len(plan.sep)
             # one split (its backward is one cat) rather than two slices (each of whose backward
             # zero-fills and copies a whole stage-1-sized gradient)
@@ -198,16 +236,29 @@ class DecomposedBackend(Backend):
             if Gs:
                 N, _, H, W_ = x.shape
                 pw1 = torch.stack([ops[i].op[2].weight[:, :, 0, 0] for i in plan.sep])  # (Gs,C,C)
-                p1 = torch.matmul(pw1, z_sep.reshape(N, Gs, C, H * W_)).view(N, Gs * C, H, W_)
+                p1 = torch.matmul(pw1.to(cdt), z_sep.reshape(N, Gs, C, H * W_)).view(N, Gs * C, H, W_)
                 k2 = torch.stack([_pad_to(ops[i].op[4].weight[:, 0], plan.st2_kmax) for i in plan.sep])
-                s2 = self.primitives.grouped_dw(p1, k2, plan.st2_ksizes, (1,) * Gs, True, False)
+                s2 = self.primitives.grouped_dw(p1, k2.to(cdt), plan.st2_ksizes, (1,) * Gs, True, False)
                 Wsep = torch.cat([w[i] * ops[i].op[5].weight[:, :, 0, 0] for i in plan.sep], 1)
-                terms.append((s2, Wsep))
+                terms.append((s2, Wsep.to(cdt)))
             if plan.dil:
                 Wdil = torch.cat([w[i] * ops[i].op[2].weight[:, :, 0, 0] for i in plan.dil], 1)
-                terms.append((z_dil, Wdil))
-        res = x if distill is not None else None
-        return self.epilogue(terms, y, res, distill is not None), d
+                terms.append((z_dil, Wdil.to(cdt)))
+        res = None
+        if distill is not None:
+            res = x
+            out_dtype = torch.promote_types(out_dtype, x.dtype)
+        return self.epilogue(terms, y, res, distill is not None, out_dtype), d
+
+
+def _acc_dtype(dtype: torch.dtype) -> torch.dtype:
+    """Accumulation dtype of sums stored as ``dtype``: fp32 for the half types."""
+    return torch.promote_types(dtype, torch.float32)
+
+
+def _no_autocast(x, amp):
+    """Autocast off for the explicit-dtype composition (a no-op context without autocast)."""
+    return torch.autocast(x.device.type, enabled=False) if amp else contextlib.nullcontext()
 
 
 MERGED = register_backend(DecomposedBackend("merged", TORCH_PRIMITIVES, priority=10))

@@ -19,7 +19,7 @@ import torch
 import triton  # noqa: F401  (ImportError here: backend not available)
 
 from hdnas.kernels import ops as _ops
-from hdnas.mixed.base import register_backend
+from hdnas.mixed.base import LRELU_SLOPE, register_backend
 from hdnas.mixed.merged import DecomposedBackend
 from hdnas.mixed.primitives import Primitives
 
@@ -59,11 +59,20 @@ class TritonBackend(DecomposedBackend):
     def primitives_unsupported_reason(self, device, dtype):
         return triton_unsupported_reason(device, dtype)
 
-    def epilogue(self, terms, add, res, lrelu):
-        if 1 <= len(terms) <= 2 and _epilogue_ok(terms[0][0]):
-            (z1, w1), (z2, w2) = terms[0], (terms[1] if len(terms) == 2 else (None, None))
-            return _ops.pw_epilogue(z1, w1, z2, w2, add, res, bool(lrelu))
-        return super().epilogue(terms, add, res, lrelu)
+    def epilogue(self, terms, add, res, lrelu, out_dtype):
+        if not (1 <= len(terms) <= 2 and _epilogue_ok(terms[0][0])):
+            return super().epilogue(terms, add, res, lrelu, out_dtype)
+        (z1, w1), (z2, w2) = terms[0], (terms[1] if len(terms) == 2 else (None, None))
+        dt = z1.dtype
+        if add is not None and add.dtype != dt:  # autocast with 'skip' (x's dtype joins add)
+            return super().epilogue(terms, add, res, lrelu, out_dtype)
+        if res is None or (res.dtype == dt and out_dtype == dt):
+            return _ops.pw_epilogue(z1, w1, z2, w2, add, res, bool(lrelu)).to(out_dtype)
+        # autocast: the GEMMs and their sum in one kernel (fp32 accumulation, stored in z's
+        # dtype), then the residual of another dtype and the activation in the promoted dtype
+        y = _ops.pw_epilogue(z1, w1, z2, w2, add, None, False)
+        y = y.to(torch.promote_types(out_dtype, torch.float32)) + res
+        return (torch.nn.functional.leaky_relu(y, LRELU_SLOPE) if lrelu else y).to(out_dtype)
 
 
 def _epilogue_ok(z):
