@@ -45,15 +45,18 @@ class Backend:
         """None if this backend can compute the op set on (device, dtype), else why not."""
         return None
 
-    def require(self, op_names, device: torch.device, dtype: torch.dtype) -> None:
+    def require(self, op_names: tuple, device: torch.device, dtype: torch.dtype) -> None:
         """Raise BackendError if ``unsupported_reason`` says why this backend cannot serve.
         The answer is computed once per (op set, device, dtype) value and then reused, so the
         hot path pays one dict lookup instead of the full check."""
-        key = (tuple(op_names), torch.device(device), dtype)
-        cache = self.__dict__.setdefault("_supported", {})
-        why = cache.get(key, False)
-        if why is False:
-            why = cache[key] = self.unsupported_reason(*key)
+        key = (op_names, device, dtype)
+        try:
+            why = self._supported[key]
+        except AttributeError:
+            self._supported = {}
+            why = self._supported[key] = self.unsupported_reason(tuple(op_names), device, dtype)
+        except KeyError:
+            why = self._supported[key] = self.unsupported_reason(tuple(op_names), device, dtype)
         if why is not None:
             raise BackendError(f"backend {self.name!r} cannot compute this mixed op: {why}")
 
