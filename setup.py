@@ -3,11 +3,13 @@ taken on PyPI). torch is required but never pinned here, so a GPU user's own tor
 a CPU machine is not made to download a CUDA build: install torch first (see README).
 
 Native kernels (``csrc/``): ``pip install --no-build-isolation -e .`` builds the C++ CPU library
-``hdnas/_native_cpu*.so`` with torch's BuildExtension (ninja), and the CUDA library when a CUDA
+``hdnas/_native_cpu_<ISA tag>*.so`` (``-march=native``; the tag names the CPU it runs on, see
+hdnas.native_build.isa_tag) with torch's BuildExtension (ninja), and the CUDA library when a CUDA
 toolkit and a CUDA build of torch are present. torch is never a build requirement (that would
 make pip fetch a CUDA torch into an isolated build env): without ``--no-build-isolation`` torch
 is not importable here, the native build is skipped with one warning, and the library is built
-just in time at first use instead (hdnas.native_build). ``HDNAS_BUILD_NATIVE``: ``0`` skips the
+just in time at first use instead (hdnas.native_build), from the sources that also ship as
+package data (``hdnas/csrc``) for a non-editable install. ``HDNAS_BUILD_NATIVE``: ``0`` skips the
 native build, ``1`` makes a failed build an error, ``auto`` (default) warns and goes on.
 """
 import os
@@ -62,10 +64,13 @@ def native_build_setup():
                                                   os.path.join(ROOT, "hdnas", "native_build.py"))
     nb = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(nb)
-    cxx, nvcc = nb.cxx_flags(), nb.NVCC_FLAGS
+    # the CPU library is named for the instruction set it is built for (-march=native): the
+    # loader skips it on a CPU with another tag and builds for that CPU just in time instead
+    tag = nb.isa_tag()
+    cxx, nvcc = nb.cxx_flags(tag), nb.NVCC_FLAGS
 
     inc = [os.path.join(ROOT, "csrc")]
-    exts = [cpp_extension.CppExtension("hdnas._native_cpu", CPU_SOURCES, include_dirs=inc,
+    exts = [cpp_extension.CppExtension(f"hdnas._native_cpu_{tag}", CPU_SOURCES, include_dirs=inc,
                                        extra_compile_args={"cxx": cxx},
                                        extra_link_args=["-fopenmp"])]
     if torch.version.cuda is not None and cpp_extension.CUDA_HOME is not None:
@@ -108,9 +113,14 @@ setup(
     description="Hierarchical differentiable NAS for lightweight super-resolution (DLSR), "
                 "with fused kernels",
     python_requires=">=3.10",
-    packages=["hdnas", "hdnas.mixed", "hdnas.data", "hdnas.kernels"],
-    package_dir={"hdnas.kernels": "kernels"},
-    package_data={"hdnas.data": ["default/*/*.png", "default/*.md"]},
+    # csrc/ ships as hdnas/csrc (data, not Python): a non-editable install builds the native
+    # library from it just in time when the wheel has none (or one for another CPU)
+    packages=["hdnas", "hdnas.mixed", "hdnas.data", "hdnas.kernels",
+              "hdnas.csrc", "hdnas.csrc.cpu", "hdnas.csrc.cuda"],
+    package_dir={"hdnas.kernels": "kernels", "hdnas.csrc": "csrc"},
+    package_data={"hdnas.data": ["default/*/*.png", "default/*.md"],
+                  "hdnas.csrc": ["*.h", "*.cpp"], "hdnas.csrc.cpu": ["*.h", "*.cpp"],
+                  "hdnas.csrc.cuda": ["*.cuh", "*.cu", "*.cpp"]},
     install_requires=["torch>=2.3", "numpy", "pillow", "tqdm"],
     extras_require={
         "triton": ["triton>=3.6"],
