@@ -22,8 +22,10 @@ module costs nothing; when it cannot be built, the backend says why (``unsupport
 from __future__ import annotations
 
 import functools
+from dataclasses import dataclass
 
 import torch
+from torch._subclasses.fake_tensor import is_fake
 
 from hdnas import native_build
 from hdnas.mixed.base import BackendError, register_backend
@@ -126,101 +128,117 @@ def available(device="cpu") -> bool:
 
 
 def unavailable_reason(device, dtype, G=1, T=1, radius=0) -> str | None:
-    """None if the native kernels serve (device, dtype, tap table size), else why not."""
-    device = torch.device(device)
-    if device.type not in ("cpu", "cuda"):
-        return f"no native kernels for device {device.type!r}"
-    if device.type == "cpu" and dtype not in CPU_DTYPES:
+    """None if the native kernels serve (device, dtype, tap table size), else why not. The
+    answer depends only on these values (and the outcome of the library's one load attempt,
+    which never changes afterwards), so it is computed once per value and cached."""
+    return _reason(torch.device(device).type, dtype, int(G), int(T), int(radius))
+
+
+@functools.lru_cache(maxsize=1024)
+def _reason(device_type: str, dtype, G: int, T: int, radius: int) -> str | None:
+    if device_type not in ("cpu", "cuda"):
+        return f"no native kernels for device {device_type!r}"
+    if device_type == "cpu" and dtype not in CPU_DTYPES:
         return f"dtype {dtype} is not supported by the CPU kernels"
-    if device.type == "cuda":
+    if device_type == "cuda":
         if dtype not in CUDA_DTYPES:
             return f"dtype {dtype} is not supported by the CUDA kernels"
         if G > CUDA_MAX_GROUPS or T > CUDA_MAX_TAPS or radius > CUDA_MAX_RADIUS:
             return (f"the CUDA kernels take at most {CUDA_MAX_GROUPS} groups, {CUDA_MAX_TAPS} "
                     f"taps and radius {CUDA_MAX_RADIUS} (got {G}, {T}, {radius})")
-    if not available(device):
-        return f"native {device.type} kernels unavailable: {native_build.error(device.type)}"
+    if not available(device_type):
+        return f"native {device_type} kernels unavailable: {native_build.error(device_type)}"
     return None
 
 
 # ---------------------------------------------------------------------------------------------
 # Tap tables (cached per kernel-size/dilation set)
 
+@dataclass(frozen=True)
 class _Table:
-    """A 0/1 tensor as Python data: its shape and the indices of its ones."""
+    """A tap table as Python data: the 0/1 gather ``[G, KMAX*KMAX, T]`` (its shape and the
+    indices of its ones), the tap offsets, the taps per group and the radius. ``key`` is the
+    value it is built from, so caches keyed by it never confuse two tables (an ``id()`` can be
+    reused once a table is dropped). No tensor is made here, so a first call under
+    FakeTensorMode caches nothing fake."""
 
-    def __init__(self, shape):
-        self.shape = tuple(shape)
-        self.nz: list[tuple[int, int, int]] = []
+    key: tuple  # (kind, ksizes, dilations, kmax)
+    shape: tuple
+    nz: tuple  # (g, k, t) of each one
+    offs: tuple  # (dy, dx) per tap, flattened
+    ntaps: tuple
+    radius: int
 
 
 @functools.lru_cache(maxsize=256)
-def _grouped_table(ksizes: tuple, dilations: tuple, kmax: int):
-    """(one-hot table [G, KMAX*KMAX, T], offs, ntaps, radius); the table is a _Table of Python
-    data (no tensor is made here, so a first call under FakeTensorMode caches nothing fake)."""
+def _grouped_table(ksizes: tuple, dilations: tuple, kmax: int) -> _Table:
+    """Each group's k x k (dilated) taps, padded to T = max k*k taps per group."""
     G = len(ksizes)
     T = max(k * k for k in ksizes)
-    onehot = _Table((G, kmax * kmax, T))
-    offs, ntaps, radius = [], [], 0
+    nz, offs, ntaps, radius = [], [], [], 0
     for g, (k, d) in enumerate(zip(ksizes, dilations)):
         o, r = (kmax - k) // 2, k // 2
         t = 0
         for i in range(k):
             for j in range(k):
-                onehot.nz.append((g, (o + i) * kmax + o + j, t))
+                nz.append((g, (o + i) * kmax + o + j, t))
                 offs += [(i - r) * d, (j - r) * d]
                 t += 1
         offs += [0, 0] * (T - t)
         ntaps.append(t)
         radius = max(radius, r * d)
-    return onehot, tuple(offs), tuple(ntaps), radius
+    return _Table(("grouped", ksizes, dilations, kmax), (G, kmax * kmax, T), tuple(nz),
+                  tuple(offs), tuple(ntaps), radius)
 
 
 @functools.lru_cache(maxsize=256)
-def _union_table(ksizes: tuple, dilations: tuple, kmax: int):
-    """(one-hot _Table [G, KMAX*KMAX, U], offs, (U,), radius) of the union stencil."""
+def _union_table(ksizes: tuple, dilations: tuple, kmax: int) -> _Table:
+    """The union stencil of all groups: one group of U distinct taps."""
     taps = {}
     for k, d in zip(ksizes, dilations):
         r = k // 2
         for i in range(k):
             for j in range(k):
                 taps.setdefault(((i - r) * d, (j - r) * d), len(taps))
-    U = len(taps)
-    onehot = _Table((len(ksizes), kmax * kmax, U))
+    nz = []
     for g, (k, d) in enumerate(zip(ksizes, dilations)):
         o, r = (kmax - k) // 2, k // 2
         for i in range(k):
             for j in range(k):
-                onehot.nz.append((g, (o + i) * kmax + o + j, taps[((i - r) * d, (j - r) * d)]))
+                nz.append((g, (o + i) * kmax + o + j, taps[((i - r) * d, (j - r) * d)]))
     offs = []
     for (dy, dx), _ in sorted(taps.items(), key=lambda kv: kv[1]):
         offs += [dy, dx]
     radius = max(max(abs(dy), abs(dx)) for dy, dx in taps)
-    return onehot, tuple(offs), (U,), radius
+    return _Table(("union", ksizes, dilations, kmax), (len(ksizes), kmax * kmax, len(taps)),
+                  tuple(nz), tuple(offs), (len(taps),), radius)
 
 
+#: The one-hot tables as tensors, keyed by (table.key, device, dtype); at most
+#: ONEHOT_CACHE_SIZE of them (the oldest is dropped first).
+ONEHOT_CACHE_SIZE = 256
 _onehot_cache: dict = {}
 
 
-def _onehot(table, device, dtype, like):
+def _onehot(table: _Table, device, dtype, like):
     """The one-hot table as a tensor on (device, dtype); cached for real tensors, built afresh
     for fake ones (FakeTensorMode / torch.compile tracing must not see a real constant)."""
-    from torch._subclasses.fake_tensor import is_fake
-
     fake = is_fake(like)
-    key = (id(table), device, dtype)
+    key = (table.key, device, dtype)
     t = None if fake else _onehot_cache.get(key)
     if t is None:
         idx = torch.tensor(table.nz, dtype=torch.long, device=device).t()
         t = torch.zeros(table.shape, dtype=dtype, device=device)
         t = t.index_put((idx[0], idx[1], idx[2]), torch.ones((), dtype=dtype, device=device))
         if not fake:
+            while len(_onehot_cache) >= ONEHOT_CACHE_SIZE:
+                del _onehot_cache[next(iter(_onehot_cache))]
             _onehot_cache[key] = t
     return t
 
 
 def _require(x, G, T, radius):
-    why = unavailable_reason(x.device, x.dtype, G, T, radius)
+    why = _reason(x.device.type, x.dtype, G, T, radius)
     if why is not None:
         raise BackendError(f"native depthwise kernels cannot take this input: {why}")
 
@@ -233,11 +251,11 @@ def grouped_dw(x, kernels, ksizes, dilations, relu_input: bool, shared_input: bo
     check_dw_args(x, kernels, ksizes, dilations, shared_input)
     ksizes, dilations = tuple(int(k) for k in ksizes), tuple(int(d) for d in dilations)
     G, C, kmax = kernels.shape[0], kernels.shape[1], kernels.shape[-1]
-    table, offs, ntaps, radius = _grouped_table(ksizes, dilations, kmax)
-    _require(x, G, table.shape[-1], radius)
+    table = _grouped_table(ksizes, dilations, kmax)
+    _require(x, G, table.shape[-1], table.radius)
     onehot = _onehot(table, x.device, x.dtype, x)
     w = torch.matmul(kernels.reshape(G, C, kmax * kmax), onehot)  # [G, C, T], exact gather
-    return torch.ops.hdnas_native.dw_fwd(x, w, list(offs), list(ntaps), bool(relu_input),
+    return torch.ops.hdnas_native.dw_fwd(x, w, table.offs, table.ntaps, bool(relu_input),
                                          bool(shared_input))
 
 
@@ -248,13 +266,13 @@ def mixed_dw(x, weights, kernels, ksizes, dilations, relu_input: bool, skip_weig
         raise ValueError(f"weights must be a vector of {kernels.shape[0]}, got {tuple(weights.shape)}")
     ksizes, dilations = tuple(int(k) for k in ksizes), tuple(int(d) for d in dilations)
     G, C, kmax = kernels.shape[0], kernels.shape[1], kernels.shape[-1]
-    table, offs, ntaps, radius = _union_table(ksizes, dilations, kmax)
-    _require(x, 1, table.shape[-1], radius)
+    table = _union_table(ksizes, dilations, kmax)
+    _require(x, 1, table.shape[-1], table.radius)
     onehot = _onehot(table, x.device, x.dtype, x)
     # W_eff[c, u] = sum_g weights[g] * sum_k kernels[g, c, k] * onehot[g, k, u]
     per_group = torch.matmul(kernels.reshape(G, C, kmax * kmax), onehot)  # [G, C, U]
     w_eff = (per_group * weights.to(x.dtype).view(G, 1, 1)).sum(0, keepdim=True)
-    y = torch.ops.hdnas_native.dw_fwd(x, w_eff, list(offs), list(ntaps), bool(relu_input), True)
+    y = torch.ops.hdnas_native.dw_fwd(x, w_eff, table.offs, table.ntaps, bool(relu_input), True)
     if skip_weight is not None:
         y = y + skip_weight * x
     return y
