@@ -7,14 +7,17 @@
 
 Each case is derived from (seed, case index) alone (``make_case``): a random op subset (1 to all
 registered ops, in random order, ``skip_connect`` included), N 1..3, C 1..16, H and W 1..9, a
-weighting (softmax, signed raw, one-hot, all zero), an input layout (contiguous, a channel slice
-of a bigger tensor, H/W transposed, channels_last), fp64 or fp32, and ``mixed_op`` or
-``distill_step`` (distillation 1x1 with C//2 outputs, as the cell builds it, with or without a
-bias). Backends that run interpreted (triton on a CPU) get tiny cases (``TINY``).
+weighting (softmax, signed raw, one-hot, all zero; the weights a vector, a row of a (3, K) tensor
+as the cell passes them, or a strided column), an input layout (contiguous, a channel slice of a
+bigger tensor, H/W transposed, channels_last), fp64 or fp32, ``mixed_op`` or ``distill_step``
+(distillation 1x1 with max(C//2, 1) outputs, with or without a bias), and the gradients asked
+for (all, or ``backward(inputs=...)`` with the weights and/or the parameters, with or without x,
+as the architecture and weight steps of a search do). Backends that run interpreted (triton on a
+CPU) get tiny cases (``TINY``).
 
-What is compared: the outputs and the gradients of x (of the whole tensor x is a view of), of
-the weights, of every op parameter and of the distillation conv, after a backward pass with
-random cotangents; and that the backend modified none of its inputs. The truth is the reference
+What is compared: the outputs and the gradients asked for: of x (of the whole tensor x is a view
+of), of the weights (of their whole tensor), of every op parameter and of the distillation conv,
+after a backward pass with random cotangents; and that the backend modified none of its inputs. The truth is the reference
 backend run in fp64 on the case's values (for fp32 cases, on the fp32-rounded values). The error
 bound is elementwise: ``|got - truth| <= TOL_ULPS * u * mag`` with ``u`` the unit round-off of the
 case's dtype and ``mag`` the same reference computation run on the absolute values of every
@@ -62,6 +65,12 @@ from hdnas.space import DLSR_PRIMITIVES, OPS, get_op  # noqa: E402
 DEFAULT_SEED = 20240608
 WEIGHTINGS = ("softmax", "raw", "onehot", "zero")
 LAYOUTS = ("contiguous", "channel_slice", "transposed", "channels_last")
+#: the weights vector as a fresh tensor, a row of a (3, K) tensor (as the cell passes it, at a
+#: storage offset) or a column of a (K, 3) one (strided)
+WEIGHT_VIEWS = ("vector", "row", "column")
+#: what the backward pass asks for (``backward(inputs=...)``): everything, or what an
+#: architecture step (the weights) or a weight step (the parameters) needs, with or without x
+TARGETS = ("all", "weights", "x,weights", "params", "x,params")
 DTYPES = {"float64": torch.float64, "float32": torch.float32}
 #: error bound, in units of the dtype's unit round-off times the magnitude of the terms
 TOL_ULPS = 64
@@ -105,6 +114,9 @@ class Case:
     weighting: str
     layout: str
     pad: tuple  # channel_slice: (extra channels before, after) of the bigger tensor
+    weights_view: str
+    wpos: int  # the row / column of the weights in their (3, K) / (K, 3) tensor
+    targets: str
     distill: bool
     distill_bias: bool
     values_seed: int
@@ -114,8 +126,10 @@ class Case:
                              if self.layout == "channel_slice" else "")
         dist = ("distill_step (bias)" if self.distill_bias else "distill_step (no bias)") \
             if self.distill else "mixed_op"
+        wv = self.weights_view + (f" {self.wpos}" if self.weights_view != "vector" else "")
         return (f"ops={list(self.ops)} N,C,H,W={tuple(self.shape)} dtype={self.dtype} "
-                f"weighting={self.weighting} layout={lay} {dist} size={self.size}")
+                f"weighting={self.weighting} ({wv}) layout={lay} {dist} gradients={self.targets} "
+                f"size={self.size}")
 
     def to_json(self) -> str:
         return json.dumps(dataclasses.asdict(self))
@@ -128,8 +142,10 @@ class Case:
             case = Case(**d)
         except (KeyError, TypeError) as e:
             raise ValueError(f"not a fuzz case spec ({e}): {text}") from None
-        if case.dtype not in DTYPES or case.weighting not in WEIGHTINGS or case.layout not in LAYOUTS:
-            raise ValueError(f"bad dtype, weighting or layout in the case spec: {text}")
+        if (case.dtype not in DTYPES or case.weighting not in WEIGHTINGS or case.layout not in
+                LAYOUTS or case.weights_view not in WEIGHT_VIEWS or case.targets not in TARGETS):
+            raise ValueError(f"bad dtype, weighting, layout, weights view or targets in the case "
+                             f"spec: {text}")
         return case
 
 
@@ -147,7 +163,9 @@ def make_case(seed: int, index: int, size: str = "full") -> Case:
     distill = rng.random() < 0.5
     return Case(seed=seed, index=index, size=size, ops=ops, shape=shape,
                 dtype=rng.choice(tuple(DTYPES)), weighting=rng.choice(WEIGHTINGS), layout=layout,
-                pad=pad, distill=distill, distill_bias=distill and rng.random() < 0.75,
+                pad=pad, weights_view=rng.choice(WEIGHT_VIEWS), wpos=rng.randint(0, 2),
+                targets="all" if rng.random() < 0.5 else rng.choice(TARGETS[1:]),
+                distill=distill, distill_bias=distill and rng.random() < 0.75,
                 values_seed=rng.getrandbits(62))
 
 
@@ -205,6 +223,27 @@ def make_values(case: Case, attempt: int = 0) -> Values:
     return Values(base, w, mixed, distill, [randn(*s) for s in out_shapes])
 
 
+def _weights_base(case: Case, w: torch.Tensor) -> torch.Tensor:
+    """The tensor the weights are a view of (other entries: 7s, which no gradient may reach)."""
+    if case.weights_view == "row":
+        base = w.new_full((3, w.numel()), 7.0)
+        base[case.wpos] = w
+        return base
+    if case.weights_view == "column":
+        base = w.new_full((w.numel(), 3), 7.0)
+        base[:, case.wpos] = w
+        return base
+    return w
+
+
+def _weights_view(case: Case, base: torch.Tensor) -> torch.Tensor:
+    if case.weights_view == "row":
+        return base[case.wpos]
+    if case.weights_view == "column":
+        return base[:, case.wpos]
+    return base
+
+
 def _x_view(case: Case, base: torch.Tensor) -> torch.Tensor:
     if case.layout == "channel_slice":
         return base[:, case.pad[0]:case.pad[0] + case.shape[1]]
@@ -238,9 +277,10 @@ def run_backend(backend, case: Case, values: Values, dtype, device, absolute=Fal
     if case.layout == "channels_last":
         base = base.contiguous(memory_format=torch.channels_last)
     base.requires_grad_(True)
-    w = prep(values.weights).requires_grad_(True)
+    wbase = _weights_base(case, prep(values.weights)).requires_grad_(True)
+    w = _weights_view(case, wbase)
     x = _x_view(case, base)
-    before = [("x", base.detach().clone()), ("weights", w.detach().clone())] + \
+    before = [("x", base.detach().clone()), ("weights", wbase.detach().clone())] + \
              [(n, p.detach().clone()) for n, p in params]
 
     hooks = []
@@ -265,13 +305,18 @@ def run_backend(backend, case: Case, values: Values, dtype, device, absolute=Fal
     if len(outs) != len(values.cotangents):
         raise AssertionError(f"{len(outs)} outputs, expected {len(values.cotangents)}")
     loss = sum((o * prep(g)).sum() for o, g in zip(outs, values.cotangents))
-    loss.backward()
+    leaves = {"x": [base], "weights": [wbase], "params": [p for _, p in params]}
+    targets = [] if case.targets == "all" else case.targets.split(",")
+    loss.backward(inputs=[t for k in targets for t in leaves[k]] or None)
     got = {f"output {i}": o.detach() for i, o in enumerate(outs)}
-    got["grad x"] = base.grad
-    got["grad weights"] = w.grad
-    for n, p in params:  # a parameter the backend gave no gradient: zero (as the reference does)
-        got[f"grad {n}"] = p.grad if p.grad is not None else torch.zeros_like(p)
-    after = {"x": base, "weights": w, **dict(params)}
+    if not targets or "x" in targets:
+        got["grad x"] = base.grad
+    if not targets or "weights" in targets:
+        got["grad weights"] = wbase.grad
+    if not targets or "params" in targets:
+        for n, p in params:  # no gradient for a parameter: zero (as the reference does)
+            got[f"grad {n}"] = p.grad if p.grad is not None else torch.zeros_like(p)
+    after = {"x": base, "weights": wbase, **dict(params)}
     modified = [n for n, t in before if not torch.equal(t, after[n].detach())]
     return got, modified
 
@@ -437,6 +482,23 @@ def _has_avx512f() -> str:
         return "unknown"
 
 
+def source_line() -> str:
+    """The commit fuzzed and the files of the package that differ from it (uncommitted work)."""
+    import subprocess
+
+    root = os.path.join(os.path.dirname(os.path.abspath(__file__)), "..")
+    try:
+        head = subprocess.run(["git", "rev-parse", "--short", "HEAD"], cwd=root, check=True,
+                              capture_output=True, text=True).stdout.strip()
+        dirty = subprocess.run(["git", "status", "--porcelain", "--", "hdnas", "kernels", "csrc",
+                                "setup.py"], cwd=root, check=True, capture_output=True,
+                               text=True).stdout.split("\n")
+    except (OSError, subprocess.CalledProcessError):
+        return "source: not a git checkout"
+    dirty = [line[3:] for line in dirty if line.strip()]
+    return f"source: commit {head}" + (f" + uncommitted changes to {', '.join(dirty)}" if dirty else "")
+
+
 def machine_line(device: str) -> str:
     try:
         import triton
@@ -460,7 +522,7 @@ def _family_counts(results) -> str:
 
 def summary(per_backend: dict, seed: int, device: str, argv) -> str:
     lines = [f"`python bench/fuzz.py {' '.join(argv)}` (seed {seed})", "",
-             f"machine: {machine_line(device)}", "",
+             f"machine: {machine_line(device)}", "", source_line(), "",
              f"bound: |got - fp64 reference| <= {TOL_ULPS} u x magnitude, elementwise "
              f"(u = {unit_roundoff(torch.float32):.3g} fp32, {unit_roundoff(torch.float64):.3g} "
              f"fp64); values redrawn when a ReLU input is within {KINK_ULPS} u of zero", "",
