@@ -36,6 +36,17 @@ def _load_tap(xr, w, hm, ox, sxw, W, RELU: tl.constexpr, ACC: tl.constexpr):
 
 
 @triton.jit
+def _row_pixel_blocks(H, W, BLOCK_S: tl.constexpr):
+    """(row block, pixel block) of this forward or dx program, from grid axis 0: pixel block
+    fastest, then row block (``hdnas.kernels.ops.dw_grid``). Axis 0 allows 2**31 - 1 programs,
+    axes 1 and 2 only 65535, which the pixel blocks of a large image exceed; the group is on
+    axis 1."""
+    pid = tl.program_id(0)
+    nsb = tl.cdiv(H * W, BLOCK_S)
+    return pid // nsb, pid % nsb
+
+
+@triton.jit
 def _dw_taps_fwd(x_ptr, k_ptr, taps_ptr, dil_ptr, y_ptr,
                  N, C, H, W,
                  sxn, sxc, sxh, sxw,
@@ -45,9 +56,8 @@ def _dw_taps_fwd(x_ptr, k_ptr, taps_ptr, dil_ptr, y_ptr,
     """One program: BLOCK_R (n, c) planes x BLOCK_S pixels. With SHARED, the program computes
     every group from the same input tile (grid axis 1 is 1), so the tile and its halo are
     fetched from DRAM once and re-read from L1 by the other groups' taps."""
-    pid_r = tl.program_id(0)
+    pid_r, pid_s = _row_pixel_blocks(H, W, BLOCK_S)
     pid_g = tl.program_id(1)
-    pid_s = tl.program_id(2)
     rows = pid_r * BLOCK_R + tl.arange(0, BLOCK_R)      # (n, c) planes
     rmask = rows < N * C
     rows = tl.minimum(rows, N * C - 1)                   # clamped: loads need no row mask
@@ -102,9 +112,8 @@ def _dw_taps_bwd_dx(gy_ptr, x_ptr, k_ptr, taps_ptr, dil_ptr, dx_ptr,
                     ACC: tl.constexpr, BLOCK_R: tl.constexpr, BLOCK_S: tl.constexpr):
     """dx for the input planes of this program: sum over the groups that read them of the
     correlation of gy with the group's kernel (negated tap offsets), times relu'(x)."""
-    pid_r = tl.program_id(0)
+    pid_r, pid_s = _row_pixel_blocks(H, W, BLOCK_S)
     pid_g = tl.program_id(1)
-    pid_s = tl.program_id(2)
     rows = pid_r * BLOCK_R + tl.arange(0, BLOCK_R)
     rmask = rows < N * C
     rows = tl.minimum(rows, N * C - 1)

@@ -75,6 +75,67 @@ def _dk_cfg(C, G, N, hw, device):
     return cfg, split
 
 
+# ----------------------------------------------------------------------------- grids, index range
+#: CUDA's launch-grid limits: up to 2**31 - 1 programs on axis 0, 65535 on axes 1 and 2.
+GRID_LIMITS = (2**31 - 1, 65535, 65535)
+INT32_MAX = 2**31 - 1
+#: The kernels index planes (an image's channels, or all (n, c) planes of a batch) and the
+#: pixels of one plane in int32; both stay below this (headroom for the last block's lanes).
+INDEX_LIMIT = INT32_MAX - 2**16
+
+
+def checked_grid(kernel: str, *axes: int) -> tuple:
+    """``axes`` as a launch grid, or a ValueError naming ``kernel`` when an axis has more
+    programs than CUDA allows on it."""
+    for i, (n, limit) in enumerate(zip(axes, GRID_LIMITS)):
+        if n > limit:
+            raise ValueError(f"{kernel}: {n} programs on grid axis {i} exceed CUDA's limit of "
+                             f"{limit}: the tensor is too large for one launch")
+    return tuple(axes)
+
+
+def dw_grid(rows: int, groups: int, hw: int, block_r: int, block_s: int) -> tuple:
+    """Grid of the dw_taps forward and dx kernels for ``rows`` (n, c) planes of ``hw`` pixels in
+    ``groups`` program groups (1 when the groups share the input): (pixel block fastest, then
+    row block) on axis 0, as ``dw._row_pixel_blocks`` decodes it, and the group on axis 1."""
+    return checked_grid("dw_taps", triton.cdiv(hw, block_s) * triton.cdiv(rows, block_r), groups)
+
+
+def dk_grid(C: int, groups: int, split: int, block_c: int) -> tuple:
+    """Grid of the dw_taps kernel-gradient kernel: (channel block, group, split); every program
+    loops over its share of the (n, pixel block) pairs, so the image size is not on the grid."""
+    return checked_grid("dw_taps dkernels", triton.cdiv(C, block_c), groups, split)
+
+
+def epi_grid(hw: int, n: int, blocks: int, block_p: int) -> tuple:
+    """Grid of the epilogue forward and dz kernels: (pixel block, image, output-channel or K
+    block). The pixel blocks are on axis 0; the batch must fit axis 1 (65535 images)."""
+    return checked_grid("pw_epilogue", triton.cdiv(hw, block_p), n, blocks)
+
+
+def check_index_range(kernel: str, planes: int, hw: int) -> None:
+    """A ValueError naming ``kernel`` when ``planes`` or the pixels per plane ``hw`` reach
+    INDEX_LIMIT (the kernels index them with int32)."""
+    if planes >= INDEX_LIMIT or hw >= INDEX_LIMIT:
+        raise ValueError(f"{kernel}: {planes} planes of {hw} pixels each exceed the kernels' "
+                         f"int32 indexing (both must stay below {INDEX_LIMIT})")
+
+
+def plane_offsets_fit(shape, strides) -> bool:
+    """True when every offset within one (H, W) plane, ``h * stride_h + w * stride_w``, fits in
+    int32 (the kernels compute it in int32; the plane's start is int64)."""
+    H, W = shape[-2:]
+    return (H - 1) * strides[-2] + (W - 1) * strides[-1] <= INT32_MAX
+
+
+def int32_planes(t):
+    """``t``, or a contiguous copy of it when its in-plane offsets would overflow int32 (a
+    channels-last or transposed view of a very large image); None stays None."""
+    if t is None or plane_offsets_fit(t.shape, t.stride()):
+        return t
+    return t.contiguous()
+
+
 @lru_cache(maxsize=256)
 def _tables_host(taps: tuple, dilations: tuple):
     return (torch.tensor(taps, dtype=torch.int32), torch.tensor(dilations, dtype=torch.int32))
@@ -126,11 +187,12 @@ def _launch_fwd(x, kernels, taps, dilations, relu_input, shared_input):
     y = torch.empty((N, G * C, H, W), device=x.device, dtype=x.dtype)
     if y.numel() == 0:
         return y
+    check_index_range("dw_taps", max(N * C, G * C), H * W)
+    x = int32_planes(x)
     kc = kernels.contiguous()
     tt, dd = _tables(taps, dilations, x.device)
     cfg = _fwd_cfg(N * C, H * W)
-    grid = (triton.cdiv(N * C, cfg["BLOCK_R"]), 1 if shared_input else G,
-            triton.cdiv(H * W, cfg["BLOCK_S"]))
+    grid = dw_grid(N * C, 1 if shared_input else G, H * W, cfg["BLOCK_R"], cfg["BLOCK_S"])
     _dw._dw_taps_fwd[grid](x, kc, tt, dd, y, N, C, H, W, *x.stride(), G,
                            KMAX=K, RELU=bool(relu_input), SHARED=bool(shared_input),
                            ACC=_acc_dtype(x.dtype), **cfg)
@@ -146,17 +208,18 @@ def _launch_bwd(gy, x, kernels, taps, dilations, relu_input, shared_input):
     dx = torch.empty((N, Cin, H, W), device=x.device, dtype=x.dtype)
     if dx.numel() == 0:
         return dx, torch.zeros_like(kernels)
+    check_index_range("dw_taps_backward", max(N * C, G * C), H * W)
+    x = int32_planes(x)
     acc = _acc_dtype(x.dtype)
     cfg = _fwd_cfg(N * C, H * W)
-    grid = (triton.cdiv(N * C, cfg["BLOCK_R"]), 1 if shared_input else G,
-            triton.cdiv(H * W, cfg["BLOCK_S"]))
+    grid = dw_grid(N * C, 1 if shared_input else G, H * W, cfg["BLOCK_R"], cfg["BLOCK_S"])
     _dw._dw_taps_bwd_dx[grid](gy, x, kc, tt, dd, dx, N, C, H, W, *x.stride(), G,
                               KMAX=K, RELU=bool(relu_input), SHARED=bool(shared_input),
                               ACC=acc, **cfg)
     dcfg, split = _dk_cfg(C, G, N, H * W, x.device)
     pdt = torch.float64 if x.dtype == torch.float64 else torch.float32
     part = torch.empty((split, G, C, K * K), device=x.device, dtype=pdt)
-    grid = (triton.cdiv(C, dcfg["BLOCK_C"]), G, split)
+    grid = dk_grid(C, G, split, dcfg["BLOCK_C"])
     _dw._dw_taps_bwd_dk[grid](gy, x, tt, dd, part, N, C, H, W, *x.stride(), G, split,
                               KMAX=K, KKP=_pow2(K * K), RELU=bool(relu_input),
                               SHARED=bool(shared_input), ACC=acc, **dcfg)
@@ -320,8 +383,10 @@ def pw_epilogue(z1: torch.Tensor, w1: torch.Tensor, z2: torch.Tensor | None, w2:
     if out.numel() == 0:
         return out
     K2 = w2.shape[1] if w2 is not None else 0
+    check_index_range("pw_epilogue", max(C, K1, K2), H * W)
+    z1, z2, add, res = (int32_planes(t) for t in (z1, z2, add, res))
     cfg = _epi_cfg("fwd", C, max(K1, K2), H * W)
-    grid = (triton.cdiv(H * W, cfg["BLOCK_P"]), N, triton.cdiv(C, cfg["BLOCK_CO"]))
+    grid = epi_grid(H * W, N, triton.cdiv(C, cfg["BLOCK_CO"]), cfg["BLOCK_P"])
     w1c = w1.contiguous()
     w2c = w2.contiguous() if w2 is not None else w1c
     _epi._epi_fwd[grid](z1, w1c, z2 if z2 is not None else z1, w2c,
@@ -343,7 +408,7 @@ def _epi_dzgrad(g, out, w, lrelu, gpre):
     K = w.shape[1]
     dz = torch.empty((N, K, H, W), device=g.device, dtype=g.dtype)
     cfg = _epi_cfg("dz", C, K, H * W)
-    grid = (triton.cdiv(H * W, cfg["BLOCK_P"]), N, triton.cdiv(K, cfg["BLOCK_K"]))
+    grid = epi_grid(H * W, N, triton.cdiv(K, cfg["BLOCK_K"]), cfg["BLOCK_P"])
     _epi._epi_bwd_dz[grid](g, out, w.contiguous(), dz, gpre if gpre is not None else g, C, K, H * W,
                            LRELU=bool(lrelu), STORE_GPRE=gpre is not None, ACC=_acc_dtype(g.dtype),
                            IP=_ip(g.dtype), **cfg)
@@ -351,6 +416,7 @@ def _epi_dzgrad(g, out, w, lrelu, gpre):
 
 
 def _epi_dwgrad(gpre, z):
+    z = int32_planes(z)
     N, C, H, W = gpre.shape
     K = z.shape[1]
     cfg = _epi_cfg("dw", C, K, H * W)
@@ -363,7 +429,8 @@ def _epi_dwgrad(gpre, z):
         split = max(1, min(nblk, (4 * sms + progs - 1) // progs))
     pdt = torch.float64 if gpre.dtype == torch.float64 else torch.float32
     part = torch.empty((split, C, K), device=gpre.device, dtype=pdt)
-    grid = (triton.cdiv(C, cfg["BLOCK_CO"]), triton.cdiv(K, cfg["BLOCK_K"]), split)
+    grid = checked_grid("pw_epilogue dW", triton.cdiv(C, cfg["BLOCK_CO"]), triton.cdiv(K, cfg["BLOCK_K"]),
+                        split)
     _epi._epi_bwd_dw[grid](gpre, z, part, N, C, K, H, W, split, *z.stride(),
                            ACC=_acc_dtype(gpre.dtype), IP=_ip(gpre.dtype), **cfg)
     return part.sum(0).to(gpre.dtype)

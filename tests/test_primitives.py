@@ -318,3 +318,100 @@ def test_triton_unsupported_reasons():
     if torch.cuda.is_available():
         return
     assert "TRITON_INTERPRET=1" in out.stdout, out.stdout + out.stderr
+
+
+# --- Triton launch grids ----------------------------------------------------------------------
+def test_triton_grids_fit_cuda_limits():
+    """Grid arithmetic at large logical sizes, nothing allocated: an 8192x8192 image and a
+    1 x 2**25 plane at the shipped GPU block sizes, for one image and batches of many (n, c)
+    planes. Their pixel blocks alone exceed 65535 (the limit of grid axes 1 and 2, where they
+    used to be); on axis 0 every (row, pixel) block gets exactly one program."""
+    ops = _triton_ops()
+    limits = ops.GRID_LIMITS
+    br, bs = ops.GPU_FWD_CFG["BLOCK_R"], ops.GPU_FWD_CFG["BLOCK_S"]
+    for H, W in ((8192, 8192), (1, 2**25)):
+        pixel_blocks = -(-H * W // bs)
+        assert pixel_blocks > 65535
+        for rows in (1, 48, 64 * 48, 8192):
+            for groups in (1, 9):
+                grid = ops.dw_grid(rows, groups, H * W, br, bs)
+                assert grid == (pixel_blocks * -(-rows // br), groups)
+                assert all(n <= lim for n, lim in zip(grid, limits))
+        for N in (1, 64):
+            for blocks in (1, 4):
+                grid = ops.epi_grid(H * W, N, blocks, ops.GPU_EPI_FWD_CFG["BLOCK_P"])
+                assert grid[1:] == (N, blocks) and grid[0] <= limits[0]
+        ops.check_index_range("dw_taps", 8192, H * W)  # fits int32 indexing
+    with pytest.raises(ValueError, match="grid axis 0"):  # 2**36 programs: no launch can hold it
+        ops.dw_grid(2**20, 1, 2**25, br, bs)
+    with pytest.raises(ValueError, match="grid axis 1"):
+        ops.dw_grid(48, 70000, 64, br, bs)
+    with pytest.raises(ValueError, match="grid axis 1"):
+        ops.epi_grid(64, 70000, 1, 64)
+    with pytest.raises(ValueError, match="int32"):
+        ops.check_index_range("dw_taps", 48, 46341 * 46341)
+    with pytest.raises(ValueError, match="int32"):
+        ops.check_index_range("dw_taps", 2**31, 64)
+
+
+def test_triton_plane_offsets_int32():
+    """In-plane offsets h * stride_h + w * stride_w are int32 in the kernels: a channels-last
+    8192x8192 image with 48 channels overflows them and is copied to NCHW before a launch."""
+    ops = _triton_ops()
+    C, H, W = 48, 8192, 8192
+    assert ops.plane_offsets_fit((1, C, H, W), (C * H * W, H * W, W, 1))
+    assert not ops.plane_offsets_fit((1, C, H, W), (C * H * W, 1, W * C, C))
+    x = torch.randn(1, 4, 3, 5).to(memory_format=torch.channels_last)
+    assert ops.int32_planes(x) is x and ops.int32_planes(None) is None
+
+
+@pytest.fixture
+def small_triton_blocks(monkeypatch):
+    """Tiny blocks, so that a small problem has several row, pixel, channel and split blocks."""
+    ops = _triton_ops()
+    monkeypatch.setattr(ops, "_fwd_cfg", lambda rows, hw: dict(BLOCK_R=2, BLOCK_S=16, num_warps=4))
+    monkeypatch.setattr(ops, "_dk_cfg", lambda C, G, N, hw, device: (dict(BLOCK_C=2, BLOCK_S=16, num_warps=4), 3))
+    monkeypatch.setattr(ops, "_epi_cfg", lambda kind, C, K, HW: dict(BLOCK_CO=16, BLOCK_P=16, BLOCK_K=16, num_warps=4))
+    return ops
+
+
+@pytest.mark.parametrize("shared,layout", [(True, "contiguous"), (False, "channels_last")])
+def test_triton_dw_many_blocks(small_triton_blocks, shared, layout):
+    """3 images x 3 channels (5 row blocks of 2, the last one partial) of 7x9 pixels (4 pixel
+    blocks of 16, the last one partial), 3 groups: forward, dx and dkernels match the twin."""
+    ops = small_triton_blocks
+    ks, ds = (3, 5, 3), (1, 1, 2)
+    N, C, H, W, G = 3, 3, 7, 9, len(ks)
+    gen = torch.Generator().manual_seed(11)
+    x0 = torch.randn(N, C if shared else G * C, H, W, generator=gen, dtype=torch.float64)
+    if layout == "channels_last":
+        x0 = x0.to(memory_format=torch.channels_last)
+    k0 = torch.randn(G, C, 5, 5, generator=gen, dtype=torch.float64)
+    gy = torch.randn(N, G * C, H, W, generator=gen, dtype=torch.float64)
+    assert ops.dw_grid(N * C, 1 if shared else G, H * W, 2, 16) == (4 * 5, 1 if shared else G)
+    outs = []
+    for fn in (ops.grouped_dw, grouped_dw_ref):
+        x = x0.clone().requires_grad_(True)
+        k = k0.clone().requires_grad_(True)
+        y = fn(x, k, ks, ds, True, shared)
+        outs.append((y,) + torch.autograd.grad(y, (x, k), gy))
+    for a, b, what in zip(outs[0], outs[1], ("y", "dx", "dkernels")):
+        torch.testing.assert_close(a, b, rtol=1e-12, atol=1e-12, msg=lambda m: f"{what}: {m}")
+
+
+def test_triton_pw_epilogue_many_blocks(small_triton_blocks):
+    """3 images of 7x9 pixels (4 pixel blocks of 16) and 20 output channels (2 blocks of 16):
+    the epilogue and its gradients match einsum."""
+    ops = small_triton_blocks
+    gen = torch.Generator().manual_seed(12)
+
+    def r(*s):
+        return torch.randn(*s, generator=gen, dtype=torch.float64).requires_grad_(True)
+    z1, w1, z2, w2, add, res = r(3, 18, 7, 9), r(20, 18), r(3, 5, 7, 9), r(20, 5), r(3, 20, 7, 9), r(3, 20, 7, 9)
+    leaves = (z1, w1, z2, w2, add, res)
+    g = torch.randn(3, 20, 7, 9, generator=gen, dtype=torch.float64)
+    o1 = ops.pw_epilogue(z1, w1, z2, w2, add, res, True)
+    o2 = _epi_ref(z1, w1, z2, w2, add, res, True)
+    torch.testing.assert_close(o1, o2, rtol=1e-12, atol=1e-12)
+    for a, b in zip(torch.autograd.grad(o1, leaves, g), torch.autograd.grad(o2, leaves, g)):
+        torch.testing.assert_close(a, b, rtol=1e-12, atol=1e-12)
