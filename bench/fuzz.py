@@ -6,30 +6,33 @@
     python bench/fuzz.py --case 1234 --backend native        # replay one case, verbose
 
 Each case is derived from (seed, case index) alone (``make_case``): a random op subset (1 to all
-registered ops, in random order, ``skip_connect`` included), N 1..3, C 1..16, H and W 1..9, a
-weighting (softmax, signed raw, one-hot, all zero; the weights a vector, a row of a (3, K) tensor
-as the cell passes them, or a strided column), an input layout (contiguous, a channel slice of a
-bigger tensor, H/W transposed, channels_last), fp64 or fp32, ``mixed_op`` or ``distill_step``
-(distillation 1x1 with max(C//2, 1) outputs, with or without a bias), and the gradients asked
-for (all, or ``backward(inputs=...)`` with the weights and/or the parameters, with or without x,
-as the architecture and weight steps of a search do). Backends that run interpreted (triton on a
-CPU) get tiny cases (``TINY``).
+registered ops, in random order, ``skip_connect`` included), N 1..3, C 1..16, H and W 1..9 (one
+case in 8: W 10..72, for vectorised row code), a weighting (softmax, signed raw, one-hot, all
+zero; the weights a vector, a row of a (3, K) tensor as the cell passes them, or a strided
+column), an input layout (contiguous, a channel slice of a bigger tensor, H/W transposed,
+channels_last), fp64 or fp32, ``mixed_op`` or ``distill_step`` (distillation 1x1 with
+max(C//2, 1) outputs, with or without a bias), and the gradients asked for (all, or
+``backward(inputs=...)`` with the weights and/or the parameters, with or without x, as the
+architecture and weight steps of a search do). Backends that run interpreted (triton on a CPU)
+get tiny cases (``TINY``).
 
 What is compared: the outputs and the gradients asked for: of x (of the whole tensor x is a view
 of), of the weights (of their whole tensor), of every op parameter and of the distillation conv,
-after a backward pass with random cotangents; and that the backend modified none of its inputs. The truth is the reference
-backend run in fp64 on the case's values (for fp32 cases, on the fp32-rounded values). The error
-bound is elementwise: ``|got - truth| <= TOL_ULPS * u * mag`` with ``u`` the unit round-off of the
-case's dtype and ``mag`` the same reference computation run on the absolute values of every
-input (x, weights, parameters, cotangents), which bounds the sum of the magnitudes of the terms
-that make up each element (every op is linear or a ReLU / LeakyReLU). An element whose terms are
-all zero must be exactly zero.
+after a backward pass with random cotangents; and that the backend modified none of its inputs.
+The truth is the reference backend run in fp64 on the case's values (for fp32 cases, on the
+fp32-rounded values). The error bound is elementwise: ``|got - truth| <= TOL_ULPS * u * mag``
+with ``u`` the unit round-off of the case's dtype and ``mag`` the same reference computation run
+on the absolute values of every input (x, weights, parameters, cotangents), which bounds the sum
+of the magnitudes of the terms that make up each element (every op is linear or a ReLU /
+LeakyReLU). An element whose terms are all zero must be exactly zero.
 
 ReLU kinks: a pre-activation within rounding error of zero may have either sign in a correct
 fp32 computation, and then a gradient legitimately differs by a whole term. So the truth run
 also records every ReLU / LeakyReLU input that is computed (not x itself) and, when one lies
-within ``KINK_ULPS * u * mag`` of zero, the case's values are drawn again (attempt 1, 2, ...;
-still a function of seed and index). The number of redraws is reported.
+within ``KINK_ULPS * u * mag`` of zero (and is not exactly zero: all its terms zero), the case's
+values are drawn again (attempt 1, 2, ...; still a function of seed and index). The number of
+redraws is reported; after MAX_ATTEMPTS draws the case runs with its best draw, and a mismatch
+report says how close to a kink it is.
 
 The summary is Markdown on stdout (``--out`` also writes it to a file).
 """
@@ -74,26 +77,31 @@ TARGETS = ("all", "weights", "x,weights", "params", "x,params")
 DTYPES = {"float64": torch.float64, "float32": torch.float32}
 #: error bound, in units of the dtype's unit round-off times the magnitude of the terms
 TOL_ULPS = 64
-#: pre-activations closer to zero than this (same units) make the case's values be redrawn: a
-#: correct backend's pre-activations are within the same bound, so beyond it no sign can flip
-KINK_ULPS = TOL_ULPS
-MAX_ATTEMPTS = 50
+#: pre-activations closer to zero than this (same units) make the case's values be redrawn: 4x
+#: the worst pre-activation error of the fp32 reference itself (3.5 u over 147 fp32 cases)
+KINK_ULPS = 16
+MAX_ATTEMPTS = 20
 #: backends whose kernels are interpreted on a CPU (seconds per case): they get TINY cases there
 INTERPRETED_ON_CPU = ("triton",)
 
 
 @dataclasses.dataclass(frozen=True)
 class Limits:
-    """Upper bounds of a case's random sizes (each drawn uniformly from 1..bound)."""
+    """Upper bounds of a case's random sizes (each drawn uniformly from 1..bound); one case in
+    WIDE_ODDS has a wide W (size+1..wide) instead, when ``wide`` is not 0."""
 
     ops: int
     batch: int
     channels: int
     size: int
+    wide: int = 0
 
 
-FULL = Limits(ops=len(OPS), batch=3, channels=16, size=9)
+#: wide rows reach the vectorised code: the native CPU stencil works in blocks of 2 x 512 bits
+#: (32 fp32, 16 fp64), then 1 x 512 bits, then a scalar tail; 72 = 2 blocks of 32 + 8
+FULL = Limits(ops=len(OPS), batch=3, channels=16, size=9, wide=72)
 TINY = Limits(ops=3, batch=2, channels=4, size=5)
+WIDE_ODDS = 8
 SIZES = {"full": FULL, "tiny": TINY}
 
 
@@ -158,6 +166,8 @@ def make_case(seed: int, index: int, size: str = "full") -> Case:
     ops = tuple(rng.sample(names, rng.randint(1, min(lim.ops, len(names)))))
     shape = (rng.randint(1, lim.batch), rng.randint(1, lim.channels),
              rng.randint(1, lim.size), rng.randint(1, lim.size))
+    if lim.wide and rng.randrange(WIDE_ODDS) == 0:
+        shape = shape[:3] + (rng.randint(lim.size + 1, lim.wide),)
     layout = rng.choice(LAYOUTS)
     pad = (rng.randint(1, 3), rng.randint(0, 3)) if layout == "channel_slice" else (0, 0)
     distill = rng.random() < 0.5
@@ -399,10 +409,11 @@ def _reference():
 
 def truth_of(case: Case):
     """(values, truth, magnitudes, attempts, kink margin) with values redrawn until no computed
-    pre-activation is within KINK_ULPS of zero (see the module docstring)."""
+    pre-activation is within KINK_ULPS of zero (see the module docstring); after MAX_ATTEMPTS
+    draws, the draw with the largest margin (a mismatch report then names the margin)."""
     u = unit_roundoff(DTYPES[case.dtype])
     ref = _reference()
-    margin = math.inf
+    best = None
     for attempt in range(MAX_ATTEMPTS):
         values = make_values(case, attempt)
         pre, pre_mag = [], []
@@ -411,13 +422,14 @@ def truth_of(case: Case):
         margin = math.inf
         for v, m in zip(pre, pre_mag):
             r = v.abs() / (u * m)
+            r = r[v != 0]  # an exact zero (all its terms are zero) is zero in every backend
             if r.numel():
                 margin = min(margin, r.min().item())
+        if best is None or margin > best[4]:
+            best = (values, truth, mag, attempt + 1, margin)
         if margin > KINK_ULPS:
-            return values, truth, mag, attempt + 1, margin
-    raise RuntimeError(f"case {case.index}: a ReLU input within {KINK_ULPS} u of zero in each of "
-                       f"{MAX_ATTEMPTS} draws of the values (closest {margin:.3g} u); "
-                       f"{case.describe()}")
+            break
+    return best
 
 
 def run_case(seed: int, index: int, backend, device="cpu", size: str | None = None,
@@ -445,6 +457,9 @@ def run_case(seed: int, index: int, backend, device="cpu", size: str | None = No
         bad.append(f"inputs modified in place: {', '.join(modified)}")
     if bad:
         res.status = "mismatch"
+        if margin <= KINK_ULPS:
+            bad.append(f"(a ReLU input is only {margin:.3g} u from zero in all {MAX_ATTEMPTS} draws: "
+                       f"a correct backend may take the other side of that kink)")
         res.detail = "\n  ".join(bad)
     res.seconds = time.perf_counter() - t0
     return res
@@ -527,8 +542,8 @@ def summary(per_backend: dict, seed: int, device: str, argv) -> str:
              f"(u = {unit_roundoff(torch.float32):.3g} fp32, {unit_roundoff(torch.float64):.3g} "
              f"fp64); values redrawn when a ReLU input is within {KINK_ULPS} u of zero", "",
              "| backend | size | cases | skipped | mismatches | crashes | worst fp64 (u) | "
-             "worst fp32 (u) | redraws | seconds |",
-             "|---|---|---|---|---|---|---|---|---|---|"]
+             "worst fp32 (u) | redraws | near a kink | seconds |",
+             "|---|---|---|---|---|---|---|---|---|---|---|"]
     failures = []
     for name, (results, secs, size) in per_backend.items():
         ran = [r for r in results if r.status != "skipped"]
@@ -538,7 +553,8 @@ def summary(per_backend: dict, seed: int, device: str, argv) -> str:
             f"| {name} | {size} | {len(ran)} | {len(results) - len(ran)} | "
             f"{sum(r.status == 'mismatch' for r in ran)} | {sum(r.status == 'crash' for r in ran)} | "
             f"{worst['float64']:.3g} | {worst['float32']:.3g} | "
-            f"{sum(r.attempts - 1 for r in ran)} | {secs:.0f} |")
+            f"{sum(r.attempts - 1 for r in ran)} | "
+            f"{sum(r.kink_margin <= KINK_ULPS for r in ran)} | {secs:.0f} |")
         failures += [r for r in ran if not r.ok]
     lines.append("")
     for name, (results, _, _) in per_backend.items():
