@@ -263,3 +263,26 @@ def test_magnitudes_bound_the_truth():
         assert set(truth) == set(mag)
         for name in truth:
             assert (mag[name] >= truth[name].abs() * (1 - 1e-12)).all(), (name, case.describe())
+
+
+def test_kink_margin_exceeds_fp32_preactivation_error():
+    """KINK_ULPS is a margin over how far a correct fp32 computation puts a ReLU input: the
+    reference's own fp32 pre-activations stay within KINK_ULPS / 2 of the fp64 ones."""
+    u = fuzz.unit_roundoff(torch.float32)
+    worst, n = 0.0, 0
+    for i in range(40):
+        case = fuzz.make_case(SEED, i)
+        if case.dtype != "float32" or not ({"sep"} & {get_op(o).family for o in case.ops}
+                                           or case.distill):
+            continue
+        values = fuzz.make_values(case)
+        pre64, pre32, mag = [], [], []
+        fuzz.run_backend(REF, case, values, torch.float64, "cpu", probe=pre64)
+        fuzz.run_backend(REF, case, values, torch.float32, "cpu", probe=pre32)
+        fuzz.run_backend(REF, case, values, torch.float64, "cpu", absolute=True, probe=mag)
+        for a, b, m in zip(pre64, pre32, mag):
+            ok = m > 0
+            worst = max(worst, ((b.double() - a).abs()[ok] / (u * m[ok])).max().item())
+        n += 1
+    assert n >= 10
+    assert 0 < worst <= fuzz.KINK_ULPS / 2
