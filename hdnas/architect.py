@@ -8,8 +8,19 @@
   differences with ``R = r / ||v||`` as in DARTS. The virtual step is plain SGD with the weight
   learning rate ``eta`` and weight decay (DARTS also adds the optimizer's momentum; our weight
   optimizer is Adam, whose state a virtual step should not touch).
+
+Mixed precision (``autocast``, ``scaler``): joint and darts1 compute their losses under
+``autocast()`` and step through ``scaler`` (an fp16 ``GradScaler``: the loss is scaled before
+the backward pass, the gradients unscaled and checked before the Adam step, and the step is
+skipped when one is inf/nan). darts2 ignores both and computes its whole step in fp32 (with
+autocast disabled, also inside a caller's autocast): its
+virtual step ``eta * g`` and its finite-difference offsets ``R v`` are changes of the weights
+near or below the spacing of the low-precision copies of the weights that autocast feeds to
+the convolutions, so they are partly rounded away (docs/presets.md gives a measurement).
 """
 from __future__ import annotations
+
+import contextlib
 
 import torch
 
@@ -24,11 +35,14 @@ def _grads(loss, params):
 class Architect:
     def __init__(self, model, loss_fn, rule: str = "joint", lr: float = 3e-4,
                  betas=(0.5, 0.999), weight_decay: float = 1e-8, penalty=None,
-                 w_weight_decay: float = 0.0, hvp_r: float = 1e-2):
+                 w_weight_decay: float = 0.0, hvp_r: float = 1e-2,
+                 autocast=contextlib.nullcontext, scaler: torch.amp.GradScaler | None = None):
         if rule not in RULES:
             raise ValueError(f"unknown update rule {rule!r}; choose one of {RULES}")
         self.model, self.loss_fn, self.rule, self.penalty = model, loss_fn, rule, penalty
         self.w_weight_decay, self.hvp_r = w_weight_decay, hvp_r
+        self.autocast = autocast
+        self.scaler = scaler if scaler is not None else torch.amp.GradScaler(enabled=False)
         self.optimizer = torch.optim.Adam(model.arch_parameters(), lr=lr, betas=betas,
                                           weight_decay=weight_decay)
 
@@ -50,24 +64,24 @@ class Architect:
         arch = self.model.arch_parameters()
         self.optimizer.zero_grad(set_to_none=True)
         pen = self.penalty_term()
-        if self.rule == "darts2":
-            hyper, l_val = self.unrolled_hypergradient(train_batch, arch_batch, eta)
+        if self.rule == "darts2":  # fp32, unscaled, even inside a caller's autocast
+            with torch.autocast(self.model.alphas.device.type, enabled=False):
+                hyper, l_val = self.unrolled_hypergradient(train_batch, arch_batch, eta)
             for p, g in zip(arch, hyper):
                 p.grad = g
             if pen.requires_grad:
                 pen.backward(inputs=arch)  # accumulates onto the hypergradient
-            out = {"loss_arch": float(l_val.detach())}
+            self.optimizer.step()
         else:
-            l_val = self.loss(arch_batch)
-            total = l_val + pen
-            if self.rule == "joint":
-                l_train = self.loss(train_batch)
-                total = total + l_train
-            total.backward(inputs=arch)
-            out = {"loss_arch": float(l_val.detach())}
-        self.optimizer.step()
-        out["penalty"] = float(pen.detach())
-        return out
+            with self.autocast():
+                l_val = self.loss(arch_batch)
+                total = l_val + pen
+                if self.rule == "joint":
+                    total = total + self.loss(train_batch)
+            self.scaler.scale(total).backward(inputs=arch)
+            self.scaler.step(self.optimizer)  # skipped if a scaled fp16 gradient overflowed
+            self.scaler.update()
+        return {"loss_arch": float(l_val.detach()), "penalty": float(pen.detach())}
 
     def unrolled_hypergradient(self, train_batch, arch_batch, eta: float):
         """d/d(arch) of L_val(w', arch), w' = w - eta (dL_train/dw + wd w), with the

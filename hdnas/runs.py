@@ -2,14 +2,20 @@
 from __future__ import annotations
 
 import argparse
+import contextlib
 import csv
 import dataclasses
 import json
 import logging
+import math
 import os
 import platform
+import re
 import sys
 import time
+import typing
+import warnings
+from collections import defaultdict
 from pathlib import Path
 
 import torch
@@ -27,6 +33,93 @@ def pick_device(name: str) -> torch.device:
     if dev.type == "cuda" and not torch.cuda.is_available():
         raise SystemExit(f"error: --device {name}: this torch ({torch.__version__}) sees no CUDA GPU")
     return dev
+
+
+AMP_MODES = ("off", "bf16", "fp16")
+_AMP_DTYPES = {"off": None, "bf16": torch.bfloat16, "fp16": torch.float16}
+
+
+def check_amp(mode: str) -> None:
+    if mode not in AMP_MODES:
+        raise ValueError(f"--amp must be one of {', '.join(AMP_MODES)}, got {mode!r}")
+
+
+class Amp:
+    """Mixed precision for one loop. ``autocast()`` wraps forward passes and losses (parameters,
+    alpha/beta and all gradients stay fp32: autocast only lowers the precision of the op
+    inputs); ``scaler()`` makes a gradient scaler, active for fp16 only (bf16 has fp32's
+    exponent range, so its gradients need no scaling)."""
+
+    def __init__(self, mode: str, device: torch.device):
+        check_amp(mode)
+        self.mode, self.device_type, self.dtype = mode, device.type, _AMP_DTYPES[mode]
+        if self.dtype is not None:
+            # torch disables an autocast it cannot do (with a warning) instead of failing
+            with warnings.catch_warnings():
+                warnings.simplefilter("ignore")
+                with torch.autocast(self.device_type, dtype=self.dtype):
+                    ok = (torch.is_autocast_enabled(self.device_type)
+                          and torch.get_autocast_dtype(self.device_type) == self.dtype)
+            if not ok:
+                raise ValueError(f"--amp {mode}: this torch ({torch.__version__}) cannot autocast "
+                                 f"to {self.dtype} on {self.device_type}; use --amp off or "
+                                 "another device")
+
+    def autocast(self):
+        if self.dtype is None:
+            return contextlib.nullcontext()
+        return torch.autocast(self.device_type, dtype=self.dtype)
+
+    def scaler(self) -> torch.amp.GradScaler:
+        """A gradient scaler: pass-through (``scale`` returns the loss, ``step`` steps the
+        optimizer) unless the mode is fp16."""
+        return torch.amp.GradScaler(self.device_type, enabled=self.mode == "fp16")
+
+
+def step_schedule(sched) -> None:
+    """``sched.step()``, without torch's warning that it ran before the optimizer's first step:
+    with fp16 the gradient scaler skips the first steps while it finds its scale, and the
+    schedule counts steps, skipped or not."""
+    with warnings.catch_warnings():
+        warnings.filterwarnings("ignore", re.escape("Detected call of `lr_scheduler.step()`"),
+                                UserWarning)
+        sched.step()
+
+
+class StepTimer:
+    """Wall time per step and per named part of a step, over the steps since the last
+    ``reset``. ``mean(part)`` averages over the steps in which ``part`` ran (its parts entered
+    several times in one step add up); NaN if none did. On CUDA each reading synchronises the
+    device, so the times are those of the work, not of its launch."""
+
+    def __init__(self, device: torch.device, clock=time.perf_counter):
+        self.clock, self.sync = clock, device.type == "cuda"
+        self.reset()
+
+    def reset(self) -> None:
+        self.total, self.steps, self._seen = defaultdict(float), defaultdict(int), set()
+
+    def now(self) -> float:
+        if self.sync:
+            torch.cuda.synchronize()
+        return self.clock()
+
+    @contextlib.contextmanager
+    def part(self, name: str):
+        t = self.now()
+        try:
+            yield
+        finally:
+            self.total[name] += self.now() - t
+            self._seen.add(name)
+
+    def end_step(self) -> None:
+        for name in self._seen:
+            self.steps[name] += 1
+        self._seen.clear()
+
+    def mean(self, name: str) -> float:
+        return self.total[name] / self.steps[name] if self.steps[name] else math.nan
 
 
 def new_run_dir(out: str | None, prefix: str) -> Path:
@@ -110,8 +203,10 @@ class History:
 class Loop:
     """The step loop shared by search and train: progress bar, CSV history, log lines and
     periodic atomic checkpoints. Subclasses give ``train_step``, ``log_row``, ``describe``,
-    ``save`` and ``result``, and hold ``cfg`` (steps, log_every, ckpt_every), ``step``,
-    ``history``."""
+    ``state_dict`` and ``result``, and hold ``cfg`` (steps, log_every, ckpt_every, amp),
+    ``step``, ``history``. ``timer`` times every step (part "step"); a ``train_step`` may time
+    its own parts with ``self.timer.part(name)``. ``log_row`` gets the timer when the logged
+    interval ends: its means are over the steps since the previous logged row."""
 
     name = "run"
 
@@ -124,6 +219,8 @@ class Loop:
         torch.manual_seed(cfg.seed)
         self.gen = torch.Generator().manual_seed(cfg.seed + 1)
         self.step = 0
+        self.amp = Amp(cfg.amp, self.device)
+        self.timer = StepTimer(self.device)
 
     def save(self) -> None:
         """The whole state (``state_dict``), atomically."""
@@ -135,36 +232,59 @@ class Loop:
         cfg = self.cfg
         end = cfg.steps if stop_after is None else min(cfg.steps, self.step + stop_after)
         bar = tqdm(total=cfg.steps, initial=self.step, disable=quiet, desc=self.name, unit="step")
-        t0, n0 = time.perf_counter(), self.step
+        timer = self.timer
+        timer.reset()
         while self.step < end:
-            out = self.train_step()
+            with timer.part("step"):
+                out = self.train_step()
+            timer.end_step()
             bar.update(1)
             bar.set_postfix(loss=f"{out['loss_train']:.3f}")
             if self.step % cfg.log_every == 0 or self.step == cfg.steps:
-                sec = (time.perf_counter() - t0) / max(1, self.step - n0)
-                self.history.append(self.log_row(out, sec))
-                log.info("step %d/%d loss %.4f %.2fs/step %s", self.step, cfg.steps,
-                         out["loss_train"], sec, self.describe(out))
+                self.history.append(self.log_row(out, timer))
+                parts = ", ".join(f"{k} {timer.mean(k):.3f}s" for k in sorted(timer.steps)
+                                  if k != "step")
+                log.info("step %d/%d loss %.4f %.3fs/step%s %s", self.step, cfg.steps,
+                         out["loss_train"], timer.mean("step"), f" ({parts})" if parts else "",
+                         self.describe(out))
+                timer.reset()
             if self.step % cfg.ckpt_every == 0 or self.step == cfg.steps:
                 self.save()
         bar.close()
         return self.result()
 
 
-def add_config_arguments(p: argparse.ArgumentParser, cfg_cls) -> None:
-    """One flag per config field (``--field-name``); None means 'not given'."""
-    d = cfg_cls()
+def _scalar_type(hint):
+    """``int`` for ``int``, ``int | None`` and ``Optional[int]``."""
+    args = [a for a in typing.get_args(hint) if a is not type(None)]
+    return args[0] if args else hint
+
+
+def add_config_arguments(p: argparse.ArgumentParser, cfg_cls, helps: dict | None = None) -> None:
+    """One flag per config field (``--field-name``), typed by the field's annotation; None
+    means 'not given'. ``helps``: extra help text per field name."""
+    d, hints, helps = cfg_cls(), typing.get_type_hints(cfg_cls), helps or {}
     for f in dataclasses.fields(cfg_cls):
         flag = "--" + f.name.replace("_", "-")
         default = getattr(d, f.name)
+        text = " ".join(filter(None, [helps.get(f.name), f"(default {default!r})"]))
         if isinstance(default, bool):
-            p.add_argument(flag, action=argparse.BooleanOptionalAction, default=None)
+            p.add_argument(flag, action=argparse.BooleanOptionalAction, default=None, help=text)
         elif isinstance(default, list):
             typ = type(default[0]) if default else str
-            p.add_argument(flag, nargs="+", type=typ, default=None, help=f"default {default}")
+            p.add_argument(flag, nargs="+", type=typ, default=None, help=text)
         else:
-            typ = type(default) if default is not None else float  # None: optional number
-            p.add_argument(flag, type=typ, default=None, help=f"default {default!r}")
+            p.add_argument(flag, type=_scalar_type(hints[f.name]), default=None, help=text)
+
+
+FIELD_HELP = {  # fields whose name and default do not say enough
+    "amp": f"mixed precision, one of {', '.join(AMP_MODES)}: forward passes and losses under "
+           "torch.autocast in bf16, or in fp16 with gradient scaling; parameters, alpha/beta "
+           "and gradients stay fp32",
+    "warmup": "weight-only steps before the architecture updates; unset: --warmup-fraction "
+              "of --steps",
+    "warmup_fraction": "the warm-up's share of --steps when --warmup is not given",
+}
 
 
 def cli_main(argv, loop_cls, cfg_cls, presets: dict, prog: str, doc: str,
@@ -173,11 +293,13 @@ def cli_main(argv, loop_cls, cfg_cls, presets: dict, prog: str, doc: str,
     p = argparse.ArgumentParser(prog=prog, description=doc,
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--resume", metavar="RUN_DIR", help="continue the run in RUN_DIR")
-    p.add_argument("--preset", choices=sorted(presets), help="start from these settings")
+    p.add_argument("--preset", choices=sorted(presets),
+                   help="start from these settings (each one's differences from the release: "
+                        "docs/presets.md)")
     p.add_argument("--quiet", action="store_true", help="no progress bar or console log")
     if add_arguments:
         add_arguments(p)
-    add_config_arguments(p, cfg_cls)
+    add_config_arguments(p, cfg_cls, FIELD_HELP)
     args = p.parse_args(argv)
     try:
         if args.resume:

@@ -22,7 +22,7 @@ from hdnas.genotype import check_scale
 from hdnas.losses import ComplexityPenalty, SRLoss
 from hdnas.mixed import available_backends, resolve_backend
 from hdnas.network import SuperNet
-from hdnas.runs import History, Loop, cli_main
+from hdnas.runs import History, Loop, check_amp, cli_main, step_schedule
 from hdnas.space import DLSR_PRIMITIVES, check_op_set
 from hdnas.visualize import plot_run
 
@@ -31,7 +31,8 @@ log = logging.getLogger("hdnas")
 
 @dataclass
 class SearchConfig:
-    """Defaults finish on 2 CPU cores in about 10 minutes; ``--preset paper`` is the release's."""
+    """Defaults finish on 2 CPU cores in about 10 minutes; ``--preset paper`` is the release's
+    search (docs/presets.md lists what still differs)."""
 
     train_dir: str = ""  # empty: the embedded default data
     arch_dir: str = ""  # empty with a train_dir: the last arch_fraction of train_dir's images
@@ -45,7 +46,8 @@ class SearchConfig:
     batch: int = 4
     patch: int = 64  # HR patch side; the LR patch is patch // scale
     steps: int = 80
-    warmup: int = 20  # weight-only steps before alpha/beta updates (the release: 20 epochs)
+    warmup: int | None = None  # weight-only steps before alpha/beta updates; None: auto
+    warmup_fraction: float = 0.25  # the auto warm-up: this share of the steps
     rule: str = "joint"
     lr: float = 5e-4
     lr_milestones: list = field(default_factory=lambda: [0.2, 0.4, 0.6])  # fractions of steps
@@ -60,6 +62,7 @@ class SearchConfig:
     budget_kind: str = "params"
     backend: str = "reference"  # a backend name, or "fused"
     device: str = "auto"
+    amp: str = "off"  # off, bf16 or fp16
     seed: int = 9
     threads: int = 0
     log_every: int = 10
@@ -83,19 +86,41 @@ class SearchConfig:
                              f"{15 * self.scale})")
         if not 0 < self.arch_fraction < 1:
             raise ValueError("--arch-fraction must be between 0 and 1")
-        if not 0 <= self.warmup <= self.steps:
-            raise ValueError("--warmup must be between 0 and --steps")
+        if not 0 <= self.warmup_fraction <= 1:
+            raise ValueError("--warmup-fraction must be between 0 and 1, got "
+                             f"{self.warmup_fraction}")
+        if self.warmup is not None and not 0 <= self.warmup <= self.steps:
+            raise ValueError(f"--warmup {self.warmup} is not between 0 and --steps {self.steps}; "
+                             "leave --warmup out for a warm-up of --warmup-fraction "
+                             f"({self.warmup_fraction}) of the steps")
+        check_amp(self.amp)
         if self.budget_kind not in ("params", "macs"):
             raise ValueError("--budget-kind must be 'params' or 'macs'")
 
+    def warmup_steps(self) -> int:
+        """The number of weight-only steps: ``warmup``, or when it is unset (None)
+        ``warmup_fraction`` of ``steps``, rounded to the nearest integer."""
+        if self.warmup is not None:
+            return self.warmup
+        return round(self.warmup_fraction * self.steps)
+
 
 PRESETS = {
-    # The release's search: DF2K, x2, HR patch 64, batch 64, 1000 epochs of 1000 batches,
-    # architecture updates after epoch 20. Give --train-dir/--arch-dir and --steps yourself.
+    # The release's search: DF2K, x2, HR patch 64, batch 64, 1000 epochs of about 1000 batches,
+    # architecture updates after epoch 20 (2% of the run), and no working complexity penalty
+    # (the release's is detached). Give --train-dir (and --arch-dir) yourself;
+    # docs/presets.md lists what still differs. --penalty 1 adds our penalty with a gradient.
     "paper": dict(batch=64, patch=64, scale=2, channels=48, cells=6, lr=5e-4, arch_lr=3e-4,
-                  hfen=0.2, rule="joint", warmup=20_000, steps=1_000_000, ckpt_every=1000,
-                  log_every=100),
+                  hfen=0.2, rule="joint", penalty=0.0, warmup=None, warmup_fraction=0.02,
+                  steps=1_000_000, ckpt_every=1000, log_every=100),
 }
+
+
+# history.csv's time columns: the mean seconds, over the steps since the previous row, of a
+# whole step, of its weight part (over all steps) and of its architecture part (over the steps
+# that had one; nan if none did). A step with an architecture update takes about
+# sec_weight_step + sec_arch_step.
+TIME_COLUMNS = {"sec_per_step": "step", "sec_weight_step": "weight", "sec_arch_step": "arch"}
 
 
 class Search(Loop):
@@ -114,12 +139,16 @@ class Search(Loop):
                                       betas=(0.9, 0.999), weight_decay=cfg.weight_decay)
         milestones = sorted({max(1, int(m * cfg.steps)) for m in cfg.lr_milestones})
         self.sched = torch.optim.lr_scheduler.MultiStepLR(self.w_opt, milestones, cfg.lr_gamma)
+        self.w_scaler = self.amp.scaler()
         self.architect = Architect(self.model, self.loss_fn, cfg.rule, cfg.arch_lr,
                                    weight_decay=cfg.arch_weight_decay, penalty=self._penalty(),
-                                   w_weight_decay=cfg.weight_decay)
+                                   w_weight_decay=cfg.weight_decay, autocast=self.amp.autocast,
+                                   scaler=self.amp.scaler())
+        self.warmup = cfg.warmup_steps()
         n_alpha = self.model.alphas.numel()
         self.history = History(run_dir / "history.csv",
-                               ["step", "lr", "loss_train", "loss_arch", "penalty", "sec_per_step"]
+                               ["step", "lr", "loss_train", "loss_arch", "penalty"]
+                               + list(TIME_COLUMNS)
                                + [f"alpha_{i}" for i in range(n_alpha)]
                                + [f"beta{c + 3}_{j}" for c in range(cfg.cells - 2)
                                   for j in range(c + 2)])
@@ -151,6 +180,8 @@ class Search(Loop):
     def state_dict(self) -> dict:
         return {"step": self.step, "model": self.model.state_dict(), "w_opt": self.w_opt.state_dict(),
                 "sched": self.sched.state_dict(), "a_opt": self.architect.optimizer.state_dict(),
+                "w_scaler": self.w_scaler.state_dict(),
+                "a_scaler": self.architect.scaler.state_dict(),
                 "rng": checkpoint.rng_state(self.gen), "config": dataclasses.asdict(self.cfg)}
 
     def load_state_dict(self, s: dict) -> None:
@@ -158,6 +189,9 @@ class Search(Loop):
         self.w_opt.load_state_dict(s["w_opt"])
         self.sched.load_state_dict(s["sched"])
         self.architect.optimizer.load_state_dict(s["a_opt"])
+        # a disabled scaler's state is {}; checkpoints from before --amp have none
+        self.w_scaler.load_state_dict(s.get("w_scaler", {}))
+        self.architect.scaler.load_state_dict(s.get("a_scaler", {}))
         checkpoint.set_rng_state(s["rng"], self.gen)
         self.step = s["step"]
 
@@ -169,9 +203,16 @@ class Search(Loop):
         return self.model.genotype(name=self.run_dir.name)
 
     def summary(self) -> str:
-        return (f"backend {self.backend.name} on {self.device}; {len(self.train_data)} train / "
-                f"{len(self.arch_data)} arch images; supernet "
-                f"{sum(p.numel() for p in self.model.weight_parameters())} weights")
+        cfg = self.cfg
+        auto = "" if cfg.warmup is not None else f" (auto: {cfg.warmup_fraction:g} of the steps)"
+        amp = f"; amp {cfg.amp}" if cfg.amp != "off" else ""
+        if amp and cfg.rule == "darts2":
+            amp += " for the weight steps (darts2's architecture step runs in fp32)"
+        return (f"backend {self.backend.name} on {self.device}{amp}; {len(self.train_data)} "
+                f"train / {len(self.arch_data)} arch images; supernet "
+                f"{sum(p.numel() for p in self.model.weight_parameters())} weights; "
+                f"architecture updates from step {self.warmup + 1}, warm-up {self.warmup} of "
+                f"{cfg.steps} steps{auto}")
 
     def finish(self, genotype) -> str:
         log.info("genotype: %s", genotype.to_dict())
@@ -184,33 +225,50 @@ class Search(Loop):
         return lr.to(self.device), hr.to(self.device)
 
     def train_step(self) -> dict:
-        cfg, m = self.cfg, self.model
-        m.train()
-        train_batch = self.batch(self.train_data)
-        arch_batch = self.batch(self.arch_data) if self.step >= cfg.warmup else None
+        """One weight step, and after the warm-up one architecture step (before the weight step
+        for the DARTS rules, after it for joint). Timed as the parts "weight" and "arch"."""
+        self.model.train()
+        arch_update = self.step >= self.warmup
         eta = self.sched.get_last_lr()[0]
+        with self.timer.part("weight"):
+            train_batch = self.batch(self.train_data)
         out = {}
-        if arch_batch is not None and self.architect.before_weight_step:
-            out.update(self.architect.step(train_batch, arch_batch, eta))
-        self.w_opt.zero_grad(set_to_none=True)
-        loss = self.loss_fn(m(train_batch[0]), train_batch[1])
-        weights = m.weight_parameters()
-        loss.backward(inputs=weights)
-        if cfg.grad_clip:
-            torch.nn.utils.clip_grad_norm_(weights, cfg.grad_clip)
-        self.w_opt.step()
-        if arch_batch is not None and not self.architect.before_weight_step:
-            out.update(self.architect.step(train_batch, arch_batch, eta))
-        self.sched.step()
+        if arch_update and self.architect.before_weight_step:
+            out.update(self.arch_step(train_batch, eta))
+        with self.timer.part("weight"):
+            loss = self.weight_step(train_batch)
+        if arch_update and not self.architect.before_weight_step:
+            out.update(self.arch_step(train_batch, eta))
         self.step += 1
-        out["loss_train"] = float(loss.detach())
+        out["loss_train"] = loss
         out["lr"] = eta
         return out
 
-    def log_row(self, out: dict, sec: float) -> dict:
+    def weight_step(self, batch) -> float:
+        cfg, m = self.cfg, self.model
+        self.w_opt.zero_grad(set_to_none=True)
+        with self.amp.autocast():
+            loss = self.loss_fn(m(batch[0]), batch[1])
+        weights = m.weight_parameters()
+        self.w_scaler.scale(loss).backward(inputs=weights)
+        if cfg.grad_clip:
+            self.w_scaler.unscale_(self.w_opt)
+            torch.nn.utils.clip_grad_norm_(weights, cfg.grad_clip)
+        self.w_scaler.step(self.w_opt)  # with fp16, skipped when a gradient is inf/nan
+        self.w_scaler.update()
+        step_schedule(self.sched)
+        return float(loss.detach())
+
+    def arch_step(self, train_batch, eta: float) -> dict:
+        with self.timer.part("arch"):
+            return self.architect.step(train_batch, self.batch(self.arch_data), eta)
+
+    def log_row(self, out: dict, timer) -> dict:
         row = {"step": self.step, "lr": out["lr"], "loss_train": f"{out['loss_train']:.6f}",
                "loss_arch": f"{out.get('loss_arch', float('nan')):.6f}",
-               "penalty": f"{out.get('penalty', float('nan')):.6f}", "sec_per_step": f"{sec:.4f}"}
+               "penalty": f"{out.get('penalty', float('nan')):.6f}"}
+        for column, part in TIME_COLUMNS.items():
+            row[column] = f"{timer.mean(part):.4f}"
         for i, a in enumerate(self.model.alphas.detach().flatten().tolist()):
             row[f"alpha_{i}"] = f"{a:.6g}"
         for c, b in enumerate(self.model.betas):

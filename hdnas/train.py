@@ -5,6 +5,7 @@ MultiStepLR at 20/40/60/80% of training (epochs 200-400-600-800 of 1000) x0.5, g
 clipping at norm 50, HR patch 128, batch 32. Loss: plain L1 by default. The release's script
 asks for L1 + 0.2 HFEN, but its beta21 trainer could not have run with that loss (method.md 5),
 so the released model was most likely trained with L1: UNCONFIRMED; ``--hfen 0.2`` gives it.
+docs/presets.md lists every difference from the release.
 """
 from __future__ import annotations
 
@@ -22,7 +23,7 @@ from hdnas.genotype import Genotype
 from hdnas.losses import SRLoss
 from hdnas.complexity import count_params
 from hdnas.network import DerivedNet
-from hdnas.runs import History, Loop, cli_main
+from hdnas.runs import History, Loop, check_amp, cli_main, step_schedule
 
 log = logging.getLogger("hdnas")
 
@@ -43,6 +44,7 @@ class TrainConfig:
     grad_clip: float = 50.0
     hfen: float = 0.0
     device: str = "auto"
+    amp: str = "off"  # off, bf16 or fp16
     seed: int = 1
     threads: int = 0
     log_every: int = 10
@@ -52,6 +54,7 @@ class TrainConfig:
         for name in ("batch", "patch", "steps", "log_every", "ckpt_every"):
             if getattr(self, name) < 1:
                 raise ValueError(f"--{name.replace('_', '-')} must be >= 1")
+        check_amp(self.amp)
         self.load_genotype()
 
     def load_genotype(self) -> Genotype:
@@ -83,38 +86,43 @@ class Train(Loop):
                                     weight_decay=cfg.weight_decay)
         milestones = sorted({max(1, int(m * cfg.steps)) for m in cfg.lr_milestones})
         self.sched = torch.optim.lr_scheduler.MultiStepLR(self.opt, milestones, cfg.lr_gamma)
+        self.scaler = self.amp.scaler()
         self.history = History(run_dir / "history.csv", ["step", "lr", "loss_train", "sec_per_step"])
 
     def train_step(self) -> dict:
         self.model.train()
         lr_img, hr_img = (t.to(self.device) for t in self.data.sample(self.cfg.batch, self.gen))
         self.opt.zero_grad(set_to_none=True)
-        loss = self.loss_fn(self.model(lr_img), hr_img)
-        loss.backward()
+        with self.amp.autocast():
+            loss = self.loss_fn(self.model(lr_img), hr_img)
+        self.scaler.scale(loss).backward()
         if self.cfg.grad_clip:
+            self.scaler.unscale_(self.opt)
             torch.nn.utils.clip_grad_norm_(self.model.parameters(), self.cfg.grad_clip)
         eta = self.sched.get_last_lr()[0]
-        self.opt.step()
-        self.sched.step()
+        self.scaler.step(self.opt)  # with fp16, skipped when a gradient is inf/nan
+        self.scaler.update()
+        step_schedule(self.sched)
         self.step += 1
         return {"loss_train": float(loss.detach()), "lr": eta}
 
-    def log_row(self, out, sec):
+    def log_row(self, out, timer):
         return {"step": self.step, "lr": out["lr"], "loss_train": f"{out['loss_train']:.6f}",
-                "sec_per_step": f"{sec:.4f}"}
+                "sec_per_step": f"{timer.mean('step'):.4f}"}
 
     def describe(self, out) -> str:
         return f"lr {out['lr']:.2e}"
 
     def state_dict(self) -> dict:
         return {"step": self.step, "model": self.model.state_dict(), "opt": self.opt.state_dict(),
-                "sched": self.sched.state_dict(), "rng": checkpoint.rng_state(self.gen),
-                "genotype": self.genotype.to_dict()}
+                "sched": self.sched.state_dict(), "scaler": self.scaler.state_dict(),
+                "rng": checkpoint.rng_state(self.gen), "genotype": self.genotype.to_dict()}
 
     def load_state_dict(self, s: dict) -> None:
         self.model.load_state_dict(s["model"])
         self.opt.load_state_dict(s["opt"])
         self.sched.load_state_dict(s["sched"])
+        self.scaler.load_state_dict(s.get("scaler", {}))  # {}: disabled, or from before --amp
         checkpoint.set_rng_state(s["rng"], self.gen)
         self.step = s["step"]
 
@@ -122,8 +130,10 @@ class Train(Loop):
         return self.run_dir / "checkpoint.pt"
 
     def summary(self) -> str:
+        amp = f" (amp {self.cfg.amp})" if self.cfg.amp != "off" else ""
         return (f"retraining {self.genotype.name or 'genotype'} x{self.genotype.scale} "
-                f"({count_params(self.model)} params) on {self.device}, {len(self.data)} images")
+                f"({count_params(self.model)} params) on {self.device}{amp}, "
+                f"{len(self.data)} images")
 
     def finish(self, path) -> str:
         return str(path)

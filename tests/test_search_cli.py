@@ -1,5 +1,8 @@
-"""The search command end to end on the embedded data, resume, and bad input."""
+"""The search command end to end on the embedded data, resume, mixed precision, the warm-up,
+the history's timing columns, and bad input."""
+import csv
 import json
+import math
 
 import numpy as np
 import pytest
@@ -8,9 +11,12 @@ from PIL import Image
 
 from hdnas import checkpoint
 from hdnas.genotype import Genotype
-from hdnas.search import Search, SearchConfig, main
+from hdnas.runs import setup_logging
+from hdnas.search import PRESETS, Search, SearchConfig, main
 
-TINY = ["--channels", "8", "--cells", "3", "--batch", "2", "--patch", "32", "--quiet"]
+OPS = ["conv_1x1", "sep_conv_3x3", "dil_conv_3x3"]  # a small space keeps these tests fast
+TINY = ["--channels", "8", "--cells", "3", "--batch", "2", "--patch", "32", "--quiet",
+        "--ops"] + OPS
 
 
 def test_few_steps_on_embedded_data(tmp_path, capsys):
@@ -36,24 +42,33 @@ def test_few_steps_on_embedded_data(tmp_path, capsys):
 
 def _cfg(tmp, **kw):
     base = dict(channels=8, cells=3, batch=2, patch=32, steps=6, warmup=2, log_every=1,
-                ckpt_every=3, out=str(tmp))
+                ckpt_every=3, out=str(tmp), ops=OPS)
     return SearchConfig(**(base | kw))
 
 
-@pytest.mark.parametrize("rule", ["joint", pytest.param("darts2", marks=pytest.mark.slow)])
-def test_killed_and_resumed_equals_uninterrupted(tmp_path, rule):
+def _history(d):
+    with (d / "history.csv").open() as f:
+        return list(csv.DictReader(f))
+
+
+@pytest.mark.parametrize("rule,amp", [("joint", "off"), ("joint", "fp16"),
+                                      pytest.param("darts2", "off", marks=pytest.mark.slow)])
+def test_killed_and_resumed_equals_uninterrupted(tmp_path, rule, amp):
     torch.use_deterministic_algorithms(True)
     try:
         a_dir, b_dir = tmp_path / "a", tmp_path / "b"
         a_dir.mkdir(), b_dir.mkdir()
-        full = Search(_cfg(a_dir, rule=rule), a_dir)
+        full = Search(_cfg(a_dir, rule=rule, amp=amp), a_dir)
         full.run(quiet=True)
 
-        first = Search(_cfg(b_dir, rule=rule), b_dir)
+        first = Search(_cfg(b_dir, rule=rule, amp=amp), b_dir)
         first.run(stop_after=4, quiet=True)  # checkpoint at step 3, then "killed" after step 4
         del first
-        resumed = Search(_cfg(b_dir, rule=rule), b_dir)
-        resumed.load_state_dict(checkpoint.load(b_dir / "checkpoint.pt"))
+        state = checkpoint.load(b_dir / "checkpoint.pt")
+        if amp == "fp16":  # the scaler has left its initial state, so restoring it matters
+            assert state["w_scaler"]["scale"] < 2.0 ** 16
+        resumed = Search(_cfg(b_dir, rule=rule, amp=amp), b_dir)
+        resumed.load_state_dict(state)
         assert resumed.step == 3
         resumed.history.truncate_after(resumed.step)
         resumed.run(quiet=True)
@@ -61,11 +76,84 @@ def test_killed_and_resumed_equals_uninterrupted(tmp_path, rule):
         torch.use_deterministic_algorithms(False)
     for k, v in full.model.state_dict().items():
         assert torch.equal(v, resumed.model.state_dict()[k]), k
+    assert full.w_scaler.state_dict() == resumed.w_scaler.state_dict()
 
-    def rows(d):  # every column but sec_per_step
-        return [r.split(",")[:5] + r.split(",")[6:] for r in (d / "history.csv").read_text().splitlines()]
+    def rows(d):  # every column but the times
+        return [{k: v for k, v in r.items() if not k.startswith("sec_")} for r in _history(d)]
 
     assert rows(a_dir) == rows(b_dir)  # same losses and alpha/beta at every logged step
+    assert len(rows(a_dir)) == 6
+
+
+def test_bf16_search_is_close_to_fp32_and_keeps_fp32_parameters(tmp_path):
+    runs = {}
+    for amp in ("off", "bf16"):
+        out = tmp_path / amp
+        out.mkdir()
+        s = Search(_cfg(out, amp=amp, steps=3, warmup=1, ckpt_every=3), out)
+        dtypes = set()
+        s.model.register_forward_hook(lambda mod, inp, y: dtypes.add(y.dtype))
+        s.run(quiet=True)
+        # every forward pass, weight and architecture steps alike, ran under autocast
+        assert dtypes == {torch.bfloat16 if amp == "bf16" else torch.float32}
+        for p in s.model.parameters():
+            assert p.dtype == torch.float32
+            assert p.grad is None or p.grad.dtype == torch.float32
+        assert s.model.alphas.grad is not None
+        runs[amp] = _history(out)
+    for ref, low in zip(runs["off"], runs["bf16"]):
+        for col in ("loss_train", "loss_arch"):
+            a, b = float(ref[col]), float(low[col])
+            assert (math.isnan(a) and math.isnan(b)) or b == pytest.approx(a, rel=2e-3), col
+
+
+def test_history_times_each_interval_and_each_kind_of_step(tmp_path):
+    """sec_per_step is the mean over the logged interval, not since the start; the weight and
+    architecture parts of a step are timed apart (a fake clock: a weight step costs 1 s, an
+    architecture update 2 s)."""
+    setup_logging(tmp_path, quiet=True)
+    s = Search(_cfg(tmp_path, steps=4, warmup=2, log_every=2, ckpt_every=4), tmp_path)
+    now = [0.0]
+    s.timer.clock = lambda: now[0]
+
+    def costs(fn, sec):
+        def timed(*args, **kwargs):
+            now[0] += sec
+            return fn(*args, **kwargs)
+        return timed
+
+    s.weight_step = costs(s.weight_step, 1.0)
+    s.architect.step = costs(s.architect.step, 2.0)
+    s.run(quiet=True)
+    rows = _history(tmp_path)
+    assert [float(rows[0][k]) for k in ("sec_per_step", "sec_weight_step")] == [1.0, 1.0]
+    assert math.isnan(float(rows[0]["sec_arch_step"]))  # steps 1-2: warm-up, no arch update
+    assert [float(rows[1][k]) for k in ("sec_per_step", "sec_weight_step", "sec_arch_step")] \
+        == [3.0, 1.0, 2.0]
+    assert "3.000s/step (arch 2.000s, weight 1.000s)" in (tmp_path / "log.txt").read_text()
+
+
+def test_warmup_shrinks_with_a_short_run(tmp_path, capsys):
+    assert SearchConfig().warmup_steps() == 20  # 25% of the default 80 steps
+    assert SearchConfig(steps=1).warmup_steps() == 0
+    assert SearchConfig(steps=10, warmup=10).warmup_steps() == 10
+    assert SearchConfig(**PRESETS["paper"]).warmup_steps() == 20_000  # 20 of 1000 epochs
+    out = tmp_path / "one"
+    assert main(TINY + ["--out", str(out), "--steps", "1"]) == 0
+    assert "warm-up 0 of 1 steps (auto" in (out / "log.txt").read_text()
+    assert math.isfinite(float(_history(out)[0]["loss_arch"]))  # step 1 updated alpha/beta
+
+
+def test_paper_preset_has_no_working_penalty_like_the_release(tmp_path):
+    out = tmp_path / "p"
+    assert main(["--preset", "paper"] + TINY + ["--out", str(out), "--steps", "1"]) == 0
+    cfg = json.loads((out / "config.json").read_text())["resolved"]
+    assert cfg["penalty"] == 0.0 and cfg["batch"] == 2 and cfg["hfen"] == 0.2
+    assert float(_history(out)[0]["penalty"]) == 0.0
+    out = tmp_path / "q"  # ours, explicitly
+    assert main(["--preset", "paper", "--penalty", "1"] + TINY
+                + ["--out", str(out), "--steps", "1"]) == 0
+    assert float(_history(out)[0]["penalty"]) > 0
 
 
 def test_resume_cli(tmp_path):
@@ -108,6 +196,9 @@ def _write_images(folder, sizes):
     (["--train-dir", "/nonexistent/folder"], "does not exist"),
     (["--patch", "20"], "at least 15"),
     (["--rule", "darts3"], "--rule"),
+    (["--amp", "fp32"], "--amp must be one of off, bf16, fp16, got 'fp32'"),
+    (["--steps", "1", "--warmup", "2"], "--warmup 2 is not between 0 and --steps 1"),
+    (["--warmup-fraction", "1.5"], "--warmup-fraction must be between 0 and 1"),
 ])
 def test_bad_input_gives_clear_error(tmp_path, capsys, args, match):
     rc = main(TINY + ["--out", str(tmp_path / "r")] + args)
@@ -170,3 +261,28 @@ def test_retrain_and_resume(tmp_path, capsys):
     assert train_main(["--resume", str(out), "--quiet"]) == 0
     assert train_main(["--genotype", str(tmp_path / "none.json"), "--out", str(tmp_path / "u")]) == 2
     assert "does not exist" in capsys.readouterr().err
+    assert train_main(["--amp", "half", "--out", str(tmp_path / "v")]) == 2
+    assert "--amp must be one of" in capsys.readouterr().err
+
+
+def test_retrain_with_fp16_saves_and_restores_the_scaler(tmp_path):
+    from hdnas.train import Train, TrainConfig
+    cfg = TrainConfig(genotype="tiny18", batch=2, patch=32, steps=2, ckpt_every=2, amp="fp16",
+                      out=str(tmp_path))
+    t = Train(cfg, tmp_path)
+    t.run(quiet=True)
+    state = checkpoint.load(tmp_path / "checkpoint.pt")
+    assert state["scaler"] == t.scaler.state_dict() and state["scaler"]["scale"] < 2.0 ** 16
+    resumed = Train(cfg, tmp_path)
+    assert resumed.scaler.get_scale() == 2.0 ** 16
+    resumed.load_state_dict(state)
+    assert resumed.scaler.state_dict() == state["scaler"]
+
+
+def test_amp_refuses_an_autocast_torch_would_silently_disable(monkeypatch):
+    from hdnas.runs import Amp
+    Amp("fp16", torch.device("cpu"))  # torch 2.13 autocasts to fp16 on CPU
+    monkeypatch.setattr(torch, "is_autocast_enabled", lambda *a: False)
+    with pytest.raises(ValueError, match="cannot autocast to torch.float16 on cpu"):
+        Amp("fp16", torch.device("cpu"))
+    Amp("off", torch.device("cpu"))  # no autocast, nothing to check
