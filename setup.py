@@ -3,9 +3,10 @@ taken on PyPI). torch is required but never pinned here, so a GPU user's own tor
 a CPU machine is not made to download a CUDA build: install torch first (see README).
 
 Native kernels (``csrc/``): ``pip install --no-build-isolation -e .`` builds the C++ CPU library
-``hdnas/_native_cpu_<ISA tag>*.so`` (``-march=native``; the tag names the CPU it runs on, see
-hdnas.native_build.isa_tag) with torch's BuildExtension (ninja), and the CUDA library when a CUDA
-toolkit and a CUDA build of torch are present. torch is never a build requirement (that would
+``hdnas/_native_cpu_<build tag>*.so`` (portable, AVX2 and AVX-512 kernels in one library, chosen
+at run time, so no ``-march=native``: the tag is the machine type, see
+hdnas.native_build.build_tag) with torch's BuildExtension (ninja), and the CUDA library when a
+CUDA toolkit and a CUDA build of torch are present. torch is never a build requirement (that would
 make pip fetch a CUDA torch into an isolated build env): without ``--no-build-isolation`` torch
 is not importable here, the native build is skipped with one warning, and the library is built
 just in time at first use instead (hdnas.native_build), from the sources that also ship as
@@ -22,9 +23,6 @@ ROOT = os.path.dirname(os.path.abspath(__file__))
 MODE = os.environ.get("HDNAS_BUILD_NATIVE", "auto").strip().lower()
 FORCE = MODE in ("1", "true", "yes", "on", "force")
 SKIP = MODE in ("0", "false", "no", "off")
-
-CPU_SOURCES = ["csrc/bindings.cpp", "csrc/cpu/dw_fwd.cpp", "csrc/cpu/dw_bwd.cpp"]
-CUDA_SOURCES = ["csrc/cuda/dw_fwd.cu", "csrc/cuda/dw_bwd.cu", "csrc/cuda/binding_cuda.cpp"]
 
 
 def _warn(msg):
@@ -58,24 +56,27 @@ def native_build_setup():
         _warn(msg)
         return [], {}
 
-    # the flags live in one place (hdnas/native_build.py), loaded without importing hdnas
+    # the sources and flags live in one place (hdnas/native_build.py), loaded without importing
+    # hdnas
     import importlib.util
     spec = importlib.util.spec_from_file_location("_hdnas_native_build",
                                                   os.path.join(ROOT, "hdnas", "native_build.py"))
     nb = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(nb)
-    # the CPU library is named for the instruction set it is built for (-march=native): the
-    # loader skips it on a CPU with another tag and builds for that CPU just in time instead
-    tag = nb.isa_tag()
-    cxx, nvcc = nb.cxx_flags(tag), nb.NVCC_FLAGS
+    # the CPU library is named for the machine type it runs on (any CPU of it: the vector ISA
+    # is chosen at run time); the loader ignores libraries with another tag
+    tag = nb.build_tag()
+    cxx, nvcc = nb.CXX_FLAGS, nb.NVCC_FLAGS
+    cpu_sources = [f"csrc/{n}" for n in nb.CPU_SOURCES]
+    cuda_sources = [f"csrc/{n}" for n in nb.CUDA_SOURCES]
 
     inc = [os.path.join(ROOT, "csrc")]
-    exts = [cpp_extension.CppExtension(f"hdnas._native_cpu_{tag}", CPU_SOURCES, include_dirs=inc,
+    exts = [cpp_extension.CppExtension(f"hdnas._native_cpu_{tag}", cpu_sources, include_dirs=inc,
                                        extra_compile_args={"cxx": cxx},
                                        extra_link_args=["-fopenmp"])]
     if torch.version.cuda is not None and cpp_extension.CUDA_HOME is not None:
         exts.append(cpp_extension.CUDAExtension(
-            "hdnas._native_cuda", CUDA_SOURCES, include_dirs=inc,
+            "hdnas._native_cuda", cuda_sources, include_dirs=inc,
             extra_compile_args={"cxx": ["-O3"], "nvcc": nvcc}))
     else:
         print("hdnas: no CUDA build of torch or no CUDA toolkit: CUDA kernels not built",

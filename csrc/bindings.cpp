@@ -11,6 +11,15 @@ TORCH_LIBRARY(hdnas_native, m) {
         " -> Tensor");
   m.def("dw_bwd(Tensor grad_y, Tensor x, Tensor w, int[] offs, int[] ntaps, bool relu_input,"
         " bool shared_input, bool need_gx, bool need_gw) -> (Tensor, Tensor)");
+  // The CPU kernel variant (vector ISA, see csrc/cpu/dw_isa.h): the one running (chosen at the
+  // first call from HDNAS_NATIVE_ISA or the CPU's features), a switch (for tests and benchmarks;
+  // '' or 'auto': the best this CPU runs), the variants this CPU runs, the pure choice for a
+  // given feature set (tests), and the CPU features that the choice looks at.
+  m.def("isa() -> str", &hdnas::cpu::isa_op);
+  m.def("set_isa(str name) -> str", &hdnas::cpu::set_isa_op);
+  m.def("isa_supported() -> str[]", &hdnas::cpu::isa_supported_op);
+  m.def("choose_isa(str[] features, str forced) -> str", &hdnas::cpu::choose_isa_op);
+  m.def("cpu_features() -> str[]", &hdnas::cpu::cpu_features_op);
 }
 
 TORCH_LIBRARY_IMPL(hdnas_native, CPU, m) {

@@ -3,22 +3,24 @@
 Order, at first use (``load()``), never at import of hdnas:
 
 1. ``HDNAS_BUILD_NATIVE=0``: native kernels disabled, nothing is built or loaded.
-2. A library built by ``setup.py`` (``hdnas/_native_cpu_<ISA tag>*.so``), unless it was built
-   for another CPU (its tag differs from this CPU's, see ``isa_tag``: skipped with a one-line
-   warning), a ``csrc`` source of the checkout is newer than it (an edited checkout), or it fails
-   to load (e.g. built against another torch).
+2. A library built by ``setup.py`` (``hdnas/_native_cpu_<build tag>*.so``, see ``build_tag``),
+   unless a ``csrc`` source of the checkout is newer than it (an edited checkout), or it fails
+   to load (e.g. built against another torch). Libraries with another tag (the per-CPU
+   ``-march=native`` builds of earlier versions) are ignored.
 3. A JIT build with ``torch.utils.cpp_extension.load`` (ninja) into a cache directory
    (``$HDNAS_CACHE_DIR`` or ``~/.cache/hdnas``, one subdirectory per torch/Python version and,
-   for the CPU library, per ISA tag); a second process reuses the build (~0.1 s). The sources
+   for the CPU library, per build tag); a second process reuses the build (~0.1 s). The sources
    are the checkout's ``csrc/`` or, in a non-editable install (a wheel, ``pip install .``), the
    copy installed with the package as ``hdnas/csrc``.
 
-The CPU library is compiled with ``-march=native``, so it runs only on CPUs with the same
-instruction-set extensions: its ISA tag (machine + a hash of the CPU's feature flags) keys the
-JIT cache and names the setup.py library, so a home folder shared by different CPUs never loads
-a library built for another one. ``HDNAS_NATIVE_PORTABLE=1`` (or a system without
-``/proc/cpuinfo`` feature flags) builds without ``-march=native`` under the tag
-``<machine>_portable``, which runs on any CPU of that machine type.
+The CPU library carries its kernels in several vector-ISA variants (portable, AVX2, AVX-512;
+``csrc/cpu/dw_isa.h``) and picks one at run time from the CPU's features, so it is built without
+``-march=native`` and one build serves every CPU of its machine type: the build tag is the
+machine type (``x86_64_dispatch``). ``HDNAS_NATIVE_ISA=portable|avx2|avx512`` forces a variant
+(one the CPU cannot run makes the library unavailable, with the reason); ``isa()`` names the one
+running. An opt-in ``-march=native`` is deliberately not offered: the variants are compiled
+under target pragmas, which add to the command-line ISA, so ``-march=native`` would put AVX-512
+code into the AVX2 and portable variants.
 
 The CUDA library (``_native_cuda*.so`` / JIT with nvcc) is loaded the same way, only when torch
 has CUDA. A failure is recorded (``error()``), warned about once with its cause, and the Python
@@ -28,7 +30,6 @@ from __future__ import annotations
 
 import functools
 import glob
-import hashlib
 import os
 import platform
 import re
@@ -40,8 +41,12 @@ from pathlib import Path
 PKG_DIR = Path(__file__).resolve().parent
 ROOT = PKG_DIR.parent
 
-CPU_SOURCES = ["bindings.cpp", "cpu/dw_fwd.cpp", "cpu/dw_bwd.cpp"]
-CPU_DEPS = ["hdnas_dw.h", "cpu/dw_cpu.h"]
+CPU_SOURCES = ["bindings.cpp", "cpu/dw_fwd.cpp", "cpu/dw_bwd.cpp", "cpu/dw_dispatch.cpp",
+               "cpu/dw_isa_portable.cpp", "cpu/dw_isa_avx2.cpp", "cpu/dw_isa_avx512.cpp"]
+CPU_DEPS = ["hdnas_dw.h", "cpu/dw_cpu.h", "cpu/dw_isa.h", "cpu/dw_simd_impl.h"]
+#: The kernel variants, worst first (csrc/cpu/dw_dispatch.cpp), and the CPU features each needs.
+ISA_VARIANTS = {"portable": (), "avx2": ("avx2", "fma"),
+                "avx512": ("avx2", "fma", "avx512f", "avx512bw", "avx512vl", "avx512dq")}
 CUDA_SOURCES = ["cuda/dw_fwd.cu", "cuda/dw_bwd.cu", "cuda/binding_cuda.cpp"]
 CUDA_DEPS = ["hdnas_dw.h", "cuda/dw_common.cuh"]
 
@@ -60,13 +65,13 @@ def csrc_dir() -> Path | None:
 
 
 # ---------------------------------------------------------------------------------------------
-# The CPU's instruction-set identity
+# The CPU's features (to check the library's own detection) and the build key
 
 def cpu_features(cpuinfo: str | None = None) -> frozenset[str]:
     """The CPU's feature flags: the ``flags`` (x86) or ``Features`` (ARM) lines of
     ``/proc/cpuinfo`` (or of the text ``cpuinfo``), all processors together; empty where there
-    is no such file or line. All flags count, not a chosen few: a flag that does not change the
-    code costs at most one extra build, a missed one could mean an illegal instruction."""
+    is no such file or line. The library detects features itself (``__builtin_cpu_supports``);
+    this independent reading lets tests check that detection."""
     if cpuinfo is None:
         return _cpu_features_here()
     feats = set()
@@ -86,41 +91,17 @@ def _cpu_features_here() -> frozenset[str]:
     return cpu_features(text)
 
 
-def portable_requested() -> bool:
-    return os.environ.get("HDNAS_NATIVE_PORTABLE", "0") == "1"
-
-
-def isa_tag(features: frozenset[str] | None = None, machine: str | None = None,
-            portable: bool | None = None) -> str:
-    """The instruction-set identity the CPU library is built for: ``<machine>_<12 hex digits>``
-    (a hash of the feature flags: a ``-march=native`` build) or ``<machine>_portable`` (no
-    ``-march=native``: ``HDNAS_NATIVE_PORTABLE=1``, or no feature flags to go by). Defaults: this
-    CPU, ``platform.machine()``, the environment."""
+def build_tag(machine: str | None = None) -> str:
+    """What a CPU library is built for: ``<machine>_dispatch`` (default: ``platform.machine()``),
+    i.e. any CPU of that machine type, the vector ISA being chosen at run time. The suffix keeps
+    these builds apart from the per-CPU ``-march=native`` builds of earlier versions."""
     machine = machine if machine is not None else platform.machine()
     machine = re.sub(r"\W", "_", machine or "unknown").lower()
-    if portable is None:
-        portable = portable_requested()
-    if features is None and not portable:
-        features = cpu_features()
-    if portable or not features:
-        return f"{machine}_portable"
-    digest = hashlib.sha256(" ".join(sorted(features)).encode()).hexdigest()[:12]
-    return f"{machine}_{digest}"
+    return f"{machine}_dispatch"
 
 
-def is_portable(tag: str) -> bool:
-    return tag.endswith("_portable")
-
-
-def cxx_flags(tag: str | None = None) -> list[str]:
-    """C++ flags shared by setup.py and the JIT build for a library of ISA ``tag`` (default:
-    this CPU's): ``-march=native`` unless the tag is portable."""
-    flags = ["-O3", "-fopenmp", "-DNDEBUG"]
-    if not is_portable(tag if tag is not None else isa_tag()):
-        flags.append("-march=native")
-    return flags
-
-
+#: C++ flags shared by setup.py and the JIT build of the CPU library (no -march: see above).
+CXX_FLAGS = ["-O3", "-fopenmp", "-DNDEBUG"]
 NVCC_FLAGS = ["-O3", "--expt-relaxed-constexpr", "-lineinfo"]  # torch picks -std
 
 _lock = threading.RLock()  # load("cuda") loads "cpu" first, under the lock
@@ -149,46 +130,39 @@ def cache_dir() -> Path:
 
 
 def build_dir(kind: str, tag: str | None = None) -> Path:
-    """The JIT build directory of ``kind``: ``cpu_<ISA tag>`` (default tag: this CPU's, see
-    ``isa_tag``), or ``cuda`` (its host code is built without ``-march=native``)."""
+    """The JIT build directory of ``kind``: ``cpu_<build tag>`` (default: this machine's, see
+    ``build_tag``), or ``cuda``."""
     if kind == "cpu":
-        return cache_dir() / f"cpu_{tag if tag is not None else isa_tag()}"
+        return cache_dir() / f"cpu_{tag if tag is not None else build_tag()}"
     return cache_dir() / kind
 
 
-#: setup.py names the CPU library ``_native_cpu_<ISA tag>``; the tag has no dot.
+#: setup.py names the CPU library ``_native_cpu_<build tag>``; the tag has no dot.
 _LIB_TAG = re.compile(r"_native_cpu_(\w+?)\.")
 
 
-def library_isa_tag(path) -> str | None:
-    """The ISA tag in a setup.py CPU library's file name (None: an untagged, older build)."""
+def library_tag(path) -> str | None:
+    """The build tag in a setup.py CPU library's file name (None: an untagged, older build)."""
     m = _LIB_TAG.match(os.path.basename(str(path)))
     return m.group(1) if m else None
 
 
-def _prebuilt(kind: str) -> tuple[str | None, str | None]:
-    """(the setup.py library to load, None), or (None, a one-line reason to tell the user that
-    one exists but is not for this CPU), or (None, None)."""
+def _prebuilt(kind: str) -> str | None:
+    """The setup.py library of ``kind`` to load, or None (none, only ones with another build
+    tag, or older than the checkout's sources)."""
     hits = sorted(glob.glob(str(PKG_DIR / f"_native_{kind}*.so")))
-    if not hits:
-        return None, None
     if kind == "cpu":
-        want, anywhere = isa_tag(), isa_tag(portable=True)
-        # this CPU's build first, then a portable one; nothing built for another CPU
-        hits = ([h for h in hits if library_isa_tag(h) == want]
-                + [h for h in hits if library_isa_tag(h) == anywhere])
-        if not hits:
-            found = ", ".join(f"{os.path.basename(h)} ({library_isa_tag(h) or 'untagged'})"
-                              for h in sorted(glob.glob(str(PKG_DIR / "_native_cpu*.so"))))
-            return None, f"prebuilt native library not built for this CPU ({want}): {found}"
+        hits = [h for h in hits if library_tag(h) == build_tag()]
+    if not hits:
+        return None
     lib = hits[0]
     srcs = CPU_SOURCES + CPU_DEPS if kind == "cpu" else CUDA_SOURCES + CUDA_DEPS
     if csrc_dir() == CSRC_CHECKOUT:  # an edited checkout: a stale library must not hide the edit
         paths = [CSRC_CHECKOUT / n for n in srcs]
         newest = max((os.path.getmtime(p) for p in paths if p.exists()), default=0)
         if newest > os.path.getmtime(lib):
-            return None, None
-    return lib, None
+            return None
+    return lib
 
 
 def _jit(kind: str, verbose: bool = False) -> str:
@@ -204,7 +178,7 @@ def _jit(kind: str, verbose: bool = False) -> str:
     out.mkdir(parents=True, exist_ok=True)
     if kind == "cpu":
         cpp_extension.load(name="hdnas_native_cpu", sources=[str(src / n) for n in CPU_SOURCES],
-                           extra_cflags=cxx_flags(), extra_ldflags=["-fopenmp"],
+                           extra_cflags=CXX_FLAGS, extra_ldflags=["-fopenmp"],
                            extra_include_paths=[str(src)], build_directory=str(out),
                            is_python_module=False, verbose=verbose)
     else:
@@ -229,20 +203,21 @@ def _load(kind: str) -> None:
         load("cpu")  # the op schemas are defined by the CPU library
         if error("cpu"):
             raise RuntimeError(f"the CPU library failed first: {error('cpu')}")
-    lib, why = _prebuilt(kind)
-    if why is not None:
-        warnings.warn(f"hdnas: {why}; building it for this CPU just in time", RuntimeWarning,
-                      stacklevel=3)
+    lib = _prebuilt(kind)
+    loaded = False
     if lib is not None:
         try:
             torch.ops.load_library(lib)
             _source[kind] = lib
-            return
+            loaded = True
         except Exception as e:  # e.g. built against another torch: rebuild below
             warnings.warn(f"hdnas: prebuilt native library {lib} does not load ({e}); "
                           "rebuilding it just in time", RuntimeWarning, stacklevel=3)
-    verbose = os.environ.get("HDNAS_NATIVE_VERBOSE", "0") == "1"
-    _source[kind] = "JIT build in " + _jit(kind, verbose=verbose)
+    if not loaded:
+        verbose = os.environ.get("HDNAS_NATIVE_VERBOSE", "0") == "1"
+        _source[kind] = "JIT build in " + _jit(kind, verbose=verbose)
+    if kind == "cpu":  # the kernel variant: a bad HDNAS_NATIVE_ISA makes the library unusable
+        torch.ops.hdnas_native.isa()
 
 
 def load(kind: str = "cpu") -> bool:
@@ -280,6 +255,33 @@ def source(kind: str = "cpu") -> str | None:
     return _source.get(kind)
 
 
+def isa() -> str:
+    """The CPU kernel variant that runs (``portable``, ``avx2`` or ``avx512``): chosen at the
+    first call from ``HDNAS_NATIVE_ISA`` or the CPU's features. Loads the library; raises if it
+    is unavailable."""
+    return _ops().isa()
+
+
+def isa_supported() -> list[str]:
+    """The CPU kernel variants this CPU runs, worst first."""
+    return list(_ops().isa_supported())
+
+
+def set_isa(name: str) -> str:
+    """Switch the CPU kernels to variant ``name`` (``''``/``'auto'``: the best this CPU runs)
+    for the rest of the process, e.g. to test or time each variant; returns the variant now
+    running. A variant this CPU cannot run raises and changes nothing."""
+    return _ops().set_isa(name)
+
+
+def _ops():
+    import torch
+
+    if not load("cpu"):
+        raise RuntimeError(f"native CPU kernels unavailable: {error('cpu')}")
+    return torch.ops.hdnas_native
+
+
 def main(argv=None) -> int:
     """``python -m hdnas.native_build [--cuda]``: build (or find) the native libraries now, e.g.
     once in CI before the tests; prints where they came from and exits 1 if the CPU one fails."""
@@ -294,6 +296,8 @@ def main(argv=None) -> int:
         t = time.time()
         ok = load(kind)
         where = f"{source(kind)}, " if ok else ""
+        if ok and kind == "cpu":
+            where += f"kernels {isa()} (this CPU runs {', '.join(isa_supported())}), "
         print(f"{kind}: {'ok' if ok else 'FAILED: ' + str(error(kind))} ({where}"
               f"{time.time() - t:.1f} s)")
         rc |= int(not ok and kind == "cpu")

@@ -344,7 +344,7 @@ def test_supernet_search_step_matches_reference(nat):
 
 
 # ---------------------------------------------------------------------------------------------
-# The instruction-set key of the -march=native builds (no build needed)
+# The build key: one library per machine type (no build needed)
 
 X86 = "processor\t: 0\nflags\t\t: fpu sse2 avx avx2 fma\nbugs\t\t: spectre_v1\n"
 
@@ -358,39 +358,26 @@ def test_cpu_features_parsed():
     assert cpu_features("processor\t: 0\n") == frozenset()
 
 
-def test_isa_tag_and_build_dir(monkeypatch, tmp_path):
+def test_build_tag_and_dir(monkeypatch, tmp_path):
+    """The CPU library no longer depends on the CPU model (no -march=native): one build per
+    machine type, apart from the per-CPU builds of earlier versions."""
     from hdnas import native_build as nb
 
     monkeypatch.setenv("HDNAS_CACHE_DIR", str(tmp_path))
-    monkeypatch.delenv("HDNAS_NATIVE_PORTABLE", raising=False)
-    avx2 = nb.cpu_features(X86)
-    avx512 = avx2 | {"avx512f", "avx512bw"}
-    tags = {nb.isa_tag(f, "x86_64") for f in (avx2, avx512)}
-    assert len(tags) == 2 and not any(nb.is_portable(t) for t in tags)
-    assert nb.isa_tag(frozenset(sorted(avx2, reverse=True)), "x86_64") == nb.isa_tag(avx2, "x86_64")
-    assert nb.isa_tag(avx2, "aarch64") != nb.isa_tag(avx2, "x86_64")
-    # portable: asked for, or no flags to go by; its own tag, without -march=native
-    assert nb.isa_tag(avx2, "x86_64", portable=True) == "x86_64_portable"
-    assert nb.isa_tag(frozenset(), "x86_64") == "x86_64_portable"
-    assert "-march=native" in nb.cxx_flags(nb.isa_tag(avx2, "x86_64"))
-    assert "-march=native" not in nb.cxx_flags("x86_64_portable")
-    dirs = {nb.build_dir("cpu", t) for t in tags | {"x86_64_portable"}}
-    assert len(dirs) == 3 and all(d.parent.parent.parent == tmp_path for d in dirs)
-    # this process: the environment decides
-    native_dir = nb.build_dir("cpu")
-    monkeypatch.setenv("HDNAS_NATIVE_PORTABLE", "1")
-    assert nb.build_dir("cpu").name == f"cpu_{nb.isa_tag(portable=True)}" != native_dir.name
-    assert "-march=native" not in nb.cxx_flags()
+    assert nb.build_tag("x86_64") == "x86_64_dispatch" != nb.build_tag("aarch64")
+    assert nb.build_tag("AMD64") == "amd64_dispatch"
+    assert not any(f.startswith("-march") or f.startswith("-m") for f in nb.CXX_FLAGS)
+    d = nb.build_dir("cpu")
+    assert d.name == f"cpu_{nb.build_tag()}" and d.parent.parent.parent == tmp_path
+    assert nb.build_dir("cpu", "aarch64_dispatch") != d
 
 
-def test_prebuilt_library_only_for_this_cpu(monkeypatch, tmp_path):
+def test_prebuilt_library_only_with_this_tag(monkeypatch, tmp_path):
     from hdnas import native_build as nb
 
-    monkeypatch.delenv("HDNAS_NATIVE_PORTABLE", raising=False)
     monkeypatch.setattr(nb, "PKG_DIR", tmp_path)
-    here, portable = nb.isa_tag(), nb.isa_tag(portable=True)
-    other = nb.isa_tag(frozenset({"sse2"}), "x86_64")
-    assert other != here
+    here = nb.build_tag()
+    old = "x86_64_6a93d771884c"  # a per-CPU build of an earlier version
     abi = ".cpython-311-x86_64-linux-gnu.so"
 
     def libs(*tags):
@@ -399,16 +386,14 @@ def test_prebuilt_library_only_for_this_cpu(monkeypatch, tmp_path):
         for t in tags:
             (tmp_path / (f"_native_cpu_{t}{abi}" if t else f"_native_cpu{abi}")).touch()
 
-    libs(other, None)
-    lib, why = nb._prebuilt("cpu")
-    assert lib is None and here in why and other in why and "untagged" in why
-    libs(other, portable)
-    assert nb._prebuilt("cpu") == (str(tmp_path / f"_native_cpu_{portable}{abi}"), None)
-    libs(other, portable, here)  # this CPU's own build comes first
-    assert nb._prebuilt("cpu") == (str(tmp_path / f"_native_cpu_{here}{abi}"), None)
-    assert nb.library_isa_tag(tmp_path / f"_native_cpu_{here}{abi}") == here
+    libs(old, None, "x86_64_portable")
+    assert nb._prebuilt("cpu") is None
+    libs(old, here)
+    assert nb._prebuilt("cpu") == str(tmp_path / f"_native_cpu_{here}{abi}")
+    assert nb.library_tag(tmp_path / f"_native_cpu_{here}{abi}") == here
+    assert nb.library_tag(tmp_path / f"_native_cpu{abi}") is None
     libs()
-    assert nb._prebuilt("cpu") == (None, None)
+    assert nb._prebuilt("cpu") is None
 
 
 # ---------------------------------------------------------------------------------------------

@@ -1,79 +1,21 @@
-// CPU backward of the tap-table depthwise engine.
+// CPU backward of the tap-table depthwise engine (kernels: the active ISA variant, dw_isa.h).
 //   grad input:  one task per (n, input plane): sum over the groups reading the plane of the
 //                flipped-tap correlation with their output gradient, times ReLU'(x).
 //   grad taps:   the same task writes partials[n, g, c, t] = sum_p act(x)[p + off_t] * gy[p]
-//                (row-wise accumulators summed in a fixed order), then a second pass sums the
-//                partials over n in order.  Deterministic and independent of the thread count.
+//                (lane-wise accumulators summed in a fixed order), then a second pass here sums
+//                the partials over n in order.  Deterministic and independent of the thread count.
 #include "dw_cpu.h"
 
 #include <ATen/OpMathType.h>
 #include <ATen/Parallel.h>
 #include <ATen/Dispatch.h>
 
+#include <ATen/ops/empty.h>
+#include <ATen/ops/empty_like.h>
+
 #include <algorithm>
 
 namespace hdnas {
-
-template <typename scalar_t>
-static void dw_bwd_kernel(const scalar_t* gy, const scalar_t* x, const scalar_t* w, scalar_t* gx,
-                          at::opmath_type<scalar_t>* part, const CpuTaps& tp, int64_t N,
-                          int64_t C, int64_t H, int64_t W, bool relu, bool shared) {
-  using acc_t = at::opmath_type<scalar_t>;
-  const int64_t G = tp.G, T = tp.T, P = tp.radius;
-  const int64_t Hp = H + 2 * P, Wp = W + 2 * P;
-  const int64_t Cin = shared ? C : G * C;
-  const bool need_gx = gx != nullptr, need_gw = part != nullptr;
-  at::parallel_for(0, N * Cin, 1, [&](int64_t begin, int64_t end) {
-    std::vector<acc_t> gpad(Hp * Wp), xpad(need_gw ? Hp * Wp : 0), gacc(need_gx ? H * W : 0),
-        wt(T);
-    std::vector<int64_t> off(T);
-    for (int64_t task = begin; task < end; ++task) {
-      const int64_t n = task / Cin, ci = task % Cin;
-      if (need_gw) fill_padded(xpad.data(), x + task * H * W, H, W, P, relu);
-      if (need_gx) std::fill(gacc.begin(), gacc.end(), acc_t(0));
-      const int64_t g0 = shared ? 0 : ci / C, g1 = shared ? G : g0 + 1;
-      const int64_t c = shared ? ci : ci % C;
-      for (int64_t g = g0; g < g1; ++g) {
-        const int64_t nt = tp.ntaps[g];
-        const int64_t oplane = (n * G + g) * C + c;
-        fill_padded(gpad.data(), gy + oplane * H * W, H, W, P, false);
-        if (need_gx) {
-          const scalar_t* wp = w + (g * C + c) * T;
-          for (int64_t t = 0; t < nt; ++t) {
-            wt[t] = static_cast<acc_t>(wp[t]);
-            off[t] = (P - tp.dy[g * T + t]) * Wp + P - tp.dx[g * T + t];
-          }
-          for (int64_t h = 0; h < H; ++h)
-            stencil_row<acc_t, true>(gacc.data() + h * W, gpad.data() + h * Wp, off.data(),
-                                     wt.data(), nt, W);
-        }
-        if (need_gw) {
-          acc_t* pp = part + oplane * T;
-          for (int64_t t = 0; t < T; ++t) {
-            if (t >= nt) {
-              pp[t] = acc_t(0);
-              continue;
-            }
-            const int64_t o = (P + tp.dy[g * T + t]) * Wp + P + tp.dx[g * T + t];
-            const acc_t s = tap_dot(xpad.data() + o, gpad.data() + P * Wp + P, H, W, Wp);
-            pp[t] = s;
-          }
-        }
-      }
-      if (need_gx) {
-        scalar_t* __restrict gp = gx + task * H * W;
-        const scalar_t* __restrict xp = x + task * H * W;
-        const acc_t* __restrict a = gacc.data();
-        if (relu) {
-          for (int64_t i = 0; i < H * W; ++i)
-            gp[i] = static_cast<acc_t>(xp[i]) > acc_t(0) ? static_cast<scalar_t>(a[i]) : scalar_t(0);
-        } else {
-          for (int64_t i = 0; i < H * W; ++i) gp[i] = static_cast<scalar_t>(a[i]);
-        }
-      }
-    }
-  });
-}
 
 template <typename scalar_t>
 static void reduce_partials(const at::opmath_type<scalar_t>* part, scalar_t* gw, int64_t N,
@@ -112,15 +54,19 @@ std::tuple<at::Tensor, at::Tensor> dw_bwd_cpu(const at::Tensor& gy_, const at::T
   }
   const auto acc_type = at::toOpMathType(x.scalar_type());
   at::Tensor part = need_gw ? at::empty({N, tp.G, C, tp.T}, x.options().dtype(acc_type)) : at::Tensor();
-  AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, x.scalar_type(), "hdnas_dw_bwd", [&] {
-    using acc_t = at::opmath_type<scalar_t>;
-    dw_bwd_kernel<scalar_t>(gy.data_ptr<scalar_t>(), x.data_ptr<scalar_t>(), w.data_ptr<scalar_t>(),
-                            need_gx ? gx.data_ptr<scalar_t>() : nullptr,
-                            need_gw ? part.data_ptr<acc_t>() : nullptr, tp, N, C, H, W,
-                            relu_input, shared_input);
-    if (need_gw) reduce_partials<scalar_t>(part.data_ptr<acc_t>(), gw.data_ptr<scalar_t>(), N,
-                                           tp.G * C * tp.T);
-  });
+  cpu::DwArgs a = make_args(x, tp, C, relu_input, shared_input);
+  a.x = x.data_ptr();
+  a.w = w.data_ptr();
+  a.gy = gy.data_ptr();
+  a.gx = need_gx ? gx.data_ptr() : nullptr;
+  a.part = need_gw ? part.data_ptr() : nullptr;
+  if (need_gx || need_gw) run_tasks(&cpu::IsaKernels::bwd, a, "hdnas_native::dw_bwd");
+  if (need_gw) {
+    AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, x.scalar_type(), "hdnas_dw_bwd", [&] {
+      using acc_t = at::opmath_type<scalar_t>;
+      reduce_partials<scalar_t>(part.data_ptr<acc_t>(), gw.data_ptr<scalar_t>(), N, tp.G * C * tp.T);
+    });
+  }
   return {gx, gw};
 }
 

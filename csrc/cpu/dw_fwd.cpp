@@ -1,14 +1,18 @@
-// CPU forward of the tap-table depthwise engine: one task per (n, input plane); a task pads its
-// plane once (ReLU applied on load) and writes every output group that reads it, so the shared
-// first stage reads x once for all groups.  Inner loops run along a row and vectorise.
+// CPU forward of the tap-table depthwise engine: argument checks, the tap table, and the task
+// loop over torch's threads.  One task per (n, input plane): it pads its plane once (ReLU
+// applied on load) and writes every output group that reads it, so the shared first stage reads
+// x once for all groups.  The kernels are those of the active ISA variant (dw_dispatch.cpp).
 #include "dw_cpu.h"
 
-#include <ATen/OpMathType.h>
 #include <ATen/Parallel.h>
-#include <ATen/Dispatch.h>
+#include <ATen/ops/empty.h>
 
 #include <algorithm>
+#include <atomic>
+#include <cstdlib>
 #include <string>
+
+#include "../hdnas_dw.h"
 
 namespace hdnas {
 
@@ -52,37 +56,44 @@ int64_t check_and_build_taps(const at::Tensor& x, const at::Tensor& w, at::IntAr
   return C;
 }
 
-template <typename scalar_t>
-static void dw_fwd_kernel(const scalar_t* x, const scalar_t* w, scalar_t* y, const CpuTaps& tp,
-                          int64_t N, int64_t C, int64_t H, int64_t W, bool relu, bool shared) {
-  using acc_t = at::opmath_type<scalar_t>;
-  const int64_t G = tp.G, T = tp.T, P = tp.radius;
-  const int64_t Hp = H + 2 * P, Wp = W + 2 * P;
-  const int64_t Cin = shared ? C : G * C;
-  at::parallel_for(0, N * Cin, 1, [&](int64_t begin, int64_t end) {
-    std::vector<acc_t> pad(Hp * Wp), acc(W), wt(T);
-    std::vector<int64_t> off(T);
-    for (int64_t task = begin; task < end; ++task) {
-      const int64_t n = task / Cin, ci = task % Cin;
-      fill_padded(pad.data(), x + task * H * W, H, W, P, relu);
-      const int64_t g0 = shared ? 0 : ci / C, g1 = shared ? G : g0 + 1;
-      const int64_t c = shared ? ci : ci % C;
-      for (int64_t g = g0; g < g1; ++g) {
-        const int64_t nt = tp.ntaps[g];
-        const scalar_t* wp = w + (g * C + c) * T;
-        for (int64_t t = 0; t < nt; ++t) {
-          wt[t] = static_cast<acc_t>(wp[t]);
-          off[t] = (P + tp.dy[g * T + t]) * Wp + P + tp.dx[g * T + t];
-        }
-        scalar_t* __restrict yp = y + ((n * G + g) * C + c) * H * W;
-        for (int64_t h = 0; h < H; ++h) {
-          acc_t* __restrict a = acc.data();
-          stencil_row<acc_t, false>(a, pad.data() + h * Wp, off.data(), wt.data(), nt, W);
-          for (int64_t i = 0; i < W; ++i) yp[h * W + i] = static_cast<scalar_t>(a[i]);
-        }
-      }
-    }
+cpu::DwArgs make_args(const at::Tensor& x, const CpuTaps& tp, int64_t C, bool relu_input,
+                      bool shared_input) {
+  cpu::DwArgs a{};
+  switch (x.scalar_type()) {
+    case at::kFloat: a.dtype = kFloat32; break;
+    case at::kDouble: a.dtype = kFloat64; break;
+    case at::kHalf: a.dtype = kFloat16; break;
+    case at::kBFloat16: a.dtype = kBFloat16; break;
+    default: TORCH_CHECK(false, "hdnas_native: unsupported dtype ", x.scalar_type());
+  }
+  a.N = x.size(0);
+  a.C = C;
+  a.H = x.size(2);
+  a.W = x.size(3);
+  a.G = tp.G;
+  a.T = tp.T;
+  a.P = tp.radius;
+  a.relu = relu_input;
+  a.shared = shared_input;
+  a.ntaps = tp.ntaps.data();
+  a.dy = tp.dy.data();
+  a.dx = tp.dx.data();
+  return a;
+}
+
+void run_tasks(int (*const cpu::IsaKernels::*fn)(const cpu::DwArgs&, int64_t, int64_t),
+               const cpu::DwArgs& a, const char* op) {
+  const cpu::IsaKernels& k = cpu::active_kernels();
+  const int64_t tasks = a.N * (a.shared ? a.C : a.G * a.C);
+  std::atomic<int> failed{0};
+  // one task per (n, input plane); a task's result does not depend on how tasks are split
+  at::parallel_for(0, tasks, 1, [&](int64_t begin, int64_t end) {
+    const int rc = (k.*fn)(a, begin, end);
+    if (rc != 0) failed.store(rc);
   });
+  TORCH_CHECK(failed.load() == 0, op, " (", k.name, " kernels): ",
+              failed.load() == -1 ? "out of memory for the per-thread scratch buffers"
+                                  : "internal error (unknown dtype code)");
 }
 
 at::Tensor dw_fwd_cpu(const at::Tensor& x_, const at::Tensor& w_, at::IntArrayRef offs,
@@ -94,10 +105,11 @@ at::Tensor dw_fwd_cpu(const at::Tensor& x_, const at::Tensor& w_, at::IntArrayRe
   const int64_t N = x.size(0), H = x.size(2), W = x.size(3);
   at::Tensor y = at::empty({N, tp.G * C, H, W}, x.options());
   if (y.numel() == 0) return y;
-  AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, x.scalar_type(), "hdnas_dw_fwd", [&] {
-    dw_fwd_kernel<scalar_t>(x.data_ptr<scalar_t>(), w.data_ptr<scalar_t>(), y.data_ptr<scalar_t>(),
-                            tp, N, C, H, W, relu_input, shared_input);
-  });
+  cpu::DwArgs a = make_args(x, tp, C, relu_input, shared_input);
+  a.x = x.data_ptr();
+  a.w = w.data_ptr();
+  a.y = y.data_ptr();
+  run_tasks(&cpu::IsaKernels::fwd, a, "hdnas_native::dw_fwd");
   return y;
 }
 
