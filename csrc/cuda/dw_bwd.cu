@@ -17,7 +17,7 @@ __global__ void __launch_bounds__(kThreads)
 dw_bwd_gx_kernel(const TapTable taps, const DwShape s, const T* __restrict__ gy,
                  const T* __restrict__ x, const T* __restrict__ w, T* __restrict__ gx) {
   using Acc = typename AccOf<T>::type;
-  extern __shared__ __align__(16) unsigned char smem_raw[];
+  HDNAS_DYNAMIC_SHARED(unsigned char, smem_raw);
   Acc* tile = reinterpret_cast<Acc*>(smem_raw);
   const int R = taps.radius, SW = kTileW + 2 * R;
   const int C = s.C, H = s.H, W = s.W, G = taps.G;
@@ -75,7 +75,7 @@ __global__ void __launch_bounds__(kThreads)
 dw_bwd_gw_kernel(const TapTable taps, const DwShape s, const T* __restrict__ gy,
                  const T* __restrict__ x, typename AccOf<T>::type* __restrict__ part) {
   using Acc = typename AccOf<T>::type;
-  extern __shared__ __align__(16) unsigned char smem_raw[];
+  HDNAS_DYNAMIC_SHARED(unsigned char, smem_raw);
   const int R = taps.radius, SW = kTileW + 2 * R, SH = kTileH + 2 * R;
   Acc* tile = reinterpret_cast<Acc*>(smem_raw);
   Acc* red = tile + SH * SW;  // [kWarps][T]
@@ -147,9 +147,9 @@ static int launch_bwd(const TapTable& taps, const DwShape& s, const void* gy, co
   if (gx != nullptr && s.N > 0 && s.H > 0 && s.W > 0) {
     const long long cin = s.shared_input ? s.C : GC;
     dim3 grid(tx, ty, grid_z((long long)s.N * cin));
-    dw_bwd_gx_kernel<T><<<grid, block, tile_bytes, stream>>>(
-        taps, s, static_cast<const T*>(gy), static_cast<const T*>(x), static_cast<const T*>(w),
-        static_cast<T*>(gx));
+    launch(dw_bwd_gx_kernel<T>, grid, block, tile_bytes, stream, taps, s,
+           static_cast<const T*>(gy), static_cast<const T*>(x), static_cast<const T*>(w),
+           static_cast<T*>(gx));
     int e = (int)cudaGetLastError();
     if (e) return e;
   }
@@ -160,15 +160,15 @@ static int launch_bwd(const TapTable& taps, const DwShape& s, const void* gy, co
       if (workspace == nullptr) return -1;
       dim3 grid(tx, ty, grid_z((long long)s.N * GC));
       const size_t bytes = tile_bytes + sizeof(Acc) * kWarps * taps.T;
-      dw_bwd_gw_kernel<T><<<grid, block, bytes, stream>>>(
-          taps, s, static_cast<const T*>(gy), static_cast<const T*>(x), part);
+      launch(dw_bwd_gw_kernel<T>, grid, block, bytes, stream, taps, s, static_cast<const T*>(gy),
+             static_cast<const T*>(x), part);
       int e = (int)cudaGetLastError();
       if (e) return e;
     }
     const long long total = GC * taps.T;
     const int threads = 256;
-    dw_reduce_kernel<T><<<(unsigned)((total + threads - 1) / threads), threads, 0, stream>>>(
-        part, static_cast<T*>(gw), GC, nparts, taps.T);
+    launch(dw_reduce_kernel<T>, dim3((unsigned)((total + threads - 1) / threads)), dim3(threads), 0,
+           stream, part, static_cast<T*>(gw), GC, nparts, taps.T);
     return (int)cudaGetLastError();
   }
   return 0;

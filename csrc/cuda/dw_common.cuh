@@ -1,15 +1,38 @@
 // Device helpers shared by the CUDA depthwise kernels (torch-free: nvcc compiles these files
-// standalone, `nvcc -arch=sm_90 -c dw_fwd.cu`).
+// standalone, `nvcc -arch=sm_90 -c dw_fwd.cu`).  The same source also compiles as plain C++ with
+// -DHDNAS_CUDA_HOST: the kernels then run on the host under the emulation of
+// ../cuda_host/cuda_host.h (tests, sanitizers).  Kernels are launched only through `launch`
+// and take dynamic shared memory only through HDNAS_DYNAMIC_SHARED, so both builds run the very
+// same launch sites.
 #pragma once
 
+#if defined(__CUDACC__)
 #include <cuda_runtime.h>
 #include <cuda_fp16.h>
 #include <cuda_bf16.h>
+#define HDNAS_DYNAMIC_SHARED(T, name) extern __shared__ __align__(16) T name[]
+#elif defined(HDNAS_CUDA_HOST)
+#include "../cuda_host/cuda_host.h"
+#define HDNAS_DYNAMIC_SHARED(T, name) T* const name = ::cuda_host::dynamic_shared<T>()
+#else
+#error "compile with nvcc, or as C++ with -DHDNAS_CUDA_HOST (the host emulation, csrc/cuda_host)"
+#endif
 
 #include "../hdnas_dw.h"
 
 namespace hdnas {
 namespace cuda_detail {
+
+// kernel<<<grid, block, shmem, stream>>>(args...); errors via cudaGetLastError().
+#if defined(__CUDACC__)
+template <typename... P, typename... A>
+inline void launch(void (*kernel)(P...), dim3 grid, dim3 block, size_t shmem, cudaStream_t stream,
+                   A&&... args) {
+  kernel<<<grid, block, shmem, stream>>>(static_cast<A&&>(args)...);
+}
+#else
+using ::cuda_host::launch;
+#endif
 
 // Output tile of one CTA: kTileH x kTileW pixels, kThreadsX x kThreadsY threads; each thread
 // computes kTileH / kThreadsY rows of one column.  The input tile (with a halo of `radius`
@@ -21,7 +44,11 @@ constexpr int kThreadsY = 8;
 constexpr int kRowsPerThread = kTileH / kThreadsY;
 constexpr int kThreads = kThreadsX * kThreadsY;
 constexpr int kWarps = kThreads / 32;
-constexpr int kMaxGridZ = 65535;
+// CTAs along z (planes beyond it are looped over).  The host tests lower it to run the loop.
+#ifndef HDNAS_MAX_GRID_Z
+#define HDNAS_MAX_GRID_Z 65535
+#endif
+constexpr int kMaxGridZ = HDNAS_MAX_GRID_Z;
 
 template <typename T> struct AccOf { using type = float; };
 template <> struct AccOf<double> { using type = double; };

@@ -12,7 +12,7 @@ __global__ void __launch_bounds__(kThreads)
 dw_fwd_kernel(const TapTable taps, const DwShape s, const T* __restrict__ x,
               const T* __restrict__ w, T* __restrict__ y) {
   using Acc = typename AccOf<T>::type;
-  extern __shared__ __align__(16) unsigned char smem_raw[];
+  HDNAS_DYNAMIC_SHARED(unsigned char, smem_raw);
   Acc* tile = reinterpret_cast<Acc*>(smem_raw);
   const int R = taps.radius, SW = kTileW + 2 * R;
   const int C = s.C, H = s.H, W = s.W, G = taps.G;
@@ -63,8 +63,8 @@ static int launch_fwd(const TapTable& taps, const DwShape& s, const void* x, con
   dim3 block(kThreadsX, kThreadsY);
   dim3 grid((s.W + kTileW - 1) / kTileW, (s.H + kTileH - 1) / kTileH, grid_z(planes));
   if (grid.y > 65535) return -1;
-  dw_fwd_kernel<T><<<grid, block, smem, stream>>>(taps, s, static_cast<const T*>(x),
-                                                  static_cast<const T*>(w), static_cast<T*>(y));
+  launch(dw_fwd_kernel<T>, grid, block, smem, stream, taps, s, static_cast<const T*>(x),
+         static_cast<const T*>(w), static_cast<T*>(y));
   return (int)cudaGetLastError();
 }
 
