@@ -28,6 +28,7 @@ DType dtype_of(const at::Tensor& t) {
 void build(const at::Tensor& x, const at::Tensor& w, at::IntArrayRef offs, at::IntArrayRef ntaps,
            bool relu, bool shared, TapTable& tt, DwShape& s, const char* op) {
   TORCH_CHECK(x.is_cuda() && w.is_cuda(), op, ": tensors must be on a CUDA device");
+  TORCH_CHECK(x.device() == w.device(), op, ": x is on ", x.device(), ", w on ", w.device());
   TORCH_CHECK(x.dim() == 4 && w.dim() == 3, op, ": expected x (N,C,H,W) and w (G,C,T)");
   TORCH_CHECK(x.scalar_type() == w.scalar_type(), op, ": x and w differ in dtype");
   const int64_t G = w.size(0), C = w.size(1), T = w.size(2);
