@@ -4,7 +4,9 @@
 
 Prints one JSON line per kernel config: {"kernel", "signature", "constexprs", "options",
 "usage": {"REG", "STACK", "SHARED", "LOCAL"}} or {"error": ...}; exit code 2 when the toolchain
-cannot run here (no ptxas/cuobjdump), 1 when a kernel fails to compile or spills (LOCAL > 0).
+cannot run here (no ptxas/cuobjdump), 1 when a kernel fails to compile or spills registers.
+ptxas puts spilled registers in the stack frame (STACK > 0; these kernels have no local arrays
+or calls that would use it otherwise); LOCAL > 0 counts as a spill too.
 Run it without TRITON_INTERPRET (code generation consults that knob).
 """
 from __future__ import annotations
@@ -16,6 +18,11 @@ import re
 import subprocess
 import sys
 import tempfile
+
+
+def spills(usage: dict) -> bool:
+    """Whether cuobjdump's resource usage shows spilled registers (stack frame or local memory)."""
+    return usage.get("STACK", 0) > 0 or usage.get("LOCAL", 0) > 0
 
 
 def main(argv=None):
@@ -62,7 +69,7 @@ def main(argv=None):
                 out = subprocess.run([cuobjdump, "--dump-resource-usage", f], capture_output=True,
                                      text=True, check=True).stdout
                 rec["usage"] = {k_: int(v) for k_, v in re.findall(r"(REG|STACK|SHARED|LOCAL):(\d+)", out)}
-                if rec["usage"].get("LOCAL", 0) > 0:
+                if spills(rec["usage"]):
                     bad += 1
             except Exception as e:  # report every failure, keep going
                 rec["error"] = f"{type(e).__name__}: {e}"[:2000]

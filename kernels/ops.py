@@ -336,7 +336,9 @@ def mixed_dw(x, weights, kernels, ksizes, dilations, relu_input, skip_weight=Non
 from hdnas.kernels import epilogue as _epi  # noqa: E402
 
 GPU_EPI_FWD_CFG = dict(BLOCK_CO=64, BLOCK_P=64, BLOCK_K=32, num_warps=8)
-GPU_EPI_DZ_CFG = dict(BLOCK_CO=32, BLOCK_P=64, BLOCK_K=32, num_warps=8)
+#: dz: BLOCK_CO 16, not 32: at 32 the fp32 LeakyReLU variant spills on sm_90 (255 registers and
+#: a 72-byte stack frame; 16 needs 153 registers and no stack), same output tile (K x pixels).
+GPU_EPI_DZ_CFG = dict(BLOCK_CO=16, BLOCK_P=64, BLOCK_K=32, num_warps=8)
 GPU_EPI_DW_CFG = dict(BLOCK_CO=64, BLOCK_P=32, BLOCK_K=32, num_warps=4)
 
 
