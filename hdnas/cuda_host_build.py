@@ -18,6 +18,7 @@ from __future__ import annotations
 import functools
 import hashlib
 import os
+import platform
 import shutil
 import subprocess
 import tempfile
@@ -32,6 +33,10 @@ CHECK_SOURCES = ["cuda_host/check_main.cpp", "cuda_host/check_kernels.cpp"]
 LIB_SOURCES = ["cuda_host/capi.cpp"]
 
 COMMON_FLAGS = ["-std=c++17", "-DHDNAS_CUDA_HOST", "-Wall", "-Wextra", "-Wno-unknown-pragmas"]
+if platform.machine() in ("x86_64", "AMD64"):
+    # the fiber switch changes stacks with `ret`, which a CET shadow stack would refuse; an
+    # object without the CET marking keeps the program off shadow stacks
+    COMMON_FLAGS.append("-fcf-protection=none")
 SANITIZE_FLAGS = ["-O1", "-g", "-fno-omit-frame-pointer",
                   "-fsanitize=address,undefined,float-cast-overflow", "-fno-sanitize-recover=all"]
 CHECK_FLAGS = SANITIZE_FLAGS + ["-DHDNAS_MAX_GRID_Z=5"]
@@ -123,6 +128,10 @@ def _build(name: str, sources: list[str], flags: list[str], link: list[str]) -> 
     cxx = compiler()
     if cxx is None:
         raise Unavailable("no C++ compiler found (set CXX)")
+    missing = [n for n in sources + HEADERS if not (CSRC / n).is_file()]
+    if missing:
+        raise Unavailable(f"the C++ sources are not here ({CSRC}: {', '.join(missing)}); "
+                          "the host build runs from a checkout")
     flags = COMMON_FLAGS + flags
     out_dir = cache_dir() / _key(cxx, sources, flags + link)
     out = out_dir / name

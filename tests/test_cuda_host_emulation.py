@@ -14,6 +14,7 @@ HDNAS_REQUIRE_NATIVE=1 (CI) makes that a failure; a compile error in the sources
 from __future__ import annotations
 
 import os
+import shutil
 
 import pytest
 
@@ -62,3 +63,32 @@ def test_asan_catches_a_shared_memory_overflow(check_program):
     r = cuda_host_build.run_check("crash-smem-overflow", timeout=120)
     assert r.returncode != 0, r.stdout
     assert "heap-buffer-overflow" in r.stderr and "smem_overflow_kernel" in r.stderr, r.stderr[-4000:]
+
+
+# ---- the build module --------------------------------------------------------------------------
+
+def test_build_key_follows_sources_and_flags(tmp_path, monkeypatch):
+    cxx = cuda_host_build.compiler()
+    if cxx is None:
+        pytest.skip("no C++ compiler")
+    shutil.copytree(cuda_host_build.CSRC, tmp_path / "csrc")
+    monkeypatch.setattr(cuda_host_build, "CSRC", tmp_path / "csrc")
+    srcs = cuda_host_build.RUNTIME + cuda_host_build.KERNELS
+    key = cuda_host_build._key(cxx, srcs, ["-O1"])
+    assert cuda_host_build._key(cxx, srcs, ["-O1"]) == key
+    assert cuda_host_build._key(cxx, srcs, ["-O2"]) != key
+    header = tmp_path / "csrc" / "cuda" / "dw_common.cuh"  # a header, not a listed source
+    header.write_text(header.read_text() + "\n")
+    assert cuda_host_build._key(cxx, srcs, ["-O1"]) != key
+
+
+def test_compile_error_is_reported(tmp_path, monkeypatch):
+    cxx = cuda_host_build.compiler()
+    if cxx is None:
+        pytest.skip("no C++ compiler")
+    (tmp_path / "bad.cpp").write_text("int f() { return no_such_name; }\n")
+    monkeypatch.setattr(cuda_host_build, "CSRC", tmp_path)
+    with pytest.raises(cuda_host_build.BuildError, match="no_such_name"):
+        cuda_host_build._compile_and_link(cxx, ["bad.cpp"], cuda_host_build.COMMON_FLAGS, [],
+                                          tmp_path / "out")
+    assert not (tmp_path / "out").exists()

@@ -133,8 +133,8 @@ namespace cuda_host {
 // permutation every round, from `seed`).  Applies to the launches that follow, on any thread.
 enum class Schedule { kForward, kReverse, kShuffle };
 void set_schedule(Schedule s, unsigned seed = 0);
-// Switch fibers with swapcontext (portable, ~30x slower) instead of the x86-64 register switch;
-// false if that choice is not available on this machine (ucontext is used elsewhere).
+// Switch fibers with swapcontext (portable; a system call per switch) instead of the x86-64
+// register switch; false if that choice is not available here (off x86-64: always ucontext).
 bool set_ucontext(bool on);
 // Why the last failed launch failed ("" if none has).
 const char* last_error_message();
