@@ -3,7 +3,7 @@
 Why hooks: counting what actually runs covers every conv, including the ESA branch at its real
 (strided, pooled) resolution, with no hand-written formula to drift from the code.
 
-Convention (method.md sections 4 and 6): Multi-Adds = multiply-accumulates of every ``Conv2d``
+Convention (docs/method.md §4, §6): Multi-Adds = multiply-accumulates of every ``Conv2d``
 (and ``Linear``/``ConvTranspose2d`` if present), bias not counted, for one image whose HR output
 is 1280x720; the LR input is ``ceil(720/s) x ceil(1280/s)`` (640x360 for x2, 427x240 for x3,
 320x180 for x4). Pooling, activations, interpolation, pixel shuffle and the attention product

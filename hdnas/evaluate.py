@@ -4,7 +4,7 @@
         ../shared/data/Set14 --scales 2 --out runs/eval/tiny18
     python -m hdnas.evaluate --bicubic --data ../shared/data/Set5 --scales 2 3 4
 
-Protocol (method.md section 6): PSNR/SSIM on Y (BT.601, MATLAB ``rgb2ycbcr``), shave = scale,
+Protocol (docs/method.md §6): PSNR/SSIM on Y (BT.601, MATLAB ``rgb2ycbcr``), shave = scale,
 SR output clamped and rounded to 8 bits, MATLAB-style SSIM; LR from the set's files or made by
 the MATLAB-exact ``imresize``; HR cropped to a multiple of the scale. Grey images are replicated
 to RGB for the model (EDSR's loader; the convention of the tiny checkpoint's reference scores).
@@ -16,7 +16,7 @@ rounded; a grey image is its own Y) is downscaled and upscaled in double precisi
 intermediate rounding; this ignores shipped LR files. ``--bicubic-protocol rgb`` upscales the
 set's 8-bit RGB LR images instead and scores them like a model output.
 
-Decisions where the sources are silent (method.md marks the paper UNCONFIRMED): rounding is
+Decisions where the sources are silent (docs/method.md §8.10): rounding is
 half away from zero (MATLAB), not torch's half to even; the Y of the bicubic protocol is rounded
 to uint8 as ``rgb2ycbcr`` does on uint8 input (unrounded Y is within 0.006 dB); the mean PSNR of
 a set is the mean of per-image PSNRs.

@@ -139,7 +139,7 @@ def derive(alphas: torch.Tensor, betas, op_names=DLSR_PRIMITIVES, channels=48, s
                     num_cells=len(betas) + 2, name=name)
 
 
-#: The released architectures (method.md section 4), in the concat order of the retrain files.
+#: The released architectures (docs/method.md §4), in the concat order of the retrain files.
 BETA21 = Genotype([["conv_1x1", "sep_conv_7x7", "sep_conv_5x5"]], [[0, 1], [1, 2], [1, 3], [3, 4]],
                   channels=48, scale=2, name="beta21")
 PARA_LOSS = Genotype([["sep_conv_3x3", "sep_conv_5x5", "sep_conv_5x5"]],

@@ -10,8 +10,8 @@ Why each choice:
   from zero) as the saved PNGs the published tables were measured on.
 * A single-channel image is scored on its own values (a grey image *is* its luminance), as
   MATLAB scripts do. Two conventions meet here and both are needed: the published bicubic rows
-  (method.md 7c) score Set14's grey image on its own values (replicating it to RGB instead raises
-  bicubic Set14 x2 by about 0.09 dB, out of tolerance), while the released tiny checkpoint's reference scores (7b)
+  (docs/method.md §7c) score Set14's grey image on its own values (replicating it to RGB instead raises
+  bicubic Set14 x2 by about 0.09 dB, out of tolerance), while the released tiny checkpoint's reference scores (§7b)
   come from a loader that replicates grey images to RGB, so Y = 16 + 0.859 v for both SR and HR.
   ``load_rgb(gray=...)`` picks the convention; see ``hdnas.evaluate``.
 * ``shave`` pixels (= scale) are cut from every border before scoring.

@@ -3,7 +3,7 @@
 The release's protocol (``--preset paper``): Adam lr 3e-4, betas (0.9, 0.999), wd 1e-8,
 MultiStepLR at 20/40/60/80% of training (epochs 200-400-600-800 of 1000) x0.5, gradient
 clipping at norm 50, HR patch 128, batch 32. Loss: plain L1 by default. The release's script
-asks for L1 + 0.2 HFEN, but its beta21 trainer could not have run with that loss (method.md 5),
+asks for L1 + 0.2 HFEN, but its beta21 trainer could not have run with that loss (docs/method.md §5),
 so the released model was most likely trained with L1: UNCONFIRMED; ``--hfen 0.2`` gives it.
 docs/presets.md lists every difference from the release.
 """

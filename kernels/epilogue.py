@@ -1,4 +1,4 @@
-"""Triton kernels for the alpha-block pointwise GEMM with its epilogue (kernels.md §8.2 item 3):
+"""Triton kernels for the alpha-block pointwise GEMM with its epilogue (docs/kernels.md §8.2 item 3):
 
     out[n, :, p] = act( W1 @ Z1[n, :, p] + W2 @ Z2[n, :, p] + add[n, :, p] + res[n, :, p] )
 

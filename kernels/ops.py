@@ -18,7 +18,7 @@ On top of them, the two depthwise primitives of ``hdnas.mixed.primitives``:
 * ``grouped_dw(x, kernels, ksizes, dilations, relu_input, shared_input)``
 * ``mixed_dw(x, weights, kernels, ksizes, dilations, relu_input, skip_weight=None)``: the
   candidates are merged into one union-of-taps kernel ``W_eff = sum_g w_g scatter_g(K_g)`` built
-  with differentiable PyTorch ops (kernels.md §0.1/0.2), so no per-op output is materialised and
+  with differentiable PyTorch ops (docs/kernels.md §0.1, §0.2), so no per-op output is materialised and
   autograd derives dK_g and dw_g from the one stencil gradient.
 """
 from __future__ import annotations

@@ -1,4 +1,4 @@
-"""Params and Multi-Adds by forward hooks against method.md's table of the official archs."""
+"""Params and Multi-Adds by forward hooks against docs/method.md §4 (the official archs)."""
 import pytest
 import torch
 from torch import nn
@@ -12,7 +12,7 @@ def at_scale(g, s):
     return Genotype(g.cell_ops, g.inputs, channels=g.channels, scale=s, name=g.name)
 
 
-# method.md section 4: (genotype, scale) -> (params or None, Multi-Adds in G)
+# docs/method.md §4: (genotype, scale) -> (params or None, Multi-Adds in G)
 TABLE = [
     (BETA21, 2, 322_620, 67.31), (BETA21, 3, 329_115, 30.60), (BETA21, 4, 338_208, 17.72),
     (PARA_LOSS, 2, 327_804, 68.50), (PARA_LOSS, 4, None, 18.02),
@@ -25,7 +25,7 @@ TABLE = [
 def test_official_archs(g, scale, params, gmacs):
     n, macs = count_params_and_macs(DerivedNet(at_scale(g, scale)))
     print(f"{g.name} x{scale}: {n:,} params, {macs / 1e9:.3f}G Multi-Adds "
-          f"(method.md {params}, {gmacs}G)")
+          f"(docs/method.md §4: {params}, {gmacs}G)")
     if params is not None:
         assert n == params
     assert abs(macs / 1e9 - gmacs) <= 0.005 * gmacs

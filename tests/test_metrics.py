@@ -1,5 +1,5 @@
 """Y-channel PSNR/SSIM: unit values, an independent SSIM reference, and the published bicubic
-baselines (method.md 7c) reproduced from the shared Set5/Set14."""
+baselines (docs/method.md §7c) reproduced from the shared Set5/Set14."""
 import math
 import os
 from pathlib import Path
@@ -78,7 +78,7 @@ def test_shape_errors():
     assert float(quantize(np.array([254.6, 255.4]))[1]) == 255
 
 
-# Published bicubic rows (method.md 7c): (PSNR, SSIM)
+# Published bicubic rows (docs/method.md §7c): (PSNR, SSIM)
 PUBLISHED = {
     (2, "Set5"): (33.66, 0.9299), (2, "Set14"): (30.24, 0.8688),
     (3, "Set5"): (30.39, 0.8682), (3, "Set14"): (27.55, 0.7742),

@@ -104,7 +104,7 @@ def _score(name):
     return evaluate_set(BenchmarkSet(data, 2), net)
 
 
-# method.md 7b: (PSNR, SSIM) of the tiny checkpoint at x2
+# docs/method.md §7b: (PSNR, SSIM) of the tiny checkpoint at x2
 REFERENCE = {"Set5": (37.716, 0.9595), "Set14": (33.269, 0.9151)}
 
 
@@ -112,6 +112,6 @@ REFERENCE = {"Set5": (37.716, 0.9595), "Set14": (33.269, 0.9151)}
 def test_tiny_checkpoint_reproduces_reference(name):
     r = _score(name)
     p_ref, s_ref = REFERENCE[name]
-    print(f"tiny-18 x2 {name}: {r['psnr']:.4f}/{r['ssim']:.5f} (method.md {p_ref}/{s_ref})")
+    print(f"tiny-18 x2 {name}: {r['psnr']:.4f}/{r['ssim']:.5f} (docs/method.md §7b: {p_ref}/{s_ref})")
     assert abs(r["psnr"] - p_ref) <= 0.005
     assert abs(r["ssim"] - s_ref) <= 0.0001 + 1e-9

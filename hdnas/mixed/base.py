@@ -135,7 +135,7 @@ def amp_dtype(x: torch.Tensor) -> torch.dtype | None:
     Autocast casts floating tensors other than fp64 for its lower-precision ops (conv2d,
     matmul), so under an enabled autocast region for ``x``'s device a mixed op computed with
     those ops stores its activations in that dtype. Fused backends follow the same policy
-    explicitly (docs/kernels.md, dtype policy)."""
+    explicitly (docs/kernels.md §5, dtype policy)."""
     dev = x.device.type
     if x.dtype == torch.float64 or not torch.is_autocast_enabled(dev):
         return None

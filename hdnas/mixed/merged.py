@@ -1,4 +1,4 @@
-"""The exact merge algebra of the DLSR mixed op (kernels.md §8), composed from a ``Primitives`` set.
+"""The exact merge algebra of the DLSR mixed op (docs/kernels.md §8), composed from a ``Primitives`` set.
 
 ``DecomposedBackend`` computes ``y = sum_k w_k * op_k(x)`` for any subset of the four op
 families without running the candidates one by one:
@@ -21,7 +21,7 @@ families without running the candidates one by one:
 
 The merged weights are built from the op parameters and ``w`` with differentiable PyTorch ops,
 so autograd derives the gradients of every op parameter and of ``w`` from the few big
-gradients (kernels.md §0.2, §8.4). Backends differ only in ``primitives``:
+gradients (docs/kernels.md §0.2, §8.4). Backends differ only in ``primitives``:
 
 * ``merged``  : ``TORCH_PRIMITIVES`` (stock PyTorch convs), the fused path without Triton;
 * ``triton``  : Triton primitives (hdnas.mixed.triton_backend);
@@ -175,7 +175,7 @@ class DecomposedBackend(Backend):
         """Without ``distill``: (sum_k w_k op_k(x), None). With it: (lrelu(sum_k w_k op_k(x) + x),
         c_d(x)) -- the remaining branch of a distillation step, before the distilled lrelu.
 
-        dtype policy (docs/kernels.md): without autocast everything is in x's dtype. Under
+        dtype policy (docs/kernels.md §5): without autocast everything is in x's dtype. Under
         ``torch.autocast`` the reference's policy, made explicit: convs, GEMMs and depthwise
         stages store their activations in the autocast dtype ``cdt`` (accumulating in fp32),
         the merged weights are formed from the fp32 parameters and the fp32 op weights in fp32

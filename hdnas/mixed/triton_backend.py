@@ -3,7 +3,7 @@ primitives (hdnas.kernels.ops: custom ops ``hdnas_triton::dw_taps`` / ``dw_taps_
 
 The dense merged conv and the pointwise GEMMs stay on cuDNN/cuBLAS (dense channel-mixing work
 they already do at full speed); the depthwise stages, which PyTorch runs through its slow native
-depthwise kernel (one block per weight element for the weight gradient, kernels.md §3.2), run in
+depthwise kernel (one block per weight element for the weight gradient, docs/kernels.md §3.2), run in
 Triton: stage 1 reads x once for all sep/dil first stages with one shared ReLU.
 
 Importing this module raises ImportError when triton is missing (the registry then skips it).
