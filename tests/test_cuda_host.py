@@ -242,5 +242,6 @@ def test_half_conversions_match_torch(lib, dtype, bf16):
     assert torch.isnan(got[nan].view(dtype)).all()
     back = torch.empty(every16.shape, dtype=torch.float32)
     lib.hdnas_host_from_half(_ptr(every16), _ptr(back), every16.numel(), bf16)
-    ok = (back.view(torch.int32) == as_f.view(torch.int32)) | (torch.isnan(back) & torch.isnan(as_f))
+    same = back.view(torch.int32) == as_f.view(torch.int32)
+    ok = same | (torch.isnan(back) & torch.isnan(as_f))
     assert ok.all()

@@ -62,7 +62,8 @@ def test_emulation(check_program, name, switch):
 def test_asan_catches_a_shared_memory_overflow(check_program):
     r = cuda_host_build.run_check("crash-smem-overflow", timeout=120)
     assert r.returncode != 0, r.stdout
-    assert "heap-buffer-overflow" in r.stderr and "smem_overflow_kernel" in r.stderr, r.stderr[-4000:]
+    assert "heap-buffer-overflow" in r.stderr, r.stderr[-4000:]
+    assert "smem_overflow_kernel" in r.stderr, r.stderr[-4000:]
 
 
 # ---- the build module --------------------------------------------------------------------------

@@ -27,7 +27,8 @@ bool make_table(int G, int T, const int64_t* offs, const int64_t* ntaps, hdnas::
       if (std::llabs(dy) > 127 || std::llabs(dx) > 127) return false;
       t.dy[g][i] = int8_t(dy);
       t.dx[g][i] = int8_t(dx);
-      if (i < ntaps[g]) t.radius = std::max<int>(t.radius, int(std::max(std::llabs(dy), std::llabs(dx))));
+      if (i < ntaps[g])
+        t.radius = std::max(t.radius, int(std::max(std::llabs(dy), std::llabs(dx))));
     }
   }
   return true;

@@ -39,7 +39,8 @@ template <typename... P, typename... A>
 cudaError_t run(void (*k)(P...), dim3 grid, dim3 block, size_t shmem, A&&... args) {
   cuda_host::launch(k, grid, block, shmem, nullptr, std::forward<A>(args)...);
   const cudaError_t e = cudaGetLastError();
-  if (e != cudaSuccess) std::printf("  launch: error %d: %s\n", int(e), cuda_host::last_error_message());
+  if (e != cudaSuccess)
+    std::printf("  launch: error %d: %s\n", int(e), cuda_host::last_error_message());
   return e;
 }
 
