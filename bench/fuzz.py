@@ -535,9 +535,9 @@ def _family_counts(results) -> str:
     return ", ".join(f"{f} {fams.get(f, 0)}" for f in ("conv", "sep", "dil", "skip"))
 
 
-def summary(per_backend: dict, seed: int, device: str, argv) -> str:
+def summary(per_backend: dict, seed: int, device: str, argv, source: str) -> str:
     lines = [f"`python bench/fuzz.py {' '.join(argv)}` (seed {seed})", "",
-             f"machine: {machine_line(device)}", "", source_line(), "",
+             f"machine: {machine_line(device)}", "", source, "",
              f"bound: |got - fp64 reference| <= {TOL_ULPS} u x magnitude, elementwise "
              f"(u = {unit_roundoff(torch.float32):.3g} fp32, {unit_roundoff(torch.float64):.3g} "
              f"fp64); values redrawn when a ReLU input is within {KINK_ULPS} u of zero", "",
@@ -608,6 +608,7 @@ def main(argv=None):
             failed |= not r.ok
         return 1 if failed else 0
 
+    source = source_line()  # at the start: the tree may change during a long run
     per_backend = {}
     for n in names:
         size = a.size or default_size(n, a.device)
@@ -623,7 +624,7 @@ def main(argv=None):
                 print(f"{n}: {len(results)} cases, {time.perf_counter() - t0:.0f} s",
                       file=sys.stderr, flush=True)
         per_backend[n] = (results, time.perf_counter() - t0, size)
-    text = summary(per_backend, a.seed, a.device, argv)
+    text = summary(per_backend, a.seed, a.device, argv, source)
     print(text)
     if a.out:
         with open(a.out, "w") as f:
