@@ -1,0 +1,422 @@
+"""``hdnas.darts.MixedOp``: DARTS' search mixed op with a fused path and recomputation.
+
+The candidates are the plain modules of ``hdnas.darts.operations`` in DARTS' layout (``_ops.{i}``),
+so a DARTS state dict loads by name and ``patch`` can adopt an existing model's modules (and
+thereby its parameter objects and BN buffers) unchanged. The fused path reads their parameters
+and computes ``sum_k w_k op_k(x)`` as:
+
+1. the first depthwise stage of every sep/dil candidate: at stride 1 one
+   ``primitives.grouped_dw`` call (one read of x, the ReLU applied on read, one output group per
+   candidate); at stride 2, which the primitives do not offer, one stock strided depthwise conv
+   per candidate on one shared ``relu(x)``;
+2. the pointwise convs after it (sep: first pw; dil: its only pw): one grouped GEMM;
+3. the BatchNorms after those: one ``F.batch_norm`` over all groups (batch statistics in training
+   mode; every module's running statistics and ``num_batches_tracked`` updated as
+   ``nn.BatchNorm2d`` does); for the dil groups the architecture weight ``w_k`` is folded into the
+   BN's per-channel scale, so ``w_k * BN(u)`` is one pass;
+4. the sep candidates' second stage: ``primitives.grouped_dw`` (ReLU on read, per-group input),
+   one grouped GEMM, one ``F.batch_norm`` with ``w_k`` folded in;
+5. pools with their BN (``w_k`` folded in), ``skip_connect`` (``w x``, or FactorizedReduce from the
+   shared ``relu(x)`` with its BN), ``none`` (contributes exactly 0) with stock ops; the sum.
+
+``recompute=True`` (default) runs this under ``torch.utils.checkpoint``: only the op's input is
+kept for backward, every per-candidate intermediate is recomputed there (running statistics are
+updated once, in the forward pass; the recomputation normalises with the same batch statistics).
+
+Backends (``backend=``): 'reference' (the plain per-op loop, DARTS' code), 'merged' (the fused path
+over stock PyTorch depthwise convs), 'native' (the C++ CPU / CUDA primitives), 'triton' (the
+Triton primitives), 'fused' (the fastest that serves the device: triton on CUDA, then native, then
+merged). A named backend that cannot serve the device/dtype falls back to 'merged' with one
+warning. Under ``torch.autocast`` the fused path is not used (the plain loop runs).
+"""
+from __future__ import annotations
+
+import warnings
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+from torch.utils.checkpoint import checkpoint
+
+from hdnas.darts.operations import (PRIMITIVES, NotRecognised, build_candidates, channel_shuffle,
+                                    check_primitives, check_stride, identify_candidate)
+from hdnas.mixed.primitives import TORCH_PRIMITIVES
+
+BACKENDS = ("reference", "merged", "native", "triton", "fused")
+
+
+class DartsBackendError(ValueError):
+    """Bad input to a DARTS mixed op, or an unknown backend."""
+
+
+# ---------------------------------------------------------------------------------------------
+# Primitive sets
+
+_resolved: dict = {}
+
+
+def _native_reason(device, dtype, plan):
+    try:
+        from hdnas.mixed import native
+    except ImportError as e:
+        return f"native module not importable: {e}"
+    G = max(len(plan.st1), 1)
+    T = max((k * k for k in plan.st1_ks), default=1)
+    radius = max((d * (k // 2) for k, d in zip(plan.st1_ks, plan.st1_ds)), default=0)
+    return native.unavailable_reason(device, dtype, G, T, radius)
+
+
+def _triton_reason(device, dtype):
+    try:
+        from hdnas.mixed import triton_backend
+    except ImportError as e:
+        return f"triton not importable: {e}"
+    return triton_backend.triton_unsupported_reason(device, dtype)
+
+
+def _primitives_of(name):
+    if name == "merged":
+        return TORCH_PRIMITIVES
+    if name == "native":
+        from hdnas.mixed.native import NATIVE_PRIMITIVES
+        return NATIVE_PRIMITIVES
+    from hdnas.mixed.triton_backend import TRITON_PRIMITIVES
+    return TRITON_PRIMITIVES
+
+
+def resolve_primitives(name: str, device: torch.device, dtype: torch.dtype, plan):
+    """The ``Primitives`` set that backend ``name`` uses on (device, dtype), or None for
+    'reference'. Resolved once per (name, device type, dtype, stage-1 stencil)."""
+    key = (name, device.type, dtype, plan.st1_ks, plan.st1_ds)
+    if key in _resolved:
+        return _resolved[key]
+    if name == "reference":
+        prims = None
+    elif name == "merged":
+        prims = TORCH_PRIMITIVES
+    else:
+        if name == "fused":
+            order = ["triton", "native"] if device.type == "cuda" else ["native"]
+        else:
+            order = [name]
+        reasons = []
+        prims = None
+        for cand in order:
+            why = _triton_reason(device, dtype) if cand == "triton" else _native_reason(device, dtype, plan)
+            if why is None:
+                prims = _primitives_of(cand)
+                break
+            reasons.append(f"{cand}: {why}")
+        if prims is None:
+            prims = TORCH_PRIMITIVES
+            if name != "fused":
+                warnings.warn(f"DARTS backend {name!r} cannot serve {device.type}/{dtype} "
+                              f"({'; '.join(reasons)}); using 'merged'", RuntimeWarning, stacklevel=3)
+    _resolved[key] = prims
+    return prims
+
+
+def check_backend(name: str) -> str:
+    if name not in BACKENDS:
+        raise DartsBackendError(f"unknown DARTS backend {name!r}; choose one of {', '.join(BACKENDS)}")
+    return name
+
+
+# ---------------------------------------------------------------------------------------------
+# BatchNorm over groups of channels, exactly as nn.BatchNorm2d
+
+class _RunState:
+    """Whether the fused function runs for the first time (update running statistics) or is
+    being recomputed in backward (normalise only)."""
+
+    __slots__ = ("first",)
+
+    def __init__(self):
+        self.first = True
+
+
+def _bn_key(bn):
+    return (bn.training, bn.track_running_stats, bn.running_mean is None, bn.momentum, bn.eps,
+            bn.running_mean.dtype if bn.running_mean is not None else None)
+
+
+def _affine_part(bn, scale, C, like, kind):
+    """The per-channel weight (kind 'w') or bias ('b') of one BN group times ``scale`` (None = 1)."""
+    if kind == "w":
+        base = bn.weight if bn.affine else None
+        if base is None:
+            return like.new_ones(C) if scale is None else scale.expand(C)
+        return base if scale is None else base * scale
+    if not bn.affine:
+        return None
+    return bn.bias if scale is None else bn.bias * scale
+
+
+def _group_affine(bns, scales, like, kind):
+    C = bns[0].num_features
+    parts = [_affine_part(bn, s, C, like, kind) for bn, s in zip(bns, scales)]
+    if all(p is None for p in parts):
+        return None
+    if kind == "w" and all(s is None and not bn.affine for bn, s in zip(bns, scales)):
+        return None
+    parts = [like.new_zeros(C) if p is None else p for p in parts]
+    return parts[0].to(like.dtype) if len(parts) == 1 else torch.cat(parts).to(like.dtype)
+
+
+def group_batch_norm(u, bns, scales, state: _RunState):
+    """``cat_g(scale_g * bn_g(u_g))`` for the channel blocks u_g of u (one per BN module, each
+    ``num_features`` wide), as each ``nn.BatchNorm2d`` computes it in its current mode (running
+    statistics and ``num_batches_tracked`` updated as the module does, but only on the first run
+    of ``state``). Modules with the same settings share one ``F.batch_norm`` call."""
+    if len(bns) > 1 and len({_bn_key(b) for b in bns}) > 1:
+        C = bns[0].num_features
+        return torch.cat([group_batch_norm(u[:, i * C:(i + 1) * C], [b], [s], state)
+                          for i, (b, s) in enumerate(zip(bns, scales))], 1)
+    b0 = bns[0]
+    C = b0.num_features
+    factor = 0.0 if b0.momentum is None else b0.momentum
+    tracks = b0.training and b0.track_running_stats  # the module would update its statistics
+    update = tracks and state.first
+    if tracks and b0.num_batches_tracked is not None:
+        if update:
+            for b in bns:
+                b.num_batches_tracked.add_(1)
+        if b0.momentum is None:
+            if len({int(b.num_batches_tracked) for b in bns}) > 1:
+                # cumulative averages over different counts: one call per module
+                if update:
+                    for b in bns:
+                        b.num_batches_tracked.sub_(1)
+                return torch.cat([group_batch_norm(u[:, i * C:(i + 1) * C], [b], [s], state)
+                                  for i, (b, s) in enumerate(zip(bns, scales))], 1)
+            factor = 1.0 / float(b0.num_batches_tracked)
+    bn_training = b0.training or b0.running_mean is None
+    rm = rv = None
+    if b0.running_mean is not None and (tracks or not bn_training):
+        if len(bns) == 1:
+            rm, rv = b0.running_mean, b0.running_var
+        else:
+            rm = torch.cat([b.running_mean for b in bns])
+            rv = torch.cat([b.running_var for b in bns])
+        if tracks and not update:
+            # recomputation in backward: the same call (so autograd saves the same tensors),
+            # updating throw-away copies of the statistics
+            rm, rv = rm.clone(), rv.clone()
+    weight = _group_affine(bns, scales, u, "w")
+    bias = _group_affine(bns, scales, u, "b")
+    y = F.batch_norm(u, rm, rv, weight, bias, bn_training, factor, b0.eps)
+    if update and len(bns) > 1 and rm is not None:
+        with torch.no_grad():
+            for i, b in enumerate(bns):
+                b.running_mean.copy_(rm[i * C:(i + 1) * C])
+                b.running_var.copy_(rv[i * C:(i + 1) * C])
+    return y
+
+
+# ---------------------------------------------------------------------------------------------
+# The plan of a candidate set
+
+class Plan:
+    """Candidate indices by kind, and the stage-1/stage-2 stencils."""
+
+    def __init__(self, names, stride):
+        self.names = tuple(names)
+        self.stride = stride
+        idx = lambda pred: [i for i, n in enumerate(self.names) if pred(n)]  # noqa: E731
+        self.sep = idx(lambda n: n.startswith("sep_conv_"))
+        self.dil = idx(lambda n: n.startswith("dil_conv_"))
+        self.max_pool = idx(lambda n: n == "max_pool_3x3")
+        self.avg_pool = idx(lambda n: n == "avg_pool_3x3")
+        self.skip = idx(lambda n: n == "skip_connect")
+        self.none = idx(lambda n: n == "none")
+        k = lambda n: int(n.split("_")[-1].split("x")[0])  # noqa: E731
+        self.st1 = self.sep + self.dil
+        self.st1_ks = tuple(k(self.names[i]) for i in self.st1)
+        self.st1_ds = tuple(1 if i in self.sep else 2 for i in self.st1)
+        self.st1_kmax = max(self.st1_ks, default=0)
+        self.st2_ks = tuple(k(self.names[i]) for i in self.sep)
+        self.st2_kmax = max(self.st2_ks, default=0)
+
+
+def _pad_to(k: torch.Tensor, size: int) -> torch.Tensor:
+    p = (size - k.shape[-1]) // 2
+    return F.pad(k, (p, p, p, p)) if p else k
+
+
+def _grouped_pw(z, w):
+    """Per-group 1x1 convs as one batched GEMM: z (N, G*C, H, W), w (G, C, C)."""
+    N, _, H, W = z.shape
+    G, C = w.shape[:2]
+    return torch.matmul(w, z.reshape(N, G, C, H * W)).view(N, G * C, H, W)
+
+
+# ---------------------------------------------------------------------------------------------
+# The module
+
+class MixedOp(nn.Module):
+    """DARTS' search mixed op, ``forward(x, weights) = sum_k weights[k] * op_k(x)``, computed by
+    ``backend`` (see the module docstring). ``partial_k > 1``: PC-DARTS' partial channels (the
+    candidates run on the first C // K channels, the rest passes through, max-pooled 2x2 at
+    stride 2, then ``channel_shuffle(., K)``). ``forward_gdas(x, hardwts, index)``: GDAS, only the
+    chosen candidate runs."""
+
+    def __init__(self, C: int, stride: int, primitives=PRIMITIVES, backend: str = "fused",
+                 recompute: bool = True, partial_k: int = 1, ops: nn.ModuleList | None = None):
+        super().__init__()
+        if not isinstance(partial_k, int) or partial_k < 1 or C % partial_k:
+            raise DartsBackendError(f"C={C} channels are not divisible by the PC-DARTS "
+                                    f"partial-channel factor K={partial_k}")
+        self.C = C
+        self.stride = check_stride(stride)
+        self.partial_k = partial_k
+        self.backend = check_backend(backend)
+        self.recompute = bool(recompute)
+        names = check_primitives(primitives)
+        self.primitives = names
+        Cop = C // partial_k
+        if ops is None:
+            ops = build_candidates(Cop, self.stride, names)
+        else:
+            if len(ops) != len(names):
+                raise DartsBackendError(f"{len(ops)} candidate modules for {len(names)} primitives")
+            for i, (op, name) in enumerate(zip(ops, names)):
+                got, s, c = identify_candidate(op)
+                if got != name or (name != "none" and s != self.stride) or c not in (None, Cop):
+                    raise DartsBackendError(f"candidate {i} is {got} (stride {s}, C {c}), expected "
+                                            f"{name} at stride {self.stride} with C={Cop}")
+        self._ops = ops
+        if partial_k > 1:
+            self.mp = nn.MaxPool2d(2, 2)
+        self.plan = Plan(names, self.stride)
+
+    @classmethod
+    def from_module(cls, module: nn.Module, backend: str = "fused", recompute: bool = True,
+                    partial_k: int | None = None) -> "MixedOp":
+        """Adopt the ``_ops`` of a DARTS-style MixedOp (its very modules: parameters and BN
+        buffers are shared, not copied). ``partial_k``: PC-DARTS' K (default: 4 when the module
+        has PC-DARTS' ``mp`` pool, else 1). Raises NotRecognised if a candidate is not a DARTS
+        layout."""
+        ops = getattr(module, "_ops", None)
+        if not isinstance(ops, nn.ModuleList) or len(ops) == 0:
+            raise NotRecognised(f"{type(module).__name__} has no non-empty `_ops` ModuleList")
+        found = [identify_candidate(op) for op in ops]
+        strides = {s for n, s, _ in found if n != "none"} or {found[0][1]}
+        chans = {c for _, _, c in found if c is not None}
+        if len(strides) != 1 or len(chans) > 1:
+            raise NotRecognised(f"candidates disagree on stride {sorted(strides)} or channels {sorted(chans)}")
+        if not chans:
+            raise NotRecognised("no candidate fixes the channel count (only none/identity)")
+        if partial_k is None:
+            partial_k = 4 if isinstance(getattr(module, "mp", None), nn.MaxPool2d) else 1
+        C = chans.pop() * partial_k
+        new = cls(C, strides.pop(), [n for n, _, _ in found], backend, recompute, partial_k, ops=ops)
+        new.train(module.training)
+        return new
+
+    def extra_repr(self):
+        k = f", partial_k={self.partial_k}" if self.partial_k > 1 else ""
+        return f"C={self.C}, stride={self.stride}, backend={self.backend!r}, recompute={self.recompute}{k}"
+
+    # -- checks -------------------------------------------------------------------------------
+    def _check(self, x, weights):
+        if not isinstance(x, torch.Tensor) or x.dim() != 4 or not x.is_floating_point():
+            raise DartsBackendError(
+                "mixed op input must be a floating-point (N, C, H, W) tensor, got "
+                + (f"{x.dtype} {tuple(x.shape)}" if isinstance(x, torch.Tensor) else type(x).__name__))
+        if x.shape[1] != self.C:
+            raise DartsBackendError(f"mixed op expects {self.C} input channels, got {x.shape[1]}")
+        K = len(self._ops)
+        if not isinstance(weights, torch.Tensor) or weights.dim() != 1 or weights.numel() != K:
+            raise DartsBackendError(f"mixed op weights must be a vector of {K} entries (one per "
+                                    f"candidate: {', '.join(self.primitives)}), got "
+                                    f"{tuple(getattr(weights, 'shape', ())) or type(weights).__name__}")
+        if weights.device != x.device:
+            raise DartsBackendError(f"weights on {weights.device} but input on {x.device}")
+
+    # -- forward ------------------------------------------------------------------------------
+    def forward(self, x, weights):
+        self._check(x, weights)
+        return self._partial(x, lambda xa: self._mix(xa, weights))
+
+    def forward_gdas(self, x, weights, index):
+        """GDAS: ``weights[index] * op_index(x)``; only the chosen candidate runs."""
+        self._check(x, weights)
+        index = int(index)
+        if not 0 <= index < len(self._ops):
+            raise DartsBackendError(f"GDAS index {index} out of range for {len(self._ops)} candidates")
+        return self._partial(x, lambda xa: self._ops[index](xa) * weights[index])
+
+    def _partial(self, x, f):
+        if self.partial_k == 1:
+            return f(x)
+        d = x.shape[1] // self.partial_k
+        y = f(x[:, :d])
+        xb = x[:, d:]
+        if y.shape[2] != x.shape[2]:
+            xb = self.mp(xb)
+        return channel_shuffle(torch.cat([y, xb], dim=1), self.partial_k)
+
+    def _mix(self, x, weights):
+        prims = resolve_primitives(self.backend, x.device, x.dtype, self.plan)
+        if prims is None or torch.is_autocast_enabled(x.device.type):
+            return sum(w * op(x) for w, op in zip(weights, self._ops))
+        state = _RunState()
+        if self.recompute and torch.is_grad_enabled():
+            return checkpoint(self._fused, x, weights, prims, state, use_reentrant=False,
+                              preserve_rng_state=False)
+        return self._fused(x, weights, prims, state)
+
+    def _fused(self, x, weights, prims, state: _RunState):
+        P, ops = self.plan, self._ops
+        N, C, H, W = x.shape
+        s = self.stride
+        w = weights.to(x.dtype)
+        terms = []
+        xr = None
+        if P.st1 or (P.skip and s == 2):
+            xr = F.relu(x) if (s == 2) else None
+        if P.st1:
+            if s == 1:
+                k1 = torch.stack([_pad_to(ops[i].op[1].weight[:, 0], P.st1_kmax) for i in P.st1])
+                z1 = prims.grouped_dw(x, k1, P.st1_ks, P.st1_ds, True, True)
+            else:
+                z1 = torch.cat([F.conv2d(xr, ops[i].op[1].weight, stride=2, padding=d * (k // 2),
+                                         dilation=d, groups=C)
+                                for i, k, d in zip(P.st1, P.st1_ks, P.st1_ds)], 1)
+            pw1 = torch.stack([ops[i].op[2].weight[:, :, 0, 0] for i in P.st1])
+            u1 = _grouped_pw(z1, pw1)
+            v1 = group_batch_norm(u1, [ops[i].op[3] for i in P.st1],
+                                  [None] * len(P.sep) + [w[i] for i in P.dil], state)
+            Gs, Gd = len(P.sep), len(P.dil)
+            Ho, Wo = v1.shape[-2:]
+            if Gs:
+                k2 = torch.stack([_pad_to(ops[i].op[5].weight[:, 0], P.st2_kmax) for i in P.sep])
+                z2 = prims.grouped_dw(v1[:, :Gs * C], k2, P.st2_ks, (1,) * Gs, True, False)
+                pw2 = torch.stack([ops[i].op[6].weight[:, :, 0, 0] for i in P.sep])
+                v2 = group_batch_norm(_grouped_pw(z2, pw2), [ops[i].op[7] for i in P.sep],
+                                      [w[i] for i in P.sep], state)
+                terms.append(v2.view(N, Gs, C, Ho, Wo).sum(1) if Gs > 1 else v2)
+            if Gd:
+                vd = v1[:, Gs * C:]
+                terms.append(vd.reshape(N, Gd, C, Ho, Wo).sum(1) if Gd > 1 else vd)
+        for i in P.max_pool:
+            terms.append(group_batch_norm(F.max_pool2d(x, 3, s, 1), [ops[i][1]], [w[i]], state))
+        for i in P.avg_pool:
+            terms.append(group_batch_norm(F.avg_pool2d(x, 3, s, 1, count_include_pad=False),
+                                          [ops[i][1]], [w[i]], state))
+        for i in P.skip:
+            if s == 1:
+                terms.append(w[i] * x)
+            else:
+                fr = ops[i]
+                xr = F.relu(x) if xr is None else xr
+                y = torch.cat([F.conv2d(xr, fr.conv_1.weight, stride=2),
+                               F.conv2d(xr[:, :, 1:, 1:], fr.conv_2.weight, stride=2)], 1)
+                terms.append(group_batch_norm(y, [fr.bn], [w[i]], state))
+        state.first = False
+        if not terms:  # only 'none': exactly zero (with a zero gradient for the weights)
+            return x[:, :, ::s, ::s].mul(0.) if s > 1 else x.mul(0.)
+        out = terms[0]
+        for t in terms[1:]:
+            out = out + t
+        return out

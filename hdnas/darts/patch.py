@@ -1,0 +1,69 @@
+"""``hdnas.darts.patch(model)``: swap every DARTS-style MixedOp of a model for ours, in place."""
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+from torch import nn
+
+from hdnas.darts.mixed import MixedOp, check_backend
+from hdnas.darts.operations import NotRecognised
+
+
+@dataclass
+class PatchReport:
+    """What ``patch`` swapped (module name -> candidate names and stride) and what it left alone
+    (module name -> why)."""
+
+    backend: str
+    swapped: dict = field(default_factory=dict)
+    skipped: dict = field(default_factory=dict)
+
+    def __str__(self):
+        lines = [f"hdnas.darts.patch: swapped {len(self.swapped)} mixed op(s) for the "
+                 f"{self.backend!r} backend, left {len(self.skipped)}"]
+        kinds = {}
+        for desc in self.swapped.values():
+            kinds[desc] = kinds.get(desc, 0) + 1
+        lines += [f"  {n} x {d}" for d, n in kinds.items()]
+        lines += [f"  left {name}: {why}" for name, why in self.skipped.items()]
+        return "\n".join(lines)
+
+
+def _looks_like_mixed_op(m: nn.Module) -> bool:
+    return isinstance(getattr(m, "_ops", None), nn.ModuleList) and not isinstance(m, MixedOp)
+
+
+def patch(model: nn.Module, backend: str = "fused", recompute: bool = True,
+          partial_k: int | None = None, verbose: bool = False) -> PatchReport:
+    """Replace, in place, every submodule that holds a ``_ops`` ModuleList of DARTS candidate
+    layouts (quark0/darts' ``model_search.MixedOp``; PC-DARTS' when it has the ``mp`` pool) by a
+    ``hdnas.darts.MixedOp`` that adopts those very candidate modules: parameters (the same
+    objects, so an optimizer built before the patch keeps working), BN running statistics and
+    train/eval mode are kept. A module whose candidates are not all recognised is left as it is
+    and listed in ``report.skipped`` with the reason. The swapped op keeps the call signature
+    ``op(x, weights)`` (and ``forward_gdas(x, weights, index)``). ``partial_k`` overrides
+    PC-DARTS' K (default 4 when the ``mp`` pool is there). Returns the report (printed when
+    ``verbose``)."""
+    check_backend(backend)
+    report = PatchReport(backend)
+    targets = [(name, m) for name, m in model.named_modules() if _looks_like_mixed_op(m)]
+    if _looks_like_mixed_op(model):
+        raise ValueError("patch() swaps MixedOps inside a model; to convert a lone MixedOp use "
+                         "hdnas.darts.MixedOp.from_module(op)")
+    for name, m in targets:
+        try:
+            new = MixedOp.from_module(m, backend=backend, recompute=recompute, partial_k=partial_k)
+        except (NotRecognised, ValueError) as e:
+            report.skipped[name] = str(e)
+            continue
+        parent_name, _, attr = name.rpartition(".")
+        parent = model.get_submodule(parent_name) if parent_name else model
+        if isinstance(parent, (nn.ModuleList, nn.Sequential)):
+            parent[int(attr)] = new
+        else:
+            setattr(parent, attr, new)
+        k = f", K={new.partial_k}" if new.partial_k > 1 else ""
+        report.swapped[name] = f"{type(m).__name__}(stride {new.stride}{k}: {', '.join(new.primitives)})"
+    if verbose:
+        print(report)
+    return report
