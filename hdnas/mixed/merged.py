@@ -11,7 +11,7 @@ families without running the candidates one by one:
    read of x, so otherwise it stays a separate 1x1 conv;
 2. first stage of every 'sep' and 'dil' op: one ``primitives.grouped_dw(x, ..., relu_input=True,
    shared_input=True)`` (one read of x, one shared ReLU, G1 = #sep + #dil output groups, sep
-   groups first);
+   groups first), or with ``split_stage1`` one such call for the sep and one for the dil groups;
 3. first pointwise of the 'sep' ops: one block-diagonal batched GEMM (no ReLU here: the ReLU that
    follows it is folded into step 4 as ``relu_input``);
 4. second stage of the 'sep' ops: one ``primitives.grouped_dw(..., relu_input=True,
@@ -30,7 +30,7 @@ gradients (docs/kernels.md §0.2, §8.4). Backends differ only in ``primitives``
       register_backend(DecomposedBackend("native", Primitives("native", my_grouped_dw,
                                                                my_mixed_dw), priority=30))
 
-``DecomposedBackend(name, primitives, priority, fused=True)`` is a stable API, with two
+``DecomposedBackend(name, primitives, priority, fused=True, split_stage1=False)`` is a stable API, with two
 optional hooks for subclasses: ``primitives_unsupported_reason(device, dtype)`` (why the
 primitives cannot serve; None if they can) and ``epilogue(terms, add, res, lrelu, out_dtype)`` (step 5 plus
 the distillation step's ``lrelu(y + x)``; the triton backend replaces it by one fused kernel).
@@ -56,11 +56,17 @@ def _pad_to(k: torch.Tensor, size: int) -> torch.Tensor:
     return F.pad(k, (p, p, p, p)) if p else k
 
 
-def _pw(x: torch.Tensor, w: torch.Tensor) -> torch.Tensor:
-    """1x1 conv as a GEMM: (N, Cin, H, W) x (Cout, Cin) -> (N, Cout, H, W). Accepts channel
-    slices without a copy (the GEMM reads the strided view)."""
+def _pw(x: torch.Tensor, w: torch.Tensor, acc: torch.Tensor | None = None) -> torch.Tensor:
+    """1x1 conv as a batched GEMM: (N, Cin, H, W) x (Cout, Cin) -> (N, Cout, H, W), plus ``acc``
+    (N, Cout, H, W) if given (added by the GEMM itself). Accepts channel slices and a weight
+    slice without a copy: ``bmm`` reads the strided views and the weight broadcast over the
+    batch (stride 0). (``torch.matmul(w, x)`` would fold the batch into the GEMM's rows, i.e.
+    copy x transposed in, the result transposed out, and both again in the backward pass.)"""
     N, _, H, W = x.shape
-    return torch.matmul(w, x.flatten(2)).view(N, w.shape[0], H, W)
+    wb = w.expand(N, *w.shape)
+    if acc is None:
+        return torch.bmm(wb, x.flatten(2)).view(N, w.shape[0], H, W)
+    return torch.baddbmm(acc.flatten(2), wb, x.flatten(2)).view(N, w.shape[0], H, W)
 
 
 class Plan:
@@ -99,8 +105,11 @@ class DecomposedBackend(Backend):
     """The merged composition over a ``Primitives`` set (see the module docstring)."""
 
     def __init__(self, name: str, primitives: Primitives = TORCH_PRIMITIVES, priority: int = 10,
-                 fused: bool = True):
+                 fused: bool = True, split_stage1: bool = False):
         self.name = name
+        #: stage 1 as two ``grouped_dw`` calls (sep groups, dil groups) instead of one shared
+        #: read of x: cheaper where the GEMMs that follow would copy a slice (CPU, see step 2)
+        self.split_stage1 = split_stage1
         self.primitives = primitives
         self.priority = priority
         self.fused = fused
@@ -145,13 +154,19 @@ class DecomposedBackend(Backend):
             acc = _acc_dtype(cdt)
             W = fuse.weight.flatten(1).to(cdt)
             y, c0 = None, 0
+            if fuse.bias is not None and cdt == acc:  # the first GEMM adds the bias
+                N, _, H, W_ = parts[0].shape
+                y = fuse.bias.to(acc).view(1, -1, 1, 1).expand(N, -1, H, W_)
             for p in parts:
-                t = _pw(p.to(cdt), W[:, c0:c0 + p.shape[1]]).to(acc)
-                y = t if y is None else y + t
+                if y is not None and cdt == acc:
+                    y = _pw(p.to(cdt), W[:, c0:c0 + p.shape[1]], y)
+                else:
+                    t = _pw(p.to(cdt), W[:, c0:c0 + p.shape[1]]).to(acc)
+                    y = t if y is None else y + t
                 c0 += p.shape[1]
             if c0 != W.shape[1]:
                 raise BackendError(f"fuse conv takes {W.shape[1]} channels, the parts have {c0}")
-            if fuse.bias is not None:
+            if fuse.bias is not None and cdt != acc:
                 y = y + fuse.bias.to(acc).view(1, -1, 1, 1)
             return y.to(cdt)
 
@@ -164,8 +179,11 @@ class DecomposedBackend(Backend):
         acc = _acc_dtype(out_dtype)
         y = None if add is None else add.to(acc)
         for z, Wb in terms:
-            t = _pw(z, Wb).to(acc)
-            y = t if y is None else y + t
+            if y is not None and z.dtype == acc:  # the GEMM accumulates onto y
+                y = _pw(z, Wb, y)
+            else:
+                t = _pw(z, Wb).to(acc)
+                y = t if y is None else y + t
         if res is not None:
             y = y + res
         return (F.leaky_relu(y, LRELU_SLOPE) if lrelu else y).to(out_dtype)
@@ -226,13 +244,21 @@ class DecomposedBackend(Backend):
         terms = []
         if plan.sep or plan.dil:
             st1 = plan.sep + plan.dil
-            k1 = torch.stack([_pad_to(ops[i].op[1].weight[:, 0], plan.st1_kmax) for i in st1])
-            s1 = self.primitives.grouped_dw(xc, k1.to(cdt), plan.st1_ksizes, plan.st1_dils,
-                                            True, True)
+            k1 = torch.stack([_pad_to(ops[i].op[1].weight[:, 0], plan.st1_kmax) for i in st1]).to(cdt)
             Gs = len(plan.sep)
-            # one split (its backward is one cat) rather than two slices (each of whose backward
-            # zero-fills and copies a whole stage-1-sized gradient)
-            z_sep, z_dil = s1.split([Gs * C, len(plan.dil) * C], dim=1)
+            if self.split_stage1 and plan.sep and plan.dil:
+                # two calls: z_sep is a whole tensor, so step 3's batched GEMM reads it as a
+                # view (a channel slice of one stage-1 output would be copied there), and the
+                # backward pass adds two input gradients instead of concatenating one
+                z_sep = self.primitives.grouped_dw(xc, k1[:Gs], plan.st1_ksizes[:Gs],
+                                                   plan.st1_dils[:Gs], True, True)
+                z_dil = self.primitives.grouped_dw(xc, k1[Gs:], plan.st1_ksizes[Gs:],
+                                                   plan.st1_dils[Gs:], True, True)
+            else:
+                s1 = self.primitives.grouped_dw(xc, k1, plan.st1_ksizes, plan.st1_dils, True, True)
+                # one split (its backward is one cat) rather than two slices (each of whose
+                # backward zero-fills and copies a whole stage-1-sized gradient)
+                z_sep, z_dil = s1.split([Gs * C, len(plan.dil) * C], dim=1)
             if Gs:
                 N, _, H, W_ = x.shape
                 pw1 = torch.stack([ops[i].op[2].weight[:, :, 0, 0] for i in plan.sep])  # (Gs,C,C)
@@ -261,4 +287,4 @@ def _no_autocast(x, amp):
     return torch.autocast(x.device.type, enabled=False) if amp else contextlib.nullcontext()
 
 
-MERGED = register_backend(DecomposedBackend("merged", TORCH_PRIMITIVES, priority=10))
+MERGED = register_backend(DecomposedBackend("merged", TORCH_PRIMITIVES, priority=10, split_stage1=True))

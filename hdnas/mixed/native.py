@@ -296,4 +296,5 @@ class NativeBackend(DecomposedBackend):
         return unavailable_reason(device, dtype, G, T, radius)
 
 
-NATIVE = register_backend(NativeBackend("native", NATIVE_PRIMITIVES, priority=30))
+NATIVE = register_backend(NativeBackend("native", NATIVE_PRIMITIVES, priority=30,
+                                        split_stage1=True))
