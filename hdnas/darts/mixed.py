@@ -260,10 +260,13 @@ class MixedOp(nn.Module):
     stride 2, then ``channel_shuffle(., K)``). ``forward_gdas(x, hardwts, index)``: GDAS, only the
     chosen candidate runs."""
 
-    def __init__(self, C: int, stride: int, primitives=PRIMITIVES, backend: str = "fused",
+    def __init__(self, C: int | None, stride: int, primitives=PRIMITIVES, backend: str = "fused",
                  recompute: bool = True, partial_k: int = 1, ops: nn.ModuleList | None = None):
         super().__init__()
-        if not isinstance(partial_k, int) or partial_k < 1 or C % partial_k:
+        if C is None and (ops is None or partial_k != 1):
+            raise DartsBackendError("C may be None only when adopting candidates that do not "
+                                    "depend on it (none / identity)")
+        if not isinstance(partial_k, int) or partial_k < 1 or (C or 0) % partial_k:
             raise DartsBackendError(f"C={C} channels are not divisible by the PC-DARTS "
                                     f"partial-channel factor K={partial_k}")
         self.C = C
@@ -273,7 +276,7 @@ class MixedOp(nn.Module):
         self.recompute = bool(recompute)
         names = check_primitives(primitives)
         self.primitives = names
-        Cop = C // partial_k
+        Cop = None if C is None else C // partial_k
         if ops is None:
             ops = build_candidates(Cop, self.stride, names)
         else:
@@ -304,11 +307,11 @@ class MixedOp(nn.Module):
         chans = {c for _, _, c in found if c is not None}
         if len(strides) != 1 or len(chans) > 1:
             raise NotRecognised(f"candidates disagree on stride {sorted(strides)} or channels {sorted(chans)}")
-        if not chans:
-            raise NotRecognised("no candidate fixes the channel count (only none/identity)")
         if partial_k is None:
             partial_k = 4 if isinstance(getattr(module, "mp", None), nn.MaxPool2d) else 1
-        C = chans.pop() * partial_k
+        if not chans and partial_k > 1:
+            raise NotRecognised("no candidate fixes the channel count (only none/identity)")
+        C = chans.pop() * partial_k if chans else None  # None: only none/identity, any C
         new = cls(C, strides.pop(), [n for n, _, _ in found], backend, recompute, partial_k, ops=ops)
         new.train(module.training)
         return new
@@ -323,7 +326,7 @@ class MixedOp(nn.Module):
             raise DartsBackendError(
                 "mixed op input must be a floating-point (N, C, H, W) tensor, got "
                 + (f"{x.dtype} {tuple(x.shape)}" if isinstance(x, torch.Tensor) else type(x).__name__))
-        if x.shape[1] != self.C:
+        if self.C is not None and x.shape[1] != self.C:
             raise DartsBackendError(f"mixed op expects {self.C} input channels, got {x.shape[1]}")
         K = len(self._ops)
         if not isinstance(weights, torch.Tensor) or weights.dim() != 1 or weights.numel() != K:

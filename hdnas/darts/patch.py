@@ -30,7 +30,11 @@ class PatchReport:
 
 
 def _looks_like_mixed_op(m: nn.Module) -> bool:
-    return isinstance(getattr(m, "_ops", None), nn.ModuleList) and not isinstance(m, MixedOp)
+    """A module with an ``_ops`` ModuleList of leaf candidates (a DARTS cell also has ``_ops``,
+    but of mixed ops: it is a container, not a mixed op)."""
+    ops = getattr(m, "_ops", None)
+    return (isinstance(ops, nn.ModuleList) and not isinstance(m, MixedOp)
+            and not any(isinstance(getattr(o, "_ops", None), nn.ModuleList) for o in ops))
 
 
 def patch(model: nn.Module, backend: str = "fused", recompute: bool = True,
