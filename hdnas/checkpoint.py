@@ -8,6 +8,9 @@ and numbers, which is all a run checkpoint holds (model/optimizer/scheduler stat
 tensors, config dicts). A pickle can name any Python callable and make the reader call it, so a
 file the safe loader refuses is only handed to the full unpickler when the caller opts in with
 ``trust_pickle=True``; otherwise it is a ``CheckpointError`` that says why.
+
+A safetensors file (``hdnas.weights_io``: weights only, no code) is recognised first and read as
+``{'model': state_dict}`` plus ``'genotype'`` (a dict) when its metadata carries one.
 """
 from __future__ import annotations
 
@@ -68,6 +71,16 @@ def load(path, map_location="cpu", trust_pickle: bool = False,
     path = Path(path)
     if not path.is_file():
         raise FileNotFoundError(f"checkpoint {path} does not exist")
+    from hdnas import weights_io  # here: weights_io imports the genotype and search space
+
+    if weights_io.is_safetensors(path):
+        try:
+            sd, genotype = weights_io.read_weights(path)
+        except weights_io.SafetensorsError as e:
+            raise CheckpointError(str(e)) from None
+        if map_location is not None:
+            sd = {k: v.to(map_location) for k, v in sd.items()}
+        return {"model": sd, **({"genotype": genotype.to_dict()} if genotype else {})}
     try:
         return torch.load(path, map_location=map_location, weights_only=True)
     except pickle.UnpicklingError as e:

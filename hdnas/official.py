@@ -11,7 +11,9 @@ DLSR release), a bare state dict, or a pickled ``nn.Module`` (only with ``trust_
 keeps them), so no renaming is needed. Two genotypes that differ only in their connections have
 identical tensor shapes, so that mistake cannot be detected from the file.
 
-Files are read with torch's safe loader (``weights_only=True``, ``hdnas.checkpoint.load``); the
+Safetensors files (``hdnas.weights_io``: a ``.safetensors`` name or the safetensors header) are
+recognised first and need no trust flag: the format holds only tensors and strings. Other files
+are read with torch's safe loader (``weights_only=True``); both via ``hdnas.checkpoint.load``. The
 release's checkpoints are plain dicts of tensors and numbers and load with it. A file it refuses
 (a pickled ``nn.Module``, anything naming other Python objects) needs the full unpickler, which
 can run code stored in the file: it is only used with ``trust_pickle=True`` (``hdnas.evaluate
@@ -72,7 +74,8 @@ def extract_state_dict(obj, source: str = "checkpoint") -> dict[str, torch.Tenso
 
 
 def read_state_dict(path, trust_pickle: bool = False) -> dict[str, torch.Tensor]:
-    """The model state dict in a weights file, read safely (see the module docstring)."""
+    """The model state dict in a weights file, read safely (see the module docstring):
+    safetensors first, then torch's safe loader."""
     path = Path(path)
     if not path.is_file():
         raise WeightsError(f"weights file {path} does not exist")
@@ -147,7 +150,8 @@ def load_weights(model: nn.Module, weights, source: str | None = None,
 
 def load_official_checkpoint(path, genotype, trust_pickle: bool = False) -> DerivedNet:
     """A DerivedNet of ``genotype`` (a Genotype, a JSON path or a name such as 'TINY18') with
-    the weights of an official DLSR ``.pt`` (or an hdnas checkpoint), in eval mode."""
+    the weights of an official DLSR ``.pt``, an hdnas checkpoint or a safetensors file, in eval
+    mode."""
     if not isinstance(genotype, Genotype):
         genotype = Genotype.load(genotype)
     model = DerivedNet(genotype)
