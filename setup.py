@@ -122,10 +122,13 @@ setup(
     package_data={"hdnas.data": ["default/*/*.png", "default/*.md"],
                   "hdnas.csrc": ["*.h", "*.cpp"], "hdnas.csrc.cpu": ["*.h", "*.cpp"],
                   "hdnas.csrc.cuda": ["*.cuh", "*.cu", "*.cpp"]},
-    install_requires=["torch>=2.3", "numpy", "pillow", "tqdm"],
+    # safetensors: weights that cannot run code; pypng: 16-bit colour PNG (Pillow reads 8 bits)
+    install_requires=["torch>=2.3", "numpy", "pillow", "tqdm", "safetensors", "pypng"],
     extras_require={
         "triton": ["triton>=3.6"],
-        "test": ["pytest", "pytest-benchmark", "scipy", "ninja"],  # scipy: independent SSIM check; ninja: native JIT build
+        "export": ["onnx>=1.16", "onnxruntime>=1.18"],  # python -m hdnas.export --onnx, CPU wheels
+        "test": ["pytest", "pytest-benchmark", "scipy", "ninja",  # scipy: independent SSIM check; ninja: native JIT build
+                 "onnx>=1.16", "onnxruntime>=1.18"],  # the ONNX export checked against PyTorch
     },
     ext_modules=ext_modules,
     cmdclass=cmdclass,
