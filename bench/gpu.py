@@ -12,8 +12,10 @@ error or a kill keeps what was measured):
    and backward; fp64, fp32 with TF32 off, bf16, autocast bf16/fp16. One PASS/FAIL line per
    check, printed before anything is timed. A backend with a FAIL or ERROR is not timed.
 2. ``sanitize``: ``compute-sanitizer --tool memcheck`` (and ``racecheck``) on a tiny case of each
-   native CUDA and Triton kernel family, one subprocess each (``--sanitize-case NAME``), when the
-   tool is found (PATH, $CUDA_HOME/bin, /usr/local/cuda/bin); SKIP otherwise.
+   native CUDA and Triton kernel family, one subprocess each (``--sanitize-case NAME``, with
+   PyTorch's caching allocator off so every tensor is its own allocation), when the tool is
+   found (PATH, $CUDA_HOME/bin, /usr/local/cuda/bin); SKIP otherwise. The subprocesses start
+   with the checks and are collected after them, before anything is timed.
 3. ``time``: per backend, side by side: each primitive, the mixed op, the distillation step and
    one whole search step (weight + architecture step, joint and darts1) at the paper's search
    shape (batch 64, LR 32x32, C 48) and at batch 16; CUDA events, warm-up, time-boxed
@@ -63,6 +65,7 @@ from bench.gpu_time import Budget
 
 RESULTS = Path(__file__).resolve().parent / "results"
 STATUS_BAD = ("FAIL", "ERROR")
+SECTIONS = ("checks", "sanitize", "time", "sweeps")
 
 #: optional case providers: (module, the package it needs)
 PROVIDERS = [("bench.gpu_darts", "hdnas.darts")]
@@ -109,13 +112,13 @@ def plan_for(quick: bool, dry: bool) -> Plan:
         return Plan("quick", "cuda", (4, 48, 33, 31), ("fp32", "bf16"), ("fp32", "autocast_bf16"),
                     ("fp32", "autocast_bf16"), (48, 3, 1, 32, 32), {"N64": (64, 48, 32, 32)}, 6,
                     Budget(2, 3, 20, 0.2), Budget(1, 2, 3, 1.0), (1, 5, 9), (16, 48, 32, 32),
-                    (16, 32, 64), ("memcheck",), 40.0, 105.0, 256)
+                    (16, 32, 64), ("memcheck",), 60.0, 100.0, 256)
     return Plan("full", "cuda", (4, 48, 33, 31), ("fp64", "fp32", "bf16"),
                 ("fp64", "fp32", "bf16", "autocast_bf16", "autocast_fp16"),
                 ("fp64", "fp32", "autocast_bf16"), (48, 6, 2, 32, 32),
                 {"N64": (64, 48, 32, 32), "N16": (16, 48, 32, 32)}, 6,
                 Budget(3, 5, 50, 0.5), Budget(2, 3, 10, 2.0), (1, 2, 3, 5, 7, 9),
-                (16, 48, 32, 32), (16, 24, 32, 48, 64), ("memcheck", "racecheck"), 150.0, 450.0, 512)
+                (16, 48, 32, 32), (16, 24, 32, 48, 64), ("memcheck", "racecheck"), 180.0, 450.0, 512)
 
 
 def providers(plan: Plan) -> list:
@@ -159,7 +162,9 @@ def _run_text(cmd) -> str | None:
         return None
 
 
-def environment(device: str) -> dict:
+def environment(device: str, load_native: bool) -> dict:
+    """Versions, device, commit; with ``load_native`` the native kernels for the device are
+    loaded first (built just in time if the install did not build them: minutes)."""
     env = {"date": datetime.datetime.now().astimezone().isoformat(timespec="seconds"),
            "python": platform.python_version(), "torch": torch.__version__,
            "cuda": torch.version.cuda, "cudnn": torch.backends.cudnn.version(),
@@ -184,8 +189,13 @@ def environment(device: str) -> dict:
         env.update(gpu=None, driver=None, cpu=platform.processor() or platform.machine(),
                    threads=torch.get_num_threads())
     from hdnas import native_build
+    kind = "cuda" if device == "cuda" else "cpu"
     try:
-        env["native"] = {k: str(v) for k, v in native_build.status().items()}
+        if load_native:
+            print(f"loading the native {kind} kernels (a first build takes minutes)...", flush=True)
+            native_build.load(kind)
+        env["native"] = {"kind": kind, "loaded": native_build.status().get(kind) is True,
+                         "error": native_build.error(kind), "source": native_build.source(kind)}
     except Exception as e:  # noqa: BLE001
         env["native"] = f"{type(e).__name__}: {e}"
     return env
@@ -494,40 +504,51 @@ def _sanitize_one(tool_path, tool, name, device, timeout) -> dict:
     return row
 
 
-def run_sanitize(plan, backends, report, deadline) -> None:
-    tool_path = find_sanitizer(path_only=plan.device == "cpu")
-    names = {b.name for b in backends}
-    print("== compute-sanitizer ==", flush=True)
-    todo = []
-    for name, (kernels, tools, _) in SANITIZE_CASES.items():
-        fam = name.split(".")[0]
-        for tool in tools:
-            if tool not in plan.sanitize_tools:
-                continue
-            row = {"case": name, "kernels": kernels, "tool": tool, "seconds": 0.0}
-            why = None
-            if fam not in names:
-                why = f"backend {fam} not selected"
-            elif tool_path is None:
-                why = "compute-sanitizer not found (PATH, $CUDA_HOME/bin, /usr/local/cuda/bin)"
-            else:
-                b = get_backend(fam)
-                why = b.unsupported_reason(DLSR_PRIMITIVES, torch.device(plan.device), torch.float32)
-            if why is not None:
-                row.update(status="SKIP", summary=why)
-                report.data["sanitize"].append(row)
-                print(f"  SKIP  {name:<20} {tool:<10} {why}", flush=True)
-            else:
-                todo.append((tool, name))
-    if not todo:
-        return
-    budget = min(plan.sanitize_seconds, max(deadline.left(), 1.0))
-    with ThreadPoolExecutor(max_workers=min(4, len(todo))) as pool:
-        futs = [pool.submit(_sanitize_one, tool_path, tool, name, plan.device, budget)
-                for tool, name in todo]
-        for f in futs:
-            r = f.result()
-            report.data["sanitize"].append(r)
+class Sanitizer:
+    """The sanitizer runs of one command: ``start`` launches every (case, tool) subprocess at
+    once in the background (they overlap the checks, which they cannot disturb; nothing is
+    timed while they run), ``finish`` waits for them (each at most ``plan.sanitize_seconds``)
+    and records the results."""
+
+    def __init__(self, plan, backends, report):
+        self.plan, self.report, self.rows, self.todo = plan, report, [], []
+        self.tool_path = find_sanitizer(path_only=plan.device == "cpu")
+        names = {b.name for b in backends}
+        for name, (kernels, tools, _) in SANITIZE_CASES.items():
+            fam = name.split(".")[0]
+            for tool in tools:
+                if tool not in plan.sanitize_tools:
+                    continue
+                why = None
+                if fam not in names:
+                    why = f"backend {fam} not selected"
+                elif self.tool_path is None:
+                    why = "compute-sanitizer not found (PATH, $CUDA_HOME/bin, /usr/local/cuda/bin)"
+                else:
+                    why = get_backend(fam).unsupported_reason(DLSR_PRIMITIVES, torch.device(plan.device),
+                                                              torch.float32)
+                if why is not None:
+                    self.rows.append({"case": name, "kernels": kernels, "tool": tool, "status": "SKIP",
+                                      "summary": why, "seconds": 0.0})
+                else:
+                    self.todo.append((tool, name))
+        self.pool = self.futures = None
+
+    def start(self):
+        if self.todo:
+            self.pool = ThreadPoolExecutor(max_workers=len(self.todo))
+            self.futures = [self.pool.submit(_sanitize_one, self.tool_path, tool, name,
+                                             self.plan.device, self.plan.sanitize_seconds)
+                            for tool, name in self.todo]
+
+    def finish(self):
+        print("== compute-sanitizer ==", flush=True)
+        rows = list(self.rows)
+        if self.futures:
+            rows += [f.result() for f in self.futures]
+            self.pool.shutdown()
+        for r in rows:
+            self.report.data["sanitize"].append(r)
             print(f"  {r['status']:<5} {r['case']:<20} {r['tool']:<10} {r['summary']} "
                   f"({r['seconds']} s)", flush=True)
             if r["status"] == "FAIL":
@@ -718,8 +739,9 @@ def main(argv=None, extra_backends=None) -> int:
         print(f"error: this torch ({torch.__version__}) sees no CUDA device; `python -m bench.gpu "
               "--dry-run` runs the logic on the CPU", file=sys.stderr)
         return 2
-    sections = [s.strip() for s in args.sections.split(",") if s.strip()]
-    bad = set(sections) - {"checks", "sanitize", "time", "sweeps"}
+    given = {s.strip() for s in args.sections.split(",") if s.strip()}
+    sections = [s for s in SECTIONS if s in given]  # always in this order
+    bad = given - set(SECTIONS)
     if bad:
         print(f"error: unknown sections {sorted(bad)}", file=sys.stderr)
         return 2
@@ -737,7 +759,8 @@ def main(argv=None, extra_backends=None) -> int:
     deadline = Deadline(plan.deadline_s)
     torch.backends.cudnn.benchmark = True
     provs = providers(plan)
-    report = Report(Path(args.out), plan, environment(plan.device), argv if argv is not None else sys.argv[1:])
+    env = environment(plan.device, any(b.name == "native" for b in backends))
+    report = Report(Path(args.out), plan, env, argv if argv is not None else sys.argv[1:])
     print(f"bench.gpu ({plan.kind}) on {report.env.get('gpu') or 'cpu'}: backends "
           f"{', '.join(b.name for b in backends)}; cases from {', '.join(n for n, _ in provs)}; "
           f"results -> {report.json_path}", flush=True)
@@ -747,7 +770,16 @@ def main(argv=None, extra_backends=None) -> int:
     old = signal.signal(signal.SIGTERM, _term)
     failed: set = set()
     crashed = False
+    sanitizer = None
     try:
+        if "sanitize" in sections:
+            try:
+                sanitizer = Sanitizer(plan, backends, report)
+                sanitizer.start()
+            except Exception:  # noqa: BLE001
+                crashed = True
+                report.section("sanitize", "crashed", 0.0, traceback.format_exc())
+                sections.remove("sanitize")
         for name in sections:
             t0 = time.perf_counter()
             try:
@@ -755,7 +787,7 @@ def main(argv=None, extra_backends=None) -> int:
                     cases = _select([c for _, p in provs for c in p.check_cases(plan)], args.cases)
                     failed |= run_checks(plan, backends, cases, report)
                 elif name == "sanitize":
-                    run_sanitize(plan, backends, report, deadline)
+                    sanitizer.finish()
                 elif name == "time":
                     cases = _select([c for _, p in provs for c in p.time_cases(plan)], args.cases)
                     run_time(plan, backends, cases, report, deadline, failed)
