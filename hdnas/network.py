@@ -9,6 +9,7 @@ from torch import nn
 from hdnas.cell import DistillCell, conv_layer
 from hdnas.genotype import Genotype, check_scale, derive
 from hdnas.mixed.base import MixedOp, get_backend
+from hdnas.ops import _OpModule, check_depthwise_mode
 from hdnas.space import DLSR_PRIMITIVES, check_op_set, get_op
 
 NUM_STEPS = 3
@@ -106,9 +107,10 @@ class SuperNet(_SRNet):
 
 class DerivedNet(_SRNet):
     """The network of a genotype: fixed ops, each of cells 3.. takes its two chosen predecessors
-    through ``conv1x1(2C -> C) + lrelu`` (the release's retrain model)."""
+    through ``conv1x1(2C -> C) + lrelu`` (the release's retrain model). ``depthwise``: how the
+    ops' depthwise convs run (``set_depthwise``)."""
 
-    def __init__(self, genotype: Genotype):
+    def __init__(self, genotype: Genotype, depthwise: str = "auto"):
         C = genotype.channels
         cells = [DistillCell(C, [get_op(n).build(C) for n in genotype.ops_of_cell(i)])
                  for i in range(genotype.num_cells)]
@@ -116,6 +118,18 @@ class DerivedNet(_SRNet):
         self.genotype = genotype
         for i in range(3, genotype.num_cells + 1):
             setattr(self, f"c{i}", conv_block(2 * C, C))
+        self.set_depthwise(depthwise)
+
+    def set_depthwise(self, mode: str) -> "DerivedNet":
+        """How the ops' depthwise convs run (``hdnas.ops.DEPTHWISE_MODES``): "auto" (the
+        default: the native kernels on CPU when they are built, never while tracing or
+        exporting), "native" or "torch" (the plain ``nn.Conv2d`` modules). The module tree and
+        state dict are the same in every mode."""
+        check_depthwise_mode(mode)
+        for m in self.modules():
+            if isinstance(m, _OpModule):
+                m.depthwise = mode
+        return self
 
     def cell_input(self, i, outs):
         a, b = self.genotype.inputs[i - 2]

@@ -451,3 +451,84 @@ def test_cuda_mixed_dw_matches_ref(nat_cuda):
     gy = torch.randn(yr.shape, generator=gen, dtype=torch.float64)
     for a, b in zip(torch.autograd.grad(y, argsc, gy.cuda()), torch.autograd.grad(yr, args, gy)):
         _close(a.cpu(), b, 1e-12)
+
+
+# ---------------------------------------------------------------------------------------------
+# Derived networks: the ops' depthwise convs on the native kernels (hdnas.ops, runtime dispatch)
+
+def _derived_pair(dtype, C=8):
+    from hdnas.genotype import Genotype
+    from hdnas.network import DerivedNet
+    a, b = ("sep_conv_5x5", "dil_conv_3x3", "conv_3x3"), ("sep_conv_3x3", "sep_conv_7x7", "dil_conv_5x5")
+    g = Genotype(cell_ops=(a, b, a, b), inputs=((0, 1), (1, 2)), channels=C, scale=2, num_cells=4)
+    torch.manual_seed(0)
+    net = DerivedNet(g).to(dtype)
+    with torch.no_grad():  # non-trivial biases and depthwise kernels
+        for p in net.parameters():
+            p.normal_(0, 0.3)
+    return net
+
+
+@pytest.mark.parametrize("dtype,tol", [(torch.float64, 1e-10), (torch.float32, 2e-4)])
+def test_derived_net_native_depthwise_matches_torch(nat, dtype, tol, monkeypatch):
+    """DerivedNet with its depthwise convs on the native kernels gives the plain network's
+    output and gradients (fp64 to 1e-10, fp32 within summation-order rounding)."""
+    from hdnas import ops
+
+    net = _derived_pair(dtype)
+    x = torch.rand(2, 3, 17, 19, dtype=dtype)
+    seen = []
+
+    def counted(*args):
+        seen.append(1)
+        return native_dw(*args)
+    native_dw = ops.native_dw
+    monkeypatch.setattr(ops, "native_dw", counted)
+    out = {}
+    for mode in ("torch", "native"):
+        net.set_depthwise(mode)
+        net.zero_grad(set_to_none=True)
+        seen.clear()
+        y = net(x)
+        y.square().mean().backward()
+        calls = len(seen)
+        # forward: 2 per sep op, 1 per dil op, 2 cells of each op tuple
+        assert calls == (0 if mode == "torch" else 2 * (2 + 1 + 2 + 2 + 1)), mode
+        out[mode] = (y.detach(), [p.grad.clone() for p in net.parameters()])
+    (ya, ga), (yb, gb) = out["torch"], out["native"]
+    scale = ya.abs().max()
+    assert (ya - yb).abs().max() <= tol * scale
+    for a, b in zip(ga, gb):
+        assert (a - b).abs().max() <= tol * max(a.abs().max(), 1e-3)
+
+
+def test_derived_net_depthwise_modes(nat):
+    """'auto' takes the native kernels on CPU but the plain modules while exporting, under
+    autocast or for a dtype they do not take; 'torch' never; 'native' fails loudly where it cannot
+    serve; the state dict is the same in every mode."""
+    from hdnas import ops
+
+    net = _derived_pair(torch.float32)
+    names = list(net.state_dict())
+    sep = net.B1.c1_r
+    x = torch.rand(1, 8, 16, 16)
+    assert net.B1.c1_r.depthwise == "auto" and sep._native_serves(x)
+    net.set_depthwise("torch")
+    assert list(net.state_dict()) == names and not any(
+        getattr(m, "depthwise", "torch") != "torch" for m in net.modules())
+    with pytest.raises(ValueError, match="unknown depthwise mode"):
+        net.set_depthwise("fast")
+    net.set_depthwise("auto")
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        assert not sep._native_serves(x)
+    assert not sep._native_serves(x.to(torch.int32))
+    net.set_depthwise("native")
+    with pytest.raises(ValueError, match="cannot serve"):
+        sep(x.double())  # weights fp32, input fp64
+    # torch.export traces the plain modules in 'auto' mode: no native op in the graph
+    net.set_depthwise("auto")
+    ep = torch.export.export(sep, (x,))
+    targets = {str(n.target) for n in ep.graph.nodes if n.op == "call_function"}
+    assert not any("hdnas_native" in t for t in targets), targets
+    assert any("conv2d" in t for t in targets)
+    assert ops.check_depthwise_mode("torch") == "torch"
