@@ -206,8 +206,10 @@ def _slug(s: str | None) -> str:
 
 
 def _fmt(v, nd=3) -> str:
-    if v is None:
+    if v is None or v == []:
         return "-"
+    if isinstance(v, list):
+        return "; ".join(map(str, v))
     if isinstance(v, float):
         if math.isinf(v) or math.isnan(v):
             return str(v)
@@ -256,8 +258,8 @@ class Report:
               f"{' (dirty)' if e.get('dirty') else ''}. Command: `python -m bench.gpu "
               f"{' '.join(d['argv'])}`.", ""]
         md += ["## Sections", ""] + _table(["section", "status", "seconds", "error"], [
-            (k, v["status"], v["seconds"], (v["error"] or "").splitlines()[-1:] and
-             (v["error"] or "").splitlines()[-1]) for k, v in d["sections"].items()]) + [""]
+            (k, v["status"], v["seconds"], (v["error"] or "").strip().splitlines()[-1:])
+            for k, v in d["sections"].items()]) + [""]
         if d["checks"]:
             md += ["## Checks against the reference", "",
                    "value: the worst bound ratio (fp32/bf16/autocast; pass <= max(1, "
@@ -695,7 +697,8 @@ def summary(report) -> list[str]:
                          and r["case"] == "search_step joint"
                          and r["shape_label"] == report.plan.paper_label), None)
         proj = next((p for p in d["projection"] if p["backend"] == b and p["rule"] == "joint"), None)
-        rows.append((b, f"{npass}/{len(checks)}" + (f" ({nbad} bad)" if nbad else ""),
+        passed = f"{npass}/{len(checks)}" + (f" ({nbad} bad)" if nbad else "")
+        rows.append((b, passed if b != "reference" else "(the reference)",
                      mix and mix["ms"], step and step["ms"],
                      step and ref_step and ref_step["ms"] / step["ms"],
                      step and step.get("peak_mb"), proj and proj["days"]))
