@@ -15,7 +15,6 @@ import time
 from dataclasses import dataclass
 
 import torch
-import torch.nn.functional as F
 
 from hdnas.mixed import MixedOp, get_backend
 from hdnas.mixed.merged import DecomposedBackend
