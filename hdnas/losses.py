@@ -1,5 +1,6 @@
 """Search and training losses: L1, the release's HFEN term, and a complexity penalty that has a
-gradient (the release computes its penalty from ``.data``, so it never reaches alpha)."""
+gradient (the release computes its penalty from ``.data``, so it never reaches alpha), in params,
+Multi-Adds or measured latency (``LatencyPenalty``, from an ``hdnas.latency`` table)."""
 from __future__ import annotations
 
 import torch
@@ -89,3 +90,44 @@ class ComplexityPenalty:
                 value = value / w.shape[0]
             return self.weight * value
         return self.weight * F.relu(self.expected_total(alphas, num_cells) / self.budget - 1)
+
+
+class LatencyPenalty(ComplexityPenalty):
+    """Expected latency under softmax(alpha) from a measured table (``hdnas.latency``), with a
+    gradient; called like ``ComplexityPenalty``: ``penalty(alphas, num_cells)``.
+
+    Expected latency (ms) = ``table['fixed_ms']`` + sum over cells and steps of
+    ``softmax(alpha) . ops_ms``; for a derived (one-hot) alpha it is ``hdnas.latency.predict_ms``.
+    Without a budget the penalty is the release's normalised form on latencies,
+    ``weight * sum_rows sum_k w_k t_k / sum_k t_k``; with ``budget_ms`` it is the hinge
+    ``weight * max(0, expected_ms / budget_ms - 1)``. The table must be for the search's op set,
+    channel count and number of cells (its fixed part was measured with that many cells).
+    """
+
+    def __init__(self, table, op_names, weight: float = 1.0, budget_ms: float | None = None,
+                 channels: int | None = None):
+        from hdnas.latency import LatencyTableError, load_table
+
+        if not isinstance(table, dict):
+            table = load_table(table)
+        missing = [n for n in op_names if n not in table["ops_ms"]]
+        if missing:
+            raise LatencyTableError(f"the latency table has no entry for the ops {missing}")
+        if channels is not None and channels != table["channels"]:
+            raise LatencyTableError(f"the latency table was measured at {table['channels']} "
+                                    f"channels, the search uses {channels}")
+        if budget_ms is not None and budget_ms <= 0:
+            raise ValueError(f"budget must be positive, got {budget_ms}")
+        self.table = table
+        self.per_op = torch.tensor([float(table["ops_ms"][n]) for n in op_names])
+        self.weight, self.budget, self.kind = weight, budget_ms, "latency"
+        self.fixed_cost, self.pixels = float(table["fixed_ms"]), 1.0
+
+    def expected_total(self, alphas, num_cells: int):
+        """Expected latency in ms of the derived network."""
+        if num_cells != self.table["cells"]:
+            from hdnas.latency import LatencyTableError
+
+            raise LatencyTableError(f"the latency table's fixed part is for {self.table['cells']} "
+                                    f"cells, the network has {num_cells}")
+        return super().expected_total(alphas, num_cells)
