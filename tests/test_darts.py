@@ -270,3 +270,18 @@ def test_subset_of_primitives_and_only_none():
             a = _run(ref, x, alpha, WEIGHTINGS["softmax"], g, 1)
             b = _run(ours, x, alpha, WEIGHTINGS["softmax"], g, 1)
             _assert_same(ref, ours, TOL[torch.float64], out=(a[0], b[0]), gx=(a[1], b[1]))
+
+
+@pytest.mark.parametrize("stride", [1, 2])
+def test_pool_ties_route_gradients_like_the_plain_loop(stride):
+    """Integer-valued input: many equal values in a 3x3 window. The max pool's gradient must go
+    where nn.MaxPool2d sends it (the first maximum in row-major order), exactly."""
+    torch.manual_seed(0)
+    ref = hd.PlainMixedOp(4, stride, ["max_pool_3x3", "avg_pool_3x3"]).double()
+    ours = hd.MixedOp.from_module(copy.deepcopy(ref), backend="merged")
+    x = torch.randint(0, 3, (2, 4, 8, 8)).double()
+    alpha = torch.randn(2)
+    g = _g(ref, x, alpha.softmax(0))
+    a = _run(ref, x, alpha, WEIGHTINGS["softmax"], g, 1)
+    b = _run(ours, x, alpha, WEIGHTINGS["softmax"], g, 1)
+    _assert_same(ref, ours, TOL[torch.float64], out=(a[0], b[0]), gx=(a[1], b[1]), ga=(a[2], b[2]))

@@ -16,7 +16,8 @@ and computes ``sum_k w_k op_k(x)`` as:
    BN's per-channel scale, so ``w_k * BN(u)`` is one pass;
 4. the sep candidates' second stage: ``primitives.grouped_dw`` (ReLU on read, per-group input),
    one grouped GEMM, one ``F.batch_norm`` with ``w_k`` folded in;
-5. pools with their BN (``w_k`` folded in), ``skip_connect`` (``w x``, or FactorizedReduce from the
+5. pools (on a channels-last copy of x on CPU: the same result, several times faster) with
+   their BN (``w_k`` folded in), ``skip_connect`` (``w x``, or FactorizedReduce from the
    shared ``relu(x)`` with its BN), ``none`` (contributes exactly 0) with stock ops; the sum.
 
 ``recompute=True`` (default) runs this under ``torch.utils.checkpoint``: only the op's input is
@@ -392,21 +393,28 @@ class MixedOp(nn.Module):
                                   [None] * len(P.sep) + [w[i] for i in P.dil], state)
             Gs, Gd = len(P.sep), len(P.dil)
             Ho, Wo = v1.shape[-2:]
+            # one split (its backward is one cat) rather than two slices (each of whose backward
+            # zero-fills and copies a whole v1-sized gradient)
+            v_sep, vd = v1.split([Gs * C, Gd * C], dim=1)
             if Gs:
                 k2 = torch.stack([_pad_to(ops[i].op[5].weight[:, 0], P.st2_kmax) for i in P.sep])
-                z2 = prims.grouped_dw(v1[:, :Gs * C], k2, P.st2_ks, (1,) * Gs, True, False)
+                z2 = prims.grouped_dw(v_sep, k2, P.st2_ks, (1,) * Gs, True, False)
                 pw2 = torch.stack([ops[i].op[6].weight[:, :, 0, 0] for i in P.sep])
                 v2 = group_batch_norm(_grouped_pw(z2, pw2), [ops[i].op[7] for i in P.sep],
                                       [w[i] for i in P.sep], state)
                 terms.append(v2.view(N, Gs, C, Ho, Wo).sum(1) if Gs > 1 else v2)
             if Gd:
-                vd = v1[:, Gs * C:]
                 terms.append(vd.reshape(N, Gd, C, Ho, Wo).sum(1) if Gd > 1 else vd)
-        for i in P.max_pool:
-            terms.append(group_batch_norm(F.max_pool2d(x, 3, s, 1), [ops[i][1]], [w[i]], state))
-        for i in P.avg_pool:
-            terms.append(group_batch_norm(F.avg_pool2d(x, 3, s, 1, count_include_pad=False),
-                                          [ops[i][1]], [w[i]], state))
+        if P.max_pool or P.avg_pool:
+            # PyTorch's CPU pools are several times faster on channels-last tensors, with the same
+            # windows, scan order and tie rule (the first maximum in row-major order)
+            xp = x.contiguous(memory_format=torch.channels_last) if x.device.type == "cpu" else x
+            for i in P.max_pool:
+                mp = F.max_pool2d(xp, 3, s, 1).contiguous()
+                terms.append(group_batch_norm(mp, [ops[i][1]], [w[i]], state))
+            for i in P.avg_pool:
+                ap = F.avg_pool2d(xp, 3, s, 1, count_include_pad=False).contiguous()
+                terms.append(group_batch_norm(ap, [ops[i][1]], [w[i]], state))
         for i in P.skip:
             if s == 1:
                 terms.append(w[i] * x)
