@@ -285,3 +285,21 @@ def test_pool_ties_route_gradients_like_the_plain_loop(stride):
     a = _run(ref, x, alpha, WEIGHTINGS["softmax"], g, 1)
     b = _run(ours, x, alpha, WEIGHTINGS["softmax"], g, 1)
     _assert_same(ref, ours, TOL[torch.float64], out=(a[0], b[0]), gx=(a[1], b[1]), ga=(a[2], b[2]))
+
+
+def test_affine_batch_norms():
+    from hdnas.darts.operations import build_candidates
+    torch.manual_seed(0)
+    ref = hd.PlainMixedOp(4, 2)
+    ref._ops = build_candidates(4, 2, hd.PRIMITIVES, affine=True)
+    for m in ref.modules():
+        if isinstance(m, nn.BatchNorm2d) and m.affine:
+            nn.init.uniform_(m.weight, 0.5, 1.5)
+            nn.init.uniform_(m.bias, -0.5, 0.5)
+    ref = ref.double()
+    ours = hd.MixedOp.from_module(copy.deepcopy(ref), backend="merged")
+    x, alpha = torch.randn(2, 4, 6, 6, dtype=torch.float64), torch.randn(8)
+    g = _g(ref, x, alpha.softmax(0))
+    a = _run(ref, x, alpha, WEIGHTINGS["softmax"], g)
+    b = _run(ours, x, alpha, WEIGHTINGS["softmax"], g)
+    _assert_same(ref, ours, TOL[torch.float64], out=(a[0], b[0]), gx=(a[1], b[1]), ga=(a[2], b[2]))
