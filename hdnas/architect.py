@@ -17,6 +17,14 @@ autocast disabled, also inside a caller's autocast): its
 virtual step ``eta * g`` and its finite-difference offsets ``R v`` are changes of the weights
 near or below the spacing of the low-precision copies of the weights that autocast feeds to
 the convolutions, so they are partly rounded away (docs/presets.md gives a measurement).
+
+Data parallel (``average``): every gradient computation that feeds an update or a virtual step
+is averaged over the ranks right after it (``average(list_of_tensors)``, in place): the
+architecture gradient of joint/darts1; for darts2 the train gradient of the virtual step, the
+validation gradients (d/d arch and the vector ``v``, whose norm sets ``R``) and the
+finite-difference Hessian-vector product (averaged once as a difference: it is linear in the
+two gradients). So each rank computes the hypergradient of the global batch and all ranks take
+the same step. The logged ``loss_arch`` is the mean over the ranks too.
 """
 from __future__ import annotations
 
@@ -36,12 +44,14 @@ class Architect:
     def __init__(self, model, loss_fn, rule: str = "joint", lr: float = 3e-4,
                  betas=(0.5, 0.999), weight_decay: float = 1e-8, penalty=None,
                  w_weight_decay: float = 0.0, hvp_r: float = 1e-2,
-                 autocast=contextlib.nullcontext, scaler: torch.amp.GradScaler | None = None):
+                 autocast=contextlib.nullcontext, scaler: torch.amp.GradScaler | None = None,
+                 average=None):
         if rule not in RULES:
             raise ValueError(f"unknown update rule {rule!r}; choose one of {RULES}")
         self.model, self.loss_fn, self.rule, self.penalty = model, loss_fn, rule, penalty
         self.w_weight_decay, self.hvp_r = w_weight_decay, hvp_r
         self.autocast = autocast
+        self.average = average or (lambda tensors: None)  # in place mean over the ranks
         self.scaler = scaler if scaler is not None else torch.amp.GradScaler(enabled=False)
         self.optimizer = torch.optim.Adam(model.arch_parameters(), lr=lr, betas=betas,
                                           weight_decay=weight_decay)
@@ -68,8 +78,8 @@ class Architect:
             with torch.autocast(self.model.alphas.device.type, enabled=False):
                 hyper, l_val = self.unrolled_hypergradient(train_batch, arch_batch, eta)
             for p, g in zip(arch, hyper):
-                p.grad = g
-            if pen.requires_grad:
+                p.grad = g  # already the mean over the ranks
+            if pen.requires_grad:  # the same on every rank: not averaged
                 pen.backward(inputs=arch)  # accumulates onto the hypergradient
             self.optimizer.step()
         else:
@@ -79,6 +89,11 @@ class Architect:
                 if self.rule == "joint":
                     total = total + self.loss(train_batch)
             self.scaler.scale(total).backward(inputs=arch)
+            for p in arch:
+                if p.grad is None:
+                    p.grad = torch.zeros_like(p)
+            l_val = l_val.detach().float().reshape(1)
+            self.average([p.grad for p in arch] + [l_val])
             self.scaler.step(self.optimizer)  # skipped if a scaled fp16 gradient overflowed
             self.scaler.update()
         return {"loss_arch": float(l_val.detach()), "penalty": float(pen.detach())}
@@ -89,17 +104,20 @@ class Architect:
         weights, arch = self.model.weight_parameters(), self.model.arch_parameters()
         backup = [p.detach().clone() for p in weights]
         gw = _grads(self.loss(train_batch), weights)
+        self.average(gw)
         with torch.no_grad():
             for p, g in zip(weights, gw):
                 p.sub_(eta * (g + self.w_weight_decay * p))
         l_val = self.loss(arch_batch)
         g = _grads(l_val, arch + weights)
+        l_val = l_val.detach().reshape(1)
+        self.average(g + [l_val])
         d_arch, v = g[:len(arch)], g[len(arch):]
         with torch.no_grad():
             for p, b in zip(weights, backup):
                 p.copy_(b)
         hvp = self._hessian_vector_product(v, train_batch)
-        return [da - eta * h for da, h in zip(d_arch, hvp)], l_val.detach()
+        return [da - eta * h for da, h in zip(d_arch, hvp)], l_val.reshape(())
 
     def _hessian_vector_product(self, v, train_batch):
         """(d^2 L_train / d arch d w) v  ~  (g(w + R v) - g(w - R v)) / 2R, g = dL_train/d arch."""
@@ -118,4 +136,6 @@ class Architect:
         with torch.no_grad():
             for p, b in zip(weights, backup):
                 p.copy_(b)
-        return [(a - b) / (2 * R) for a, b in zip(g[1], g[-1])]
+        hvp = [(a - b) / (2 * R) for a, b in zip(g[1], g[-1])]
+        self.average(hvp)
+        return hvp

@@ -18,10 +18,12 @@ import warnings
 from collections import defaultdict
 from pathlib import Path
 
+import numpy as np
 import torch
 from tqdm import tqdm
 
 from hdnas import checkpoint
+from hdnas.distributed import Dist, describe_failure, init_from_env, is_comm_failure
 
 log = logging.getLogger("hdnas")
 
@@ -122,6 +124,37 @@ class StepTimer:
         return self.total[name] / self.steps[name] if self.steps[name] else math.nan
 
 
+VAL_COLUMNS = ["val_psnr", "val_ssim"]
+
+
+@dataclasses.dataclass
+class RunOptions:
+    """Options shared by search and retraining: data cache and loading, validation, and the
+    distributed debug check."""
+
+    val_every: int | None = None  # steps between validations; None: at every checkpoint; 0: never
+    val_dir: str = ""  # empty: hold out val_fraction of the weight-training images
+    val_fraction: float = 0.05  # at least one image
+    workers: int | None = None  # DataLoader workers per rank; None: 4 with CUDA, 0 on CPU
+    prefetch: int = 4  # batches each worker keeps ready
+    cache_dir: str = ""  # empty: $HDNAS_CACHE_DIR/data or ~/.cache/hdnas/data
+    skip_bad_images: bool = False
+    debug_sync: int = 0  # every N steps check that all ranks hold identical parameters
+
+    def validate_run_options(self):
+        if self.val_every is not None and self.val_every < 0:
+            raise ValueError("--val-every must be >= 0 (0: no validation)")
+        if not 0 < self.val_fraction < 1:
+            raise ValueError("--val-fraction must be between 0 and 1")
+        if self.workers is not None and self.workers < 0:
+            raise ValueError("--workers must be >= 0")
+        if self.prefetch < 1 or self.debug_sync < 0:
+            raise ValueError("--prefetch must be >= 1 and --debug-sync >= 0")
+
+    def validation_interval(self) -> int:
+        return self.ckpt_every if self.val_every is None else self.val_every
+
+
 def new_run_dir(out: str | None, prefix: str) -> Path:
     """A fresh run folder; refuses to overwrite one that already holds a run."""
     path = Path(out) if out else Path("runs") / f"{prefix}-{time.strftime('%Y%m%d-%H%M%S')}"
@@ -210,28 +243,140 @@ class Loop:
 
     name = "run"
 
-    def __init__(self, cfg, run_dir: Path):
-        """Thread count, device, seeds and the data generator, the same way for every loop."""
-        self.cfg, self.run_dir = cfg, run_dir
+    def __init__(self, cfg, run_dir: Path, dist: Dist | None = None):
+        """Thread count, device and seeds, the same way for every loop. ``dist``: the process
+        group of a distributed run (rank 0 alone writes the run folder)."""
+        self.cfg, self.run_dir, self.dist = cfg, run_dir, dist or Dist()
         if cfg.threads:
             torch.set_num_threads(cfg.threads)
         self.device = pick_device(cfg.device)
-        torch.manual_seed(cfg.seed)
-        self.gen = torch.Generator().manual_seed(cfg.seed + 1)
+        if self.dist.enabled and self.device.type == "cuda":
+            self.device = self.dist.device  # GPU LOCAL_RANK
+        torch.manual_seed(cfg.seed)  # the same initial weights on every rank
         self.step = 0
         self.amp = Amp(cfg.amp, self.device)
         self.timer = StepTimer(self.device)
+        self.workers = cfg.workers if cfg.workers is not None else (
+            4 if self.device.type == "cuda" else 0)
+        self.val_every = cfg.validation_interval()
+        self.val_data = None  # (cache, indices) of the validation images
+        self.best_val = {"psnr": -math.inf, "ssim": math.nan, "step": 0}
 
+    # -- data ----------------------------------------------------------------------------
+    def open_cache(self, folder, scale: int):
+        """The image cache of ``folder``, built once per node (by local rank 0) if needed."""
+        from hdnas.data import cache
+        root = self.cfg.cache_dir or None
+        path = self.dist.first_on_each_node(lambda: cache.build(
+            folder, scale, root, self.cfg.skip_bad_images, workers=self.workers,
+            progress=None if self.dist.is_main else False))
+        c = cache.ImageCache(path)
+        if c.skipped and self.dist.is_main:
+            log.warning("%s: left out %d unreadable images (--skip-bad-images): %s", folder,
+                        len(c.skipped), "; ".join(c.skipped[:5]))
+        return c
+
+    def hold_out(self, cache, indices, scale: int):
+        """(the weight-training indices, and the validation set taken from them unless
+        --val-dir gives one or validation is off)."""
+        from hdnas.data.train import DataError
+        indices = list(indices)
+        if not self.val_every:
+            return indices, None
+        if self.cfg.val_dir:
+            val = self.open_cache(self.cfg.val_dir, scale)
+            self.val_data = (val, list(range(len(val))))
+        else:
+            k = max(1, round(self.cfg.val_fraction * len(indices)))
+            if len(indices) - k < 1:
+                raise DataError(f"{cache.folder}: {len(indices)} weight-training images leave none "
+                                f"after holding out {k} for validation; give --val-dir, more "
+                                "images, or --val-every 0")
+            indices, held = indices[:-k], indices[-k:]
+            self.val_data = (cache, held)
+        vc, vi = self.val_data
+        small = [vc.files[i] for i in vi if min(vc.lr_size(i)) < 15]
+        if small:
+            raise DataError(f"{vc.folder}: validation images too small for the network (LR side "
+                            f"< 15 px): {', '.join(small[:10])}")
+        return indices, self.val_data
+
+    def loader(self, sampler, steps: range):
+        """This rank's uint8 batches of ``steps`` (DataLoader workers, prefetch, pinned memory
+        with CUDA)."""
+        from hdnas.data.train import batches
+        return batches(sampler, steps, self.cfg.batch, self.dist.rank, self.dist.world,
+                       self.workers, self.cfg.prefetch, pin_memory=self.device.type == "cuda")
+
+    def to_device(self, batch):
+        return tuple(t.to(self.device, non_blocking=True).float() for t in batch)
+
+    def start_data(self, start: int, end: int) -> None:
+        """Set up the batch iterators for steps ``start`` .. ``end - 1`` (subclasses)."""
+
+    # -- validation ----------------------------------------------------------------------
+    @torch.no_grad()
+    def validate(self) -> dict:
+        """Mean PSNR/SSIM (Y, shave = scale, as ``hdnas.evaluate``) of the validation images;
+        the ranks share the images and sum their scores."""
+        from hdnas.evaluate import super_resolve
+        from hdnas.metrics import psnr, ssim
+        cache, indices = self.val_data
+        s = cache.scale
+        was_training = self.model.training
+        self.model.eval()
+        total = [0.0, 0.0, 0.0]
+        for i in indices[self.dist.rank::self.dist.world]:
+            lr = torch.from_numpy(np.array(cache.lr(i))).permute(2, 0, 1)
+            hr = torch.from_numpy(np.array(cache.hr(i))).permute(2, 0, 1)
+            sr = super_resolve(self.model, lr, device=self.device)
+            total = [total[0] + psnr(sr, hr, s), total[1] + ssim(sr, hr, s), total[2] + 1]
+        self.model.train(was_training)
+        p, q, n = self.dist.sum(total)
+        return {"val_psnr": p / n, "val_ssim": q / n}
+
+    def on_validation(self, val: dict) -> None:
+        """Called on every rank after each validation (subclasses record more)."""
+        if val["val_psnr"] > self.best_val["psnr"]:
+            self.best_val = {"psnr": val["val_psnr"], "ssim": val["val_ssim"], "step": self.step}
+            if self.dist.is_main:
+                self.save_best()
+
+    def save_best(self) -> None:
+        """Rank 0, when the validation score is the best so far (subclasses)."""
+
+    def check_sync(self) -> None:
+        """``--debug-sync``: every rank must hold bit-identical parameters."""
+        self.dist.check_same(list(self.model.named_parameters()), f"at step {self.step}")
+
+    # -- state ---------------------------------------------------------------------------
     def save(self) -> None:
-        """The whole state (``state_dict``), atomically."""
-        checkpoint.save_atomic(self.state_dict(), self.run_dir / "checkpoint.pt")
+        """The whole state (``state_dict``), atomically; rank 0 only."""
+        if self.dist.is_main:
+            state = self.state_dict()
+            state["best_val"] = dict(self.best_val)
+            checkpoint.save_atomic(state, self.run_dir / "checkpoint.pt")
+
+    def restore(self, state: dict) -> None:
+        """``load_state_dict`` plus the loop's own state."""
+        self.load_state_dict(state)
+        self.best_val = dict(state.get("best_val", self.best_val))
+
+    def truncate_after(self, step: int) -> None:
+        """Drop records of steps past ``step`` (a resumed run continues from it)."""
+        if self.dist.is_main:
+            self.history.truncate_after(step)
 
     def run(self, stop_after: int | None = None, quiet: bool = False):
         """Run to ``cfg.steps``. ``stop_after`` stops early without a final checkpoint: tests use
         it as a kill between checkpoints."""
-        cfg = self.cfg
+        cfg, main = self.cfg, self.dist.is_main
         end = cfg.steps if stop_after is None else min(cfg.steps, self.step + stop_after)
-        bar = tqdm(total=cfg.steps, initial=self.step, disable=quiet, desc=self.name, unit="step")
+        self.start_data(self.step, end)
+        # every rank starts from rank 0's weights (as DDP does), whatever its RNG did so far
+        self.dist.broadcast_tensors(list(self.model.state_dict().values()))
+        bar = tqdm(total=cfg.steps, initial=self.step, disable=quiet or not main, desc=self.name,
+                   unit="step")
         timer = self.timer
         timer.reset()
         while self.step < end:
@@ -240,15 +385,27 @@ class Loop:
             timer.end_step()
             bar.update(1)
             bar.set_postfix(loss=f"{out['loss_train']:.3f}")
-            if self.step % cfg.log_every == 0 or self.step == cfg.steps:
-                self.history.append(self.log_row(out, timer))
+            last = self.step == cfg.steps
+            val = None
+            if self.val_data is not None and (self.step % self.val_every == 0 or last):
+                val = self.validate()
+                self.on_validation(val)
+                log.info("step %d validation PSNR %.4f dB SSIM %.4f (best %.4f dB at step %d)",
+                         self.step, val["val_psnr"], val["val_ssim"], self.best_val["psnr"],
+                         self.best_val["step"])
+            if cfg.debug_sync and self.step % cfg.debug_sync == 0:
+                self.check_sync()
+            if self.step % cfg.log_every == 0 or last or val:
+                if main:
+                    self.history.append(self.log_row(out, timer) | (
+                        {k: f"{v:.4f}" for k, v in val.items()} if val else {}))
                 parts = ", ".join(f"{k} {timer.mean(k):.3f}s" for k in sorted(timer.steps)
                                   if k != "step")
                 log.info("step %d/%d loss %.4f %.3fs/step%s %s", self.step, cfg.steps,
                          out["loss_train"], timer.mean("step"), f" ({parts})" if parts else "",
                          self.describe(out))
                 timer.reset()
-            if self.step % cfg.ckpt_every == 0 or self.step == cfg.steps:
+            if self.step % cfg.ckpt_every == 0 or last:
                 self.save()
         bar.close()
         return self.result()
@@ -299,40 +456,76 @@ def cli_main(argv, loop_cls, cfg_cls, presets: dict, prog: str, doc: str,
     p.add_argument("--quiet", action="store_true", help="no progress bar or console log")
     if add_arguments:
         add_arguments(p)
+    p.epilog = ((p.epilog or "") + " Distributed: torchrun --nproc-per-node N -m "
+                + prog.split()[-1] + " ... (docs/distributed.md).").strip()
     add_config_arguments(p, cfg_cls, FIELD_HELP)
     args = p.parse_args(argv)
     try:
-        if args.resume:
-            run_dir = Path(args.resume)
-            cfg_file = run_dir / "config.json"
-            if not (run_dir / "checkpoint.pt").is_file() or not cfg_file.is_file():
-                raise SystemExit(f"error: {run_dir} holds no run to resume (config.json and "
-                                 "checkpoint.pt are needed)")
-            cfg = cfg_cls(**json.loads(cfg_file.read_text())["resolved"])
-            setup_logging(run_dir, args.quiet)
-            loop = loop_cls(cfg, run_dir)
-            loop.load_state_dict(checkpoint.load(run_dir / "checkpoint.pt"))
-            loop.history.truncate_after(loop.step)
-            log.info("resumed %s at step %d", run_dir, loop.step)
-        else:
-            given = {k: v for k, v in vars(args).items() if v not in (None, False)}
-            cfg = cfg_cls(**presets.get(args.preset, {}))
-            for f in dataclasses.fields(cfg_cls):
-                if getattr(args, f.name) is not None:
-                    setattr(cfg, f.name, getattr(args, f.name))
-            if adjust_config:
-                adjust_config(cfg, args)
-            cfg.validate()
-            run_dir = new_run_dir(cfg.out, loop_cls.name)
-            cfg.out = str(run_dir)
-            setup_logging(run_dir, args.quiet)
-            loop = loop_cls(cfg, run_dir)
-            save_config(run_dir, given, cfg)
-            log.info("run folder %s", run_dir)
-        log.info("%s", loop.summary())
-        result = loop.run(quiet=args.quiet)
+        d = init_from_env(args.device or "auto")
+    except (ValueError, RuntimeError) as e:
+        print(f"error: cannot start the distributed run: {e}", file=sys.stderr)
+        return 2
+    try:
+        return _run(args, d, loop_cls, cfg_cls, presets, adjust_config)
     except ValueError as e:  # DataError, SearchSpaceError, GenotypeError, bad settings
         print(f"error: {e}", file=sys.stderr)
         return 2
-    print(loop.finish(result))
+    except Exception as e:  # noqa: BLE001 - only failed collectives are explained here
+        if d.enabled and is_comm_failure(e):
+            print(f"error: {describe_failure(d, e)}", file=sys.stderr)
+            return 1
+        raise
+    finally:
+        d.close()
+
+
+def _read_resume(run_dir: Path) -> tuple[dict, dict]:
+    """(resolved config, checkpoint state) of a run folder; rank 0 reads them."""
+    cfg_file = run_dir / "config.json"
+    if not (run_dir / "checkpoint.pt").is_file() or not cfg_file.is_file():
+        raise SystemExit(f"error: {run_dir} holds no run to resume (config.json and "
+                         "checkpoint.pt are needed)")
+    return json.loads(cfg_file.read_text())["resolved"], checkpoint.load(run_dir / "checkpoint.pt")
+
+
+def _run(args, d: Dist, loop_cls, cfg_cls, presets, adjust_config) -> int:
+    quiet = args.quiet or not d.is_main  # one console (and one log file) per run: rank 0's
+    if args.resume:
+        run_dir = Path(args.resume)
+        # rank 0 reads the folder and sends it to the others, which need no shared filesystem
+        resolved, state = d.on_main(lambda: _read_resume(run_dir))
+        cfg = cfg_cls(**resolved)
+        if d.is_main:
+            setup_logging(run_dir, quiet)
+        loop = loop_cls(cfg, run_dir, d)
+        loop.restore(state)
+        loop.truncate_after(loop.step)
+        log.info("resumed %s at step %d", run_dir, loop.step)
+    else:
+        given = {k: v for k, v in vars(args).items() if v not in (None, False)}
+        cfg = cfg_cls(**presets.get(args.preset, {}))
+        for f in dataclasses.fields(cfg_cls):
+            if getattr(args, f.name) is not None:
+                setattr(cfg, f.name, getattr(args, f.name))
+        if adjust_config:
+            adjust_config(cfg, args)
+        cfg.validate()
+        if cfg.batch % d.world:
+            raise ValueError(f"--batch {cfg.batch} (the global batch) is not divisible by the "
+                             f"{d.world} ranks")
+        run_dir = Path(d.on_main(lambda: str(new_run_dir(cfg.out, loop_cls.name))))
+        cfg.out = str(run_dir)
+        if d.is_main:
+            setup_logging(run_dir, quiet)
+        loop = loop_cls(cfg, run_dir, d)
+        if d.is_main:
+            save_config(run_dir, given, cfg)
+        log.info("run folder %s", run_dir)
+    if d.enabled:
+        log.info("distributed: %d ranks (%s), global batch %d = %d per rank", d.world, d.backend,
+                 cfg.batch, cfg.batch // d.world)
+    log.info("%s", loop.summary())
+    result = loop.run(quiet=quiet)
+    if d.is_main:
+        print(loop.finish(result))
     return 0

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
+import json
 import logging
 import sys
 from dataclasses import dataclass, field
@@ -15,14 +16,14 @@ from pathlib import Path
 
 import torch
 
-from hdnas import checkpoint
 from hdnas.architect import RULES, Architect
-from hdnas.data.train import DEFAULT_DIR, PatchSampler
+from hdnas.data.train import DEFAULT_DIR, PatchSampler, split
 from hdnas.genotype import check_scale
 from hdnas.losses import ComplexityPenalty, SRLoss
 from hdnas.mixed import available_backends, resolve_backend
 from hdnas.network import SuperNet
-from hdnas.runs import History, Loop, check_amp, cli_main, step_schedule
+from hdnas.runs import (VAL_COLUMNS, History, Loop, RunOptions, check_amp, cli_main,
+                        step_schedule)
 from hdnas.space import DLSR_PRIMITIVES, check_op_set
 from hdnas.visualize import plot_run
 
@@ -30,7 +31,7 @@ log = logging.getLogger("hdnas")
 
 
 @dataclass
-class SearchConfig:
+class SearchConfig(RunOptions):
     """Defaults finish on 2 CPU cores in about 10 minutes; ``--preset paper`` is the release's
     search (docs/presets.md lists what still differs)."""
 
@@ -43,7 +44,7 @@ class SearchConfig:
     cells: int = 6
     ops: list = field(default_factory=lambda: list(DLSR_PRIMITIVES))
     alpha_per_cell: bool = False
-    batch: int = 4
+    batch: int = 4  # the global batch: split over the ranks of a distributed run
     patch: int = 64  # HR patch side; the LR patch is patch // scale
     steps: int = 80
     warmup: int | None = None  # weight-only steps before alpha/beta updates; None: auto
@@ -94,6 +95,7 @@ class SearchConfig:
                              "leave --warmup out for a warm-up of --warmup-fraction "
                              f"({self.warmup_fraction}) of the steps")
         check_amp(self.amp)
+        self.validate_run_options()
         if self.budget_kind not in ("params", "macs"):
             raise ValueError("--budget-kind must be 'params' or 'macs'")
 
@@ -128,8 +130,8 @@ class Search(Loop):
 
     name = "search"
 
-    def __init__(self, cfg: SearchConfig, run_dir: Path):
-        super().__init__(cfg, run_dir)
+    def __init__(self, cfg: SearchConfig, run_dir: Path, dist=None):
+        super().__init__(cfg, run_dir, dist)
         self.train_data, self.arch_data = self._samplers()
         self.backend = resolve_backend(cfg.backend, self.device, torch.float32, cfg.ops)
         self.model = SuperNet(cfg.channels, cfg.cells, cfg.scale, cfg.ops, cfg.alpha_per_cell,
@@ -143,7 +145,7 @@ class Search(Loop):
         self.architect = Architect(self.model, self.loss_fn, cfg.rule, cfg.arch_lr,
                                    weight_decay=cfg.arch_weight_decay, penalty=self._penalty(),
                                    w_weight_decay=cfg.weight_decay, autocast=self.amp.autocast,
-                                   scaler=self.amp.scaler())
+                                   scaler=self.amp.scaler(), average=self.dist.average)
         self.warmup = cfg.warmup_steps()
         n_alpha = self.model.alphas.numel()
         self.history = History(run_dir / "history.csv",
@@ -151,21 +153,30 @@ class Search(Loop):
                                + list(TIME_COLUMNS)
                                + [f"alpha_{i}" for i in range(n_alpha)]
                                + [f"beta{c + 3}_{j}" for c in range(cfg.cells - 2)
-                                  for j in range(c + 2)])
+                                  for j in range(c + 2)] + VAL_COLUMNS)
+        self.genotypes = run_dir / "genotypes.jsonl"
 
     def _samplers(self):
+        """Weight and architecture patch samplers (streams 0 and 1 of the seed); the
+        validation images are held out of the weight images."""
         cfg = self.cfg
-        if not cfg.train_dir:
-            if cfg.arch_dir:
-                raise ValueError("--arch-dir needs a --train-dir")
-            return (PatchSampler(DEFAULT_DIR / "train", cfg.scale, cfg.patch),
-                    PatchSampler(DEFAULT_DIR / "arch", cfg.scale, cfg.patch))
-        if cfg.arch_dir:
-            return (PatchSampler(cfg.train_dir, cfg.scale, cfg.patch),
-                    PatchSampler(cfg.arch_dir, cfg.scale, cfg.patch))
-        cut = 1.0 - cfg.arch_fraction
-        return (PatchSampler(cfg.train_dir, cfg.scale, cfg.patch, part=(0.0, cut)),
-                PatchSampler(cfg.train_dir, cfg.scale, cfg.patch, part=(cut, 1.0)))
+        if cfg.arch_dir and not cfg.train_dir:
+            raise ValueError("--arch-dir needs a --train-dir")
+        train = self.open_cache(cfg.train_dir or DEFAULT_DIR / "train", cfg.scale)
+        if cfg.arch_dir or not cfg.train_dir:
+            arch = self.open_cache(cfg.arch_dir or DEFAULT_DIR / "arch", cfg.scale)
+            w_idx, a_idx = range(len(train)), range(len(arch))
+        else:  # one folder split by name order
+            arch, cut = train, 1.0 - cfg.arch_fraction
+            w_idx, a_idx = split(len(train), (0.0, cut)), split(len(train), (cut, 1.0))
+        w_idx, _ = self.hold_out(train, w_idx, cfg.scale)
+        opts = dict(seed=cfg.seed, skip_bad=cfg.skip_bad_images)
+        return (PatchSampler(train, cfg.scale, cfg.patch, w_idx, stream=0, **opts),
+                PatchSampler(arch, cfg.scale, cfg.patch, a_idx, stream=1, **opts))
+
+    def start_data(self, start: int, end: int) -> None:
+        self.train_batches = self.loader(self.train_data, range(start, end))
+        self.arch_batches = self.loader(self.arch_data, range(max(start, self.warmup), end))
 
     def _penalty(self):
         cfg = self.cfg
@@ -182,7 +193,7 @@ class Search(Loop):
                 "sched": self.sched.state_dict(), "a_opt": self.architect.optimizer.state_dict(),
                 "w_scaler": self.w_scaler.state_dict(),
                 "a_scaler": self.architect.scaler.state_dict(),
-                "rng": checkpoint.rng_state(self.gen), "config": dataclasses.asdict(self.cfg)}
+                "torch_rng": torch.get_rng_state(), "config": dataclasses.asdict(self.cfg)}
 
     def load_state_dict(self, s: dict) -> None:
         self.model.load_state_dict(s["model"])
@@ -192,12 +203,31 @@ class Search(Loop):
         # a disabled scaler's state is {}; checkpoints from before --amp have none
         self.w_scaler.load_state_dict(s.get("w_scaler", {}))
         self.architect.scaler.load_state_dict(s.get("a_scaler", {}))
-        checkpoint.set_rng_state(s["rng"], self.gen)
+        torch.set_rng_state(s["torch_rng"] if "torch_rng" in s else s["rng"]["torch"])
         self.step = s["step"]
 
     def save(self) -> None:
         super().save()
-        self.model.genotype(name=self.run_dir.name).save(self.run_dir / "genotype.json")
+        if self.dist.is_main:
+            self.model.genotype(name=self.run_dir.name).save(self.run_dir / "genotype.json")
+
+    def on_validation(self, val: dict) -> None:
+        """Record the genotype derived at each validation (genotypes.jsonl, one JSON per line)."""
+        super().on_validation(val)
+        if self.dist.is_main:
+            rec = {"step": self.step, **val,
+                   "genotype": self.model.genotype(name=f"{self.run_dir.name}@{self.step}").to_dict()}
+            with self.genotypes.open("a") as f:
+                f.write(json.dumps(rec) + "\n")
+
+    def truncate_after(self, step: int) -> None:
+        super().truncate_after(step)
+        if self.dist.is_main and self.genotypes.exists():
+            keep = [ln for ln in self.genotypes.read_text().splitlines()
+                    if ln and json.loads(ln)["step"] <= step]
+            tmp = self.genotypes.with_suffix(".tmp")
+            tmp.write_text("".join(ln + "\n" for ln in keep))
+            tmp.replace(self.genotypes)
 
     def result(self):
         return self.model.genotype(name=self.run_dir.name)
@@ -208,21 +238,23 @@ class Search(Loop):
         amp = f"; amp {cfg.amp}" if cfg.amp != "off" else ""
         if amp and cfg.rule == "darts2":
             amp += " for the weight steps (darts2's architecture step runs in fp32)"
+        val = (f" / {len(self.val_data[1])} validation (every {self.val_every} steps)"
+               if self.val_data else "")
         return (f"backend {self.backend.name} on {self.device}{amp}; {len(self.train_data)} "
-                f"train / {len(self.arch_data)} arch images; supernet "
+                f"train / {len(self.arch_data)} arch{val} images; supernet "
                 f"{sum(p.numel() for p in self.model.weight_parameters())} weights; "
                 f"architecture updates from step {self.warmup + 1}, warm-up {self.warmup} of "
                 f"{cfg.steps} steps{auto}")
 
     def finish(self, genotype) -> str:
         log.info("genotype: %s", genotype.to_dict())
-        log.info("pictures: %s", ", ".join(str(p) for p in plot_run(self.run_dir)))
+        if self.dist.is_main:
+            log.info("pictures: %s", ", ".join(str(p) for p in plot_run(self.run_dir)))
         return str(self.run_dir / "genotype.json")
 
     # -- loop ----------------------------------------------------------------------------
-    def batch(self, sampler):
-        lr, hr = sampler.sample(self.cfg.batch, self.gen)
-        return lr.to(self.device), hr.to(self.device)
+    def batch(self, batches):
+        return self.to_device(next(batches))
 
     def train_step(self) -> dict:
         """One weight step, and after the warm-up one architecture step (before the weight step
@@ -231,7 +263,7 @@ class Search(Loop):
         arch_update = self.step >= self.warmup
         eta = self.sched.get_last_lr()[0]
         with self.timer.part("weight"):
-            train_batch = self.batch(self.train_data)
+            train_batch = self.batch(self.train_batches)
         out = {}
         if arch_update and self.architect.before_weight_step:
             out.update(self.arch_step(train_batch, eta))
@@ -251,17 +283,19 @@ class Search(Loop):
             loss = self.loss_fn(m(batch[0]), batch[1])
         weights = m.weight_parameters()
         self.w_scaler.scale(loss).backward(inputs=weights)
+        # the mean over the ranks: the gradient (and loss) of the global batch
+        loss_mean, = self.dist.average_grads(weights, (loss,))
         if cfg.grad_clip:
             self.w_scaler.unscale_(self.w_opt)
             torch.nn.utils.clip_grad_norm_(weights, cfg.grad_clip)
         self.w_scaler.step(self.w_opt)  # with fp16, skipped when a gradient is inf/nan
         self.w_scaler.update()
         step_schedule(self.sched)
-        return float(loss.detach())
+        return loss_mean
 
     def arch_step(self, train_batch, eta: float) -> dict:
         with self.timer.part("arch"):
-            return self.architect.step(train_batch, self.batch(self.arch_data), eta)
+            return self.architect.step(train_batch, self.batch(self.arch_batches), eta)
 
     def log_row(self, out: dict, timer) -> dict:
         row = {"step": self.step, "lr": out["lr"], "loss_train": f"{out['loss_train']:.6f}",
@@ -284,7 +318,7 @@ class Search(Loop):
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--fused", action="store_true", help="use the fastest fused backend available")
-    p.epilog = "backends: " + ", ".join(available_backends()) + ", fused"
+    p.epilog = "backends: " + ", ".join(available_backends()) + ", fused."
 
 
 def adjust_config(cfg: SearchConfig, args) -> None:

@@ -23,18 +23,19 @@ from hdnas.genotype import Genotype
 from hdnas.losses import SRLoss
 from hdnas.complexity import count_params
 from hdnas.network import DerivedNet
-from hdnas.runs import History, Loop, check_amp, cli_main, step_schedule
+from hdnas.runs import (VAL_COLUMNS, History, Loop, RunOptions, check_amp, cli_main,
+                        step_schedule)
 
 log = logging.getLogger("hdnas")
 
 
 @dataclass
-class TrainConfig:
+class TrainConfig(RunOptions):
     genotype: str = "BETA21"  # a genotype.json, or BETA21 / PARA_LOSS / TINY18
     scale: int = 0  # 0: the genotype's own scale
     train_dir: str = ""  # empty: the embedded default data (train and arch folders)
     out: str = ""
-    batch: int = 8
+    batch: int = 8  # the global batch: split over the ranks of a distributed run
     patch: int = 64
     steps: int = 200
     lr: float = 3e-4
@@ -55,6 +56,7 @@ class TrainConfig:
             if getattr(self, name) < 1:
                 raise ValueError(f"--{name.replace('_', '-')} must be >= 1")
         check_amp(self.amp)
+        self.validate_run_options()
         self.load_genotype()
 
     def load_genotype(self) -> Genotype:
@@ -74,12 +76,16 @@ PRESETS = {"paper": dict(batch=32, patch=128, lr=3e-4, grad_clip=50.0, steps=1_9
 class Train(Loop):
     name = "train"
 
-    def __init__(self, cfg: TrainConfig, run_dir: Path):
-        super().__init__(cfg, run_dir)
+    def __init__(self, cfg: TrainConfig, run_dir: Path, dist=None):
+        super().__init__(cfg, run_dir, dist)
         self.genotype = cfg.load_genotype()
-        self.genotype.save(run_dir / "genotype.json")
-        folder = cfg.train_dir or DEFAULT_DIR / "train"
-        self.data = PatchSampler(folder, self.genotype.scale, cfg.patch)
+        if self.dist.is_main:
+            self.genotype.save(run_dir / "genotype.json")
+        s = self.genotype.scale
+        cache = self.open_cache(cfg.train_dir or DEFAULT_DIR / "train", s)
+        indices, _ = self.hold_out(cache, range(len(cache)), s)
+        self.data = PatchSampler(cache, s, cfg.patch, indices, seed=cfg.seed,
+                                 skip_bad=cfg.skip_bad_images)
         self.model = DerivedNet(self.genotype).to(self.device)
         self.loss_fn = SRLoss(cfg.hfen)
         self.opt = torch.optim.Adam(self.model.parameters(), lr=cfg.lr, betas=(0.9, 0.999),
@@ -87,15 +93,21 @@ class Train(Loop):
         milestones = sorted({max(1, int(m * cfg.steps)) for m in cfg.lr_milestones})
         self.sched = torch.optim.lr_scheduler.MultiStepLR(self.opt, milestones, cfg.lr_gamma)
         self.scaler = self.amp.scaler()
-        self.history = History(run_dir / "history.csv", ["step", "lr", "loss_train", "sec_per_step"])
+        self.history = History(run_dir / "history.csv",
+                               ["step", "lr", "loss_train", "sec_per_step"] + VAL_COLUMNS)
+
+    def start_data(self, start: int, end: int) -> None:
+        self.batches = self.loader(self.data, range(start, end))
 
     def train_step(self) -> dict:
         self.model.train()
-        lr_img, hr_img = (t.to(self.device) for t in self.data.sample(self.cfg.batch, self.gen))
+        lr_img, hr_img = self.to_device(next(self.batches))
         self.opt.zero_grad(set_to_none=True)
         with self.amp.autocast():
             loss = self.loss_fn(self.model(lr_img), hr_img)
         self.scaler.scale(loss).backward()
+        # the mean over the ranks: the gradient (and loss) of the global batch
+        loss_mean, = self.dist.average_grads(self.model.parameters(), (loss,))
         if self.cfg.grad_clip:
             self.scaler.unscale_(self.opt)
             torch.nn.utils.clip_grad_norm_(self.model.parameters(), self.cfg.grad_clip)
@@ -104,7 +116,7 @@ class Train(Loop):
         self.scaler.update()
         step_schedule(self.sched)
         self.step += 1
-        return {"loss_train": float(loss.detach()), "lr": eta}
+        return {"loss_train": loss_mean, "lr": eta}
 
     def log_row(self, out, timer):
         return {"step": self.step, "lr": out["lr"], "loss_train": f"{out['loss_train']:.6f}",
@@ -116,15 +128,22 @@ class Train(Loop):
     def state_dict(self) -> dict:
         return {"step": self.step, "model": self.model.state_dict(), "opt": self.opt.state_dict(),
                 "sched": self.sched.state_dict(), "scaler": self.scaler.state_dict(),
-                "rng": checkpoint.rng_state(self.gen), "genotype": self.genotype.to_dict()}
+                "torch_rng": torch.get_rng_state(), "genotype": self.genotype.to_dict()}
 
     def load_state_dict(self, s: dict) -> None:
         self.model.load_state_dict(s["model"])
         self.opt.load_state_dict(s["opt"])
         self.sched.load_state_dict(s["sched"])
         self.scaler.load_state_dict(s.get("scaler", {}))  # {}: disabled, or from before --amp
-        checkpoint.set_rng_state(s["rng"], self.gen)
+        torch.set_rng_state(s["torch_rng"] if "torch_rng" in s else s["rng"]["torch"])
         self.step = s["step"]
+
+    def save_best(self) -> None:
+        """``best.pt``: the weights of the best validation PSNR so far (weights only, read by
+        ``hdnas.evaluate --weights`` and the safe loader), written atomically."""
+        checkpoint.save_atomic({"model": self.model.state_dict(), "genotype": self.genotype.to_dict(),
+                                "step": self.step, "val_psnr": self.best_val["psnr"],
+                                "val_ssim": self.best_val["ssim"]}, self.run_dir / "best.pt")
 
     def result(self):
         return self.run_dir / "checkpoint.pt"
@@ -133,7 +152,9 @@ class Train(Loop):
         amp = f" (amp {self.cfg.amp})" if self.cfg.amp != "off" else ""
         return (f"retraining {self.genotype.name or 'genotype'} x{self.genotype.scale} "
                 f"({count_params(self.model)} params) on {self.device}{amp}, "
-                f"{len(self.data)} images")
+                f"{len(self.data)} images"
+                + (f", {len(self.val_data[1])} validation images (every {self.val_every} steps)"
+                   if self.val_data else ""))
 
     def finish(self, path) -> str:
         return str(path)

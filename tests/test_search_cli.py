@@ -15,6 +15,14 @@ from hdnas.runs import setup_logging
 from hdnas.search import PRESETS, Search, SearchConfig, main
 
 OPS = ["conv_1x1", "sep_conv_3x3", "dil_conv_3x3"]  # a small space keeps these tests fast
+
+
+@pytest.fixture(autouse=True, scope="module")
+def _data_cache(tmp_path_factory):
+    """One decoded-image cache for the module, not the user's ~/.cache."""
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setenv("HDNAS_CACHE_DIR", str(tmp_path_factory.mktemp("cache")))
+        yield
 TINY = ["--channels", "8", "--cells", "3", "--batch", "2", "--patch", "32", "--quiet",
         "--ops"] + OPS
 
@@ -90,7 +98,8 @@ def test_bf16_search_is_close_to_fp32_and_keeps_fp32_parameters(tmp_path):
     for amp in ("off", "bf16"):
         out = tmp_path / amp
         out.mkdir()
-        s = Search(_cfg(out, amp=amp, steps=3, warmup=1, ckpt_every=3), out)
+        # no validation: it runs in fp32 on purpose (the score of the weights, not of bf16)
+        s = Search(_cfg(out, amp=amp, steps=3, warmup=1, ckpt_every=3, val_every=0), out)
         dtypes = set()
         s.model.register_forward_hook(lambda mod, inp, y: dtypes.add(y.dtype))
         s.run(quiet=True)
@@ -212,13 +221,19 @@ def test_empty_and_small_image_folders(tmp_path, capsys):
     assert main(TINY + ["--out", str(tmp_path / "r1"), "--train-dir", str(empty)]) == 2
     assert "contains no images" in capsys.readouterr().err
     small = tmp_path / "small"
-    _write_images(small, [(40, 40), (20, 50)])
+    _write_images(small, [(40, 40), (20, 50)] + [(40, 40)] * 6)  # 6 validation, 7 arch
     assert main(TINY + ["--out", str(tmp_path / "r2"), "--train-dir", str(small)]) == 2
     err = capsys.readouterr().err
-    assert "1.png" in err and "smaller than scale x patch" in err
+    assert "1.png: HR 50x20 is smaller than scale x patch" in err
+    assert "--skip-bad-images" in err
+    # asked to, the run leaves it out with a warning
+    assert main(TINY + ["--out", str(tmp_path / "r3"), "--train-dir", str(small), "--steps", "1",
+                        "--skip-bad-images"]) == 0
+    assert "left out 1 images smaller than the patch" in (tmp_path / "r3" / "log.txt").read_text()
 
 
 def test_training_patches_use_shipped_lr_and_stay_aligned(tmp_path):
+    from hdnas.data.cache import open_cache
     from hdnas.data.train import PatchSampler
 
     hr_dir = tmp_path / "DIV2K_train_HR"
@@ -226,16 +241,25 @@ def test_training_patches_use_shipped_lr_and_stay_aligned(tmp_path):
     lr_dir.mkdir(parents=True)
     _write_images(hr_dir, [(40, 36)])
     Image.fromarray(np.full((20, 18, 3), 7, np.uint8)).save(lr_dir / "0x2.png")
-    s = PatchSampler(hr_dir, 2, 32)
-    lr, hr = s.sample(3, torch.Generator().manual_seed(0))
-    assert lr.shape == (3, 3, 16, 16) and hr.shape == (3, 3, 32, 32)
+    s = PatchSampler(open_cache(hr_dir, 2, tmp_path / "c1"), 2, 32)
+    lr, hr = s.batch_at(0, 3)
+    assert lr.shape == (3, 3, 16, 16) and hr.shape == (3, 3, 32, 32) and lr.dtype == torch.uint8
     assert (lr == 7).all()  # the shipped LR image, not one made from HR
-    # HR-only: the LR patch is the MATLAB-bicubic LR of the image at the same place
-    s = PatchSampler(hr_dir.parent / "DIV2K_train_HR", 2, 32, augment=False)
-    s.lr[0] = torch.arange(20 * 18).view(1, 20, 18).expand(3, 20, 18).to(torch.uint8)
-    s.hr[0] = s.lr[0].repeat_interleave(2, 1).repeat_interleave(2, 2)
-    lr, hr = s.sample(4, torch.Generator().manual_seed(1))
-    assert torch.equal(hr[:, :, ::2, ::2], lr)
+    # HR and LR patches are cut at the same place: LR values that code their position, HR the
+    # same values repeated 2x2 (flips and transposes included)
+    hr_only = tmp_path / "coded"
+    hr_only.mkdir()
+    (hr_only / "HR").mkdir()
+    (hr_only / "LR_bicubic" / "X2").mkdir(parents=True)
+    code = (np.arange(20 * 18).reshape(20, 18) % 251).astype(np.uint8)
+    Image.fromarray(np.repeat(code[..., None], 3, 2)).save(hr_only / "LR_bicubic" / "X2" / "0x2.png")
+    big = np.repeat(np.repeat(code, 2, 0), 2, 1)
+    Image.fromarray(np.repeat(big[..., None], 3, 2)).save(hr_only / "HR" / "0.png")
+    s = PatchSampler(open_cache(hr_only, 2, tmp_path / "c2"), 2, 32)
+    for step in range(4):
+        lr, hr = s.batch_at(step, 4)
+        assert torch.equal(hr[:, :, ::2, ::2], lr)
+        assert torch.equal(hr[:, :, 1::2, 1::2], lr)
 
 
 def test_one_folder_is_split_into_weight_and_arch_images(tmp_path):
@@ -243,8 +267,10 @@ def test_one_folder_is_split_into_weight_and_arch_images(tmp_path):
     _write_images(folder, [(40, 40)] * 8)
     cfg = _cfg(tmp_path, train_dir=str(folder), arch_fraction=0.25)
     s = Search(cfg, tmp_path)
-    assert s.train_data.names == [str(i) for i in range(6)]
+    assert s.train_data.names == [str(i) for i in range(5)]
     assert s.arch_data.names == ["6", "7"]
+    val_cache, val_idx = s.val_data  # held out of the weight images, the last of them
+    assert [val_cache.names[i] for i in val_idx] == ["5"]
     with pytest.raises(ValueError, match="split"):
         Search(_cfg(tmp_path, train_dir=str(folder), arch_fraction=0.01), tmp_path)
 
