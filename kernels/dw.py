@@ -11,9 +11,9 @@ are skipped at run time (a uniform branch), so a 3x3 group in a 7x7 slot costs 9
 union-of-taps kernel (the mixed_dw merge) costs |U| taps.
 
 Backward: ``_dw_taps_bwd_dx`` (dx = relu'(x) * sum_g correlate(gy_g, K_g), no atomics) and
-``_dw_taps_bwd_dk`` (per-program fp32/fp64 partials of sum_{n,p} act(x)[p+off_t] gy[p], reduced
-on the host with ``torch.sum``: deterministic, no float atomics). Accumulation is fp32 (fp64
-for fp64 tensors). All halo loads are masked with ``other=0.``.
+``_dw_taps_bwd_dk`` (per-program fp32/fp64 partials of sum_{n,p} act(x)[p+off_t] gy[p] for one
+row of taps, reduced on the host with ``torch.sum``: deterministic, no float atomics).
+Accumulation is fp32 (fp64 for fp64 tensors). All halo loads are masked with ``other=0.``.
 
 Kept to the triton 3.6 .. 3.9 common subset (no tensor descriptors, no tl.range options).
 """
@@ -169,13 +169,19 @@ def _dw_taps_bwd_dk(gy_ptr, x_ptr, taps_ptr, dil_ptr, part_ptr,
                     N, C, H, W,
                     sxn, sxc, sxh, sxw,
                     G, SPLIT,
-                    KMAX: tl.constexpr, KKP: tl.constexpr, RELU: tl.constexpr,
+                    KMAX: tl.constexpr, KP: tl.constexpr, RELU: tl.constexpr,
                     SHARED: tl.constexpr, ACC: tl.constexpr,
                     BLOCK_C: tl.constexpr, BLOCK_S: tl.constexpr):
-    """Partial kernel gradients: program (channel block, g, split) sums act(x)[p + off_t]*gy[p]
-    over its share of the (n, pixel block) pairs and stores part[split, g, c, t]."""
+    """Partial kernel gradients of one row of taps: program (channel block, (g, ty), split) sums
+    act(x)[p + off_t] * gy[p] over its share of the (n, pixel block) pairs for the KMAX taps t
+    of row ty of group g's slot and stores part[split, g, c, ty*KMAX : (ty+1)*KMAX].
+
+    One row per program, not the whole slot: the tap flags and offsets of the unrolled taps are
+    loop invariants kept in registers for the whole pair loop, and at KMAX 9 the 81 taps of a
+    slot spilled on sm_90 (255 registers and a stack frame); a row needs about 110."""
     pid_c = tl.program_id(0)
-    g = tl.program_id(1)
+    g = tl.program_id(1) // KMAX
+    ty = tl.program_id(1) % KMAX
     sid = tl.program_id(2)
     c = pid_c * BLOCK_C + tl.arange(0, BLOCK_C)
     cmask = c < C
@@ -185,10 +191,11 @@ def _dw_taps_bwd_dk(gy_ptr, x_ptr, taps_ptr, dil_ptr, part_ptr,
     else:
         cin = g * C + cl
     KK: tl.constexpr = KMAX * KMAX
-    cols = tl.arange(0, KKP)
+    cols = tl.arange(0, KP)
     d = tl.load(dil_ptr + g).to(tl.int64)
+    oy = (ty - KMAX // 2) * d
     nsb = tl.cdiv(H * W, BLOCK_S)
-    acc = tl.zeros([BLOCK_C, KKP], dtype=ACC)
+    acc = tl.zeros([BLOCK_C, KP], dtype=ACC)
     for j in range(sid, N * nsb, SPLIT):
         n = j // nsb
         pix = (j % nsb) * BLOCK_S + tl.arange(0, BLOCK_S)
@@ -198,18 +205,15 @@ def _dw_taps_bwd_dk(gy_ptr, x_ptr, taps_ptr, dil_ptr, part_ptr,
         gyrow = ((n.to(tl.int64) * G + g) * C + cl) * (H * W)
         gv = tl.load(gy_ptr + gyrow[:, None] + pix[None, :], mask=smask[None, :], other=0.).to(ACC)
         xrow = n.to(tl.int64) * sxn + cin.to(tl.int64) * sxc
-        xc = x_ptr + (xrow[:, None] + (h * sxh + w * sxw)[None, :])
-        for ty in tl.static_range(KMAX):
-            oy = (ty - KMAX // 2) * d
-            hh = h + oy
-            hm = smask & (hh >= 0) & (hh < H)
-            xr = xc + oy * sxh
-            for tx in tl.static_range(KMAX):
-                active = tl.load(taps_ptr + g * KK + (ty * KMAX + tx))
-                if active != 0:
-                    xv = _load_tap(xr, w, hm, (tx - KMAX // 2) * d, sxw, W, RELU, ACC)
-                    part = tl.sum(xv * gv, axis=1)
-                    acc += tl.where(cols[None, :] == (ty * KMAX + tx), part[:, None], 0.)
-    prow = ((sid * G + g) * C + c) * KK
+        hh = h + oy
+        hm = smask & (hh >= 0) & (hh < H)
+        xr = x_ptr + (xrow[:, None] + (h * sxh + w * sxw)[None, :]) + oy * sxh
+        for tx in tl.static_range(KMAX):
+            active = tl.load(taps_ptr + g * KK + ty * KMAX + tx)
+            if active != 0:
+                xv = _load_tap(xr, w, hm, (tx - KMAX // 2) * d, sxw, W, RELU, ACC)
+                part = tl.sum(xv * gv, axis=1)
+                acc += tl.where(cols[None, :] == tx, part[:, None], 0.)
+    prow = ((sid * G + g) * C + c) * KK + ty * KMAX
     tl.store(part_ptr + prow[:, None] + cols[None, :], acc,
-             mask=cmask[:, None] & (cols[None, :] < KK))
+             mask=cmask[:, None] & (cols[None, :] < KMAX))

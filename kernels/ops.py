@@ -42,7 +42,7 @@ def interpreting() -> bool:
 # ----------------------------------------------------------------------------- launch configs
 #: GPU configs: (BLOCK_R, BLOCK_S) for fwd/dx, (BLOCK_C, BLOCK_S) for dk, plus launch options
 #: (num_warps; num_stages=1: software-pipelining the group/pixel loops only adds registers).
-#: tests/test_triton_aot.py compiles exactly these for sm_90.
+#: hdnas.kernels.aot compiles exactly these for sm_90 (tests/test_triton_aot.py).
 GPU_FWD_CFG = dict(BLOCK_R=2, BLOCK_S=256, num_warps=4, num_stages=1)
 GPU_DK_CFG = dict(BLOCK_C=16, BLOCK_S=128, num_warps=8, num_stages=1)
 
@@ -63,13 +63,16 @@ def _fwd_cfg(rows, hw):
     return dict(GPU_FWD_CFG)
 
 
-def _dk_cfg(C, G, N, hw, device):
+def _dk_cfg(C, rows, N, hw, device):
+    """(config, split) of the kernel-gradient kernel with ``rows`` = groups x KMAX tap rows: the
+    grid has one program per (channel block, group, tap row, split); split spreads the (n, pixel
+    block) pairs over about 4 programs per SM."""
     if interpreting():
         bc = min(_pow2(C), 64)
         return dict(BLOCK_C=bc, BLOCK_S=min(_pow2(hw), max(8192 // bc, 16)), num_warps=4), 1
     cfg = dict(GPU_DK_CFG)
     nblk = N * triton.cdiv(hw, cfg["BLOCK_S"])
-    progs = triton.cdiv(C, cfg["BLOCK_C"]) * G
+    progs = triton.cdiv(C, cfg["BLOCK_C"]) * rows
     sms = torch.cuda.get_device_properties(device).multi_processor_count if device.type == "cuda" else 1
     split = max(1, min(nblk, (4 * sms + progs - 1) // progs))
     return cfg, split
@@ -101,10 +104,11 @@ def dw_grid(rows: int, groups: int, hw: int, block_r: int, block_s: int) -> tupl
     return checked_grid("dw_taps", triton.cdiv(hw, block_s) * triton.cdiv(rows, block_r), groups)
 
 
-def dk_grid(C: int, groups: int, split: int, block_c: int) -> tuple:
-    """Grid of the dw_taps kernel-gradient kernel: (channel block, group, split); every program
-    loops over its share of the (n, pixel block) pairs, so the image size is not on the grid."""
-    return checked_grid("dw_taps dkernels", triton.cdiv(C, block_c), groups, split)
+def dk_grid(C: int, groups: int, kmax: int, split: int, block_c: int) -> tuple:
+    """Grid of the dw_taps kernel-gradient kernel: (channel block, (group, tap row), split) with
+    the tap row fastest on axis 1, as ``dw._dw_taps_bwd_dk`` decodes it; every program loops
+    over its share of the (n, pixel block) pairs, so the image size is not on the grid."""
+    return checked_grid("dw_taps dkernels", triton.cdiv(C, block_c), groups * kmax, split)
 
 
 def epi_grid(hw: int, n: int, blocks: int, block_p: int) -> tuple:
@@ -216,12 +220,12 @@ def _launch_bwd(gy, x, kernels, taps, dilations, relu_input, shared_input):
     _dw._dw_taps_bwd_dx[grid](gy, x, kc, tt, dd, dx, N, C, H, W, *x.stride(), G,
                               KMAX=K, RELU=bool(relu_input), SHARED=bool(shared_input),
                               ACC=acc, **cfg)
-    dcfg, split = _dk_cfg(C, G, N, H * W, x.device)
+    dcfg, split = _dk_cfg(C, G * K, N, H * W, x.device)
     pdt = torch.float64 if x.dtype == torch.float64 else torch.float32
     part = torch.empty((split, G, C, K * K), device=x.device, dtype=pdt)
-    grid = dk_grid(C, G, split, dcfg["BLOCK_C"])
+    grid = dk_grid(C, G, K, split, dcfg["BLOCK_C"])
     _dw._dw_taps_bwd_dk[grid](gy, x, tt, dd, part, N, C, H, W, *x.stride(), G, split,
-                              KMAX=K, KKP=_pow2(K * K), RELU=bool(relu_input),
+                              KMAX=K, KP=_pow2(K), RELU=bool(relu_input),
                               SHARED=bool(shared_input), ACC=acc, **dcfg)
     dk = part.sum(0).view(G, C, K, K)
     # inactive taps were never written: zero them (the table is tiny)
@@ -486,71 +490,3 @@ def _epi_backward(ctx, g):
 
 
 pw_epilogue.register_autograd(_epi_backward, setup_context=_epi_setup)
-
-
-# ----------------------------------------------------------------------------- AOT specs
-_TT = {torch.float32: "fp32", torch.float16: "fp16", torch.bfloat16: "bf16", torch.float64: "fp64"}
-
-
-_LAUNCH_KEYS = ("num_warps", "num_stages")
-
-
-def _consts(cfg):
-    return {k: v for k, v in cfg.items() if k not in _LAUNCH_KEYS}
-
-
-def _launch(cfg):
-    return {k: v for k, v in cfg.items() if k in _LAUNCH_KEYS}
-
-
-def aot_specs(dtypes=(torch.float32,), kmaxes=(7,), modes=((True, True), (True, False)),
-              epi_lrelu=(True, False)):
-    """The (kernel, signature, constexprs, launch options) tuples launched on a GPU for the given
-    dtypes, kernel slots and (relu_input, shared_input) modes, for ahead-of-time compilation
-    (tests/test_triton_aot.py). The DLSR search uses KMAX 7 in both modes."""
-    import triton.language as tl
-    ints = {k: "i32" for k in ("N", "C", "H", "W", "sxn", "sxc", "sxh", "sxw", "G")}
-    out = []
-    for dt in dtypes:
-        t = _TT[dt]
-        acc = tl.float64 if dt == torch.float64 else tl.float32
-        pt = "fp64" if dt == torch.float64 else "fp32"
-        for K in kmaxes:
-            for relu, shared in modes:
-                base = dict(KMAX=K, RELU=relu, SHARED=shared, ACC=acc)
-                fc, dc = _consts(GPU_FWD_CFG), _consts(GPU_DK_CFG)
-                out.append((_dw._dw_taps_fwd,
-                            {"x_ptr": f"*{t}", "k_ptr": f"*{t}", "taps_ptr": "*i32",
-                             "dil_ptr": "*i32", "y_ptr": f"*{t}", **ints},
-                            {**base, **fc}, _launch(GPU_FWD_CFG)))
-                out.append((_dw._dw_taps_bwd_dx,
-                            {"gy_ptr": f"*{t}", "x_ptr": f"*{t}", "k_ptr": f"*{t}",
-                             "taps_ptr": "*i32", "dil_ptr": "*i32", "dx_ptr": f"*{t}", **ints},
-                            {**base, **fc}, _launch(GPU_FWD_CFG)))
-                out.append((_dw._dw_taps_bwd_dk,
-                            {"gy_ptr": f"*{t}", "x_ptr": f"*{t}", "taps_ptr": "*i32",
-                             "dil_ptr": "*i32", "part_ptr": f"*{pt}", **ints, "SPLIT": "i32"},
-                            {**base, "KKP": _pow2(K * K), **dc}, _launch(GPU_DK_CFG)))
-        if dt == torch.float64:  # the triton backend keeps cuBLAS for fp64 epilogues on a GPU
-            continue
-        ip = _ip(dt)
-        e = _consts
-        zs = {"z1_ptr": f"*{t}", "w1_ptr": f"*{t}", "z2_ptr": f"*{t}", "w2_ptr": f"*{t}",
-              "add_ptr": f"*{t}", "res_ptr": f"*{t}", "out_ptr": f"*{t}"}
-        eints = {k: "i32" for k in ("C", "K1", "K2", "H", "W", "sz1n", "sz1c", "sz1h", "sz1w",
-                                    "sz2n", "sz2c", "sz2h", "sz2w", "san", "sac", "sah", "saw",
-                                    "srn", "src", "srh", "srw")}
-        for lrelu in epi_lrelu:
-            out.append((_epi._epi_fwd, {**zs, **eints},
-                        dict(HAS2=True, HAS_ADD=True, HAS_RES=lrelu, LRELU=lrelu, ACC=acc, IP=ip,
-                             **e(GPU_EPI_FWD_CFG)), _launch(GPU_EPI_FWD_CFG)))
-            out.append((_epi._epi_bwd_dz,
-                        {"g_ptr": f"*{t}", "out_ptr": f"*{t}", "w_ptr": f"*{t}", "dz_ptr": f"*{t}",
-                         "gpre_ptr": f"*{t}", "C": "i32", "K": "i32", "HW": "i32"},
-                        dict(LRELU=lrelu, STORE_GPRE=lrelu, ACC=acc, IP=ip, **e(GPU_EPI_DZ_CFG)),
-                        _launch(GPU_EPI_DZ_CFG)))
-        out.append((_epi._epi_bwd_dw,
-                    {"gpre_ptr": f"*{t}", "z_ptr": f"*{t}", "part_ptr": f"*{pt}",
-                     **{k: "i32" for k in ("N", "C", "K", "H", "W", "SPLIT", "szn", "szc", "szh", "szw")}},
-                    dict(ACC=acc, IP=ip, **e(GPU_EPI_DW_CFG)), _launch(GPU_EPI_DW_CFG)))
-    return out
