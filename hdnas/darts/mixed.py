@@ -17,7 +17,7 @@ and computes ``sum_k w_k op_k(x)`` as:
 4. the sep candidates' second stage: ``primitives.grouped_dw`` (ReLU on read, per-group input),
    one grouped GEMM, one ``F.batch_norm`` with ``w_k`` folded in;
 5. pools (on a channels-last copy of x on CPU: the same result, several times faster) with
-   their BN (``w_k`` folded in), ``skip_connect`` (``w x``, or FactorizedReduce from the
+   their BN (``w_k`` folded in; the BN reads the channels-last pool output directly), ``skip_connect`` (``w x``, or FactorizedReduce from the
    shared ``relu(x)`` with its BN), ``none`` (contributes exactly 0) with stock ops; the sum.
 
 ``recompute=True`` (default) runs this under ``torch.utils.checkpoint``: only the op's input is
@@ -410,10 +410,10 @@ class MixedOp(nn.Module):
             # windows, scan order and tie rule (the first maximum in row-major order)
             xp = x.contiguous(memory_format=torch.channels_last) if x.device.type == "cpu" else x
             for i in P.max_pool:
-                mp = F.max_pool2d(xp, 3, s, 1).contiguous()
+                mp = F.max_pool2d(xp, 3, s, 1)
                 terms.append(group_batch_norm(mp, [ops[i][1]], [w[i]], state))
             for i in P.avg_pool:
-                ap = F.avg_pool2d(xp, 3, s, 1, count_include_pad=False).contiguous()
+                ap = F.avg_pool2d(xp, 3, s, 1, count_include_pad=False)
                 terms.append(group_batch_norm(ap, [ops[i][1]], [w[i]], state))
         for i in P.skip:
             if s == 1:
