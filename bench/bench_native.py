@@ -13,11 +13,12 @@ names the CPU model, its vector ISA and the kernel variant measured:
 
 * the depthwise primitives alone (stage 1: 5 shared-input groups; stage 2: 3 groups), fwd+bwd;
 * one DLSR mixed op (9 candidates, C=48) forward + backward;
-* one whole search step of SuperNet(C=48), as hdnas.search's train_step does it: a weight step
-  (forward, backward to the weights, Adam) then the architecture step of
-  hdnas.architect.Architect (rule 'joint': L_train + L_val, here on the same batch, backward to
-  alpha/beta, Adam), i.e. 3 forward and 2 backward passes. Each backend runs in a fresh process
-  (at batch 64 two supernets do not fit in 23 GB together); rounds alternate the backends.
+* the search step of SuperNet(C=48) as hdnas.search's train_step does it, per update rule
+  (``--rules``; joint, darts1, darts2): the weight step (forward, backward to the weights, Adam)
+  and the architecture step of hdnas.architect.Architect (joint: L_train + L_val; darts1:
+  L_val; darts2: the unrolled hypergradient), timed separately, on distinct train and arch
+  batches, with the peak RSS of the process. Each backend runs in a fresh process (at batch 64
+  two supernets do not fit in 23 GB together); rounds alternate the backends.
 
 Timings are wall-clock on whatever machine runs this; the markdown records it.
 """
@@ -104,35 +105,51 @@ def mixed_case(N, C, H, reps, isas):
     return timeit(fns, reps)
 
 
-def step_case(N, C, H, reps, backend, scale=2):
-    """Best time of one search step on ``backend`` (run alone in this process)."""
+RULES = ("joint", "darts1", "darts2")
+
+
+def step_case(N, C, H, reps, backend, rules=RULES, scale=2):
+    """Seconds of the weight step and of the architecture step of one search step on
+    ``backend`` (run alone in this process), per update rule, as hdnas.search's train_step
+    does them: the weight step (forward, backward to the weights, Adam) and
+    ``Architect.step`` (joint: L_train + L_val, backward to alpha/beta, Adam; darts1: L_val;
+    darts2: the unrolled hypergradient, i.e. 4 forward and backward passes), on distinct train
+    and arch batches. Returns {rule: {"weight": [s], "arch": [s], "peak_rss_gib": peak so far}}."""
+    import resource
+
     from hdnas.architect import Architect
     from hdnas.network import SuperNet
 
     torch.manual_seed(0)
-    lr_img = torch.rand(N, 3, H, H)
-    hr_img = torch.rand(N, 3, H * scale, H * scale)
+    train = (torch.rand(N, 3, H, H), torch.rand(N, 3, H * scale, H * scale))
+    val = (torch.rand(N, 3, H, H), torch.rand(N, 3, H * scale, H * scale))
     net = SuperNet(C=C, backend=backend)
     wopt = torch.optim.Adam(net.weight_parameters(), lr=1e-4)
-    arch = Architect(net, F.l1_loss, rule="joint")
     weights = net.weight_parameters()
 
-    def g():  # as hdnas.search's train_step: weight step, then the joint architecture step
+    def weight_step():
         wopt.zero_grad(set_to_none=True)
-        F.l1_loss(net(lr_img), hr_img).backward(inputs=weights)
+        F.l1_loss(net(train[0]), train[1]).backward(inputs=weights)
         wopt.step()
-        arch.step((lr_img, hr_img), (lr_img, hr_img), eta=1e-4)
-    return timeit({backend: g}, reps)[backend]
+    out = {}
+    for rule in rules:
+        arch = Architect(net, F.l1_loss, rule=rule)
+        ts = timeit({"weight": weight_step,
+                     "arch": lambda: arch.step(train, val, eta=1e-4)}, reps)
+        ts["peak_rss_gib"] = round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2 ** 20, 2)
+        out[rule] = ts
+    return out
 
 
-def step_isolated(N, C, H, reps, backend, threads, isa="auto"):
+def step_isolated(N, C, H, reps, backend, threads, isa="auto", rules=RULES):
     """step_case in a fresh process (two N=64 supernets do not fit in memory together), with
-    CPU kernel variant ``isa``: (best seconds, peak RSS in GiB)."""
+    CPU kernel variant ``isa``: ({rule: {"weight": best s, "arch": best s, "peak_rss_gib"}},
+    None) or (None, why it failed)."""
     import json
     import subprocess
 
     cmd = [sys.executable, os.path.abspath(__file__), "--_step", backend, str(N), str(C), str(H),
-           str(reps), str(threads)]
+           str(reps), str(threads), ",".join(rules)]
     env = {**os.environ, "HDNAS_NATIVE_ISA": "" if isa == "auto" else isa}
     r = subprocess.run(cmd, capture_output=True, text=True, env=env)
     if r.returncode != 0:
@@ -140,21 +157,20 @@ def step_isolated(N, C, H, reps, backend, threads, isa="auto"):
     d = json.loads(r.stdout.strip().splitlines()[-1])
     if backend == "native" and isa != "auto" and d["isa"] != isa:
         return None, f"ran the {d['isa']} kernels, not {isa}"
-    return min(d["times"]), d["peak_rss_gib"]
+    return {rule: {"weight": min(v["weight"]), "arch": min(v["arch"]),
+                   "peak_rss_gib": v["peak_rss_gib"]} for rule, v in d["rules"].items()}, None
 
 
 def _step_child(args):
     import json
-    import resource
 
-    backend, N, C, H, reps, threads = args[0], *map(int, args[1:])
+    backend, (N, C, H, reps, threads), rules = args[0], map(int, args[1:6]), args[6].split(",")
     torch.set_num_threads(threads)
     if backend == "native" and not native.available("cpu"):
         raise SystemExit(2)
-    ts = step_case(N, C, H, reps, backend)
-    peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2 ** 20
+    res = step_case(N, C, H, reps, backend, rules)
     isa = native_build.isa() if backend == "native" else None
-    print(json.dumps({"times": ts, "peak_rss_gib": round(peak, 1), "isa": isa}))
+    print(json.dumps({"rules": res, "isa": isa}))
 
 
 def _load():
@@ -186,6 +202,53 @@ def _vector_isa():
     return f"unknown ({platform.machine()})"
 
 
+def step_rows(nt, N, C, H, a, isas):
+    """Search-step rows: weight step, architecture step, their sum and peak RSS per rule, each
+    backend (and kernel variant) in its own fresh process; rounds alternate the processes."""
+    procs = ["reference", *(["merged"] if a.step_merged else []), *(f"native[{i}]" for i in isas)]
+    res = {b: [] for b in procs}
+    fail = {}
+    for _ in range(a.step_rounds):
+        for b in procs:
+            backend, isa = (b, "auto") if not b.startswith("native") else ("native", b[7:-1])
+            r, why = step_isolated(N, C, H, a.step_reps, backend, nt, isa, a.rules)
+            print(b, r or why, flush=True)
+            if r is None:
+                fail[b] = why
+            else:
+                res[b].append(r)
+
+    def best(b, rule, part):
+        if not res[b]:
+            return None
+        if part == "peak_rss_gib":
+            return max(r[rule][part] for r in res[b])
+        if part == "step":
+            return min(r[rule]["weight"] + r[rule]["arch"] for r in res[b])
+        return min(r[rule][part] for r in res[b])
+
+    def cell(b, rule, part):
+        v = best(b, rule, part)
+        if v is None:
+            return fail.get(b, "-")
+        return f"{v:.2f} GiB" if part == "peak_rss_gib" else f"{v * 1e3:.0f}"
+    rows = []
+    for rule in a.rules:
+        for part, label in (("weight", "weight step"), ("arch", "architecture step"),
+                            ("step", "whole step (weight + arch)"),
+                            ("peak_rss_gib", "peak RSS of the process")):
+            for i in isas:
+                b = f"native[{i}]"
+                r, n = best("reference", rule, part), best(b, rule, part)
+                ratio = "-" if not (r and n) else (f"{n / r:.2f}x of ref" if part == "peak_rss_gib"
+                                                   else f"{r / n:.2f}x")
+                rows.append((nt, N, f"search step, {rule}: {label}", i, cell("reference", rule, part),
+                             cell("merged", rule, part) if a.step_merged else "",
+                             cell(b, rule, part), ratio))
+                print(rows[-1], flush=True)
+    return rows
+
+
 def fmt(ts):
     return f"{min(ts) * 1e3:.0f}"
 
@@ -203,6 +266,10 @@ def main(argv=None):
     p.add_argument("--step-rounds", type=int, default=1,
                    help="alternating rounds of fresh processes (reference, native) per step case")
     p.add_argument("--no-step", action="store_true")
+    p.add_argument("--rules", nargs="+", default=list(RULES), choices=RULES,
+                   help="update rules of the search-step rows")
+    p.add_argument("--step-merged", action="store_true",
+                   help="also time the search step on the merged (torch primitives) backend")
     p.add_argument("--only-step", action="store_true", help="skip the primitive and mixed-op rows")
     p.add_argument("--threads", type=int, nargs="+", default=[torch.get_num_threads()],
                    help="torch intra-op thread counts to measure (each a separate table row set)")
@@ -247,28 +314,8 @@ def main(argv=None):
                 rows.append((nt, N, "DLSR mixed op (9 ops) fwd+bwd", i, fmt(r["reference"]),
                              fmt(r["merged"]), fmt(t), f"{min(r['reference']) / min(t):.2f}x"))
                 print(rows[-1], flush=True)
-        if not a.no_step:  # one backend at a time, alternating, each in a fresh process
-            res = {"reference": [], **{f"native[{i}]": [] for i in isas}}
-            mem = {}
-            for _ in range(a.step_rounds):
-                for b in res:
-                    backend, isa = ("reference", "auto") if b == "reference" else ("native", b[7:-1])
-                    t, m = step_isolated(N, C, H, a.step_reps, backend, nt, isa)
-                    if t is not None:
-                        res[b].append(t)
-                    mem[b] = m
-            tr = min(res["reference"]) if res["reference"] else None
-
-            def cell(t, b):
-                m = mem[b]
-                return (f"{t * 1e3:.0f} (peak {m} GiB)" if t is not None else str(m))
-            for i in isas:
-                b = f"native[{i}]"
-                tn = min(res[b]) if res[b] else None
-                rows.append((nt, N, "SuperNet search step (weight step + joint arch step)", i,
-                             cell(tr, "reference"), "", cell(tn, b),
-                             f"{tr / tn:.2f}x" if tr and tn else "-"))
-                print(rows[-1], flush=True)
+        if not a.no_step:
+            rows += step_rows(nt, N, C, H, a, isas)
     lines += ["| threads | batch | what | kernels | reference | merged (torch prims) | native | "
               "reference / native |", "|---|---|---|---|---|---|---|---|"]
     lines += [f"| {t} | {n} | {w} | {i} | {r} | {m or '-'} | {nv} | {x} |"

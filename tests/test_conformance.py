@@ -9,6 +9,7 @@ registry, so one registered later (e.g. 'native') is picked up automatically; a 
 from __future__ import annotations
 
 import copy
+import os
 
 import pytest
 import torch
@@ -286,6 +287,49 @@ def test_supernet_search_steps(name):
     _assert_close(a, ref_a, 1e-8, f"alphas after {_SEARCH_STEPS} Adam steps")
     for i, (gi, ri) in enumerate(zip(g, ref_g)):
         _assert_close(gi, ri, 1e-8, f"weight grad {i} at the last step")
+
+
+def _partial_backward_cases():
+    """Every backend x (arch, weights) x (fp64, fp32); a backend interpreted on the CPU (Triton
+    without a GPU: minutes per whole-net pass) only for the arch step in fp64, marked slow."""
+    interpreted = os.environ.get("TRITON_INTERPRET") == "1"
+    for name in BACKENDS:
+        for part in ("arch", "weights"):
+            for dtype, tol in ((torch.float64, FP64_TOL), (torch.float32, FP32_TOL)):
+                if name == "triton" and interpreted:
+                    if part == "arch" and dtype == torch.float64:
+                        yield pytest.param(name, part, dtype, tol, marks=pytest.mark.slow)
+                    continue
+                yield name, part, dtype, tol
+
+
+@pytest.mark.parametrize("name,part,dtype,tol", list(_partial_backward_cases()))
+def test_supernet_partial_backward(name, part, dtype, tol):
+    """``loss.backward(inputs=...)`` as the search does it: to alpha/beta only (an
+    architecture step: backends skip the op-parameter gradients there) or to the weights only
+    (a weight step): the same gradients as the reference, and none for the other group."""
+    from hdnas.network import SuperNet
+
+    _backend_or_skip(name, DLSR_PRIMITIVES, "cpu", dtype)
+    torch.manual_seed(0)
+    net = SuperNet(C=8, num_cells=3, scale=2, backend="reference").to(dtype)
+    with torch.no_grad():  # alpha/beta away from uniform so every candidate matters
+        for p in net.arch_parameters():
+            p.normal_(0, 1)
+    gen = torch.Generator().manual_seed(2)
+    lr = torch.rand(2, 3, 16, 16, generator=gen, dtype=torch.float64).to(dtype)
+    hr = torch.rand(2, 3, 32, 32, generator=gen, dtype=torch.float64).to(dtype)
+    wanted = net.arch_parameters() if part == "arch" else net.weight_parameters()
+    others = net.weight_parameters() if part == "arch" else net.arch_parameters()
+    grads = {}
+    for b in ("reference", name):
+        net.backend = get_backend(b)
+        net.zero_grad(set_to_none=True)
+        F.l1_loss(net(lr), hr).backward(inputs=wanted)
+        assert all(p.grad is None for p in others), f"{b}: gradients outside inputs="
+        grads[b] = [p.grad.clone() for p in wanted]
+    for i, (g, r) in enumerate(zip(grads[name], grads["reference"])):
+        _assert_close(g, r, tol, f"{part} grad {i}")
 
 
 # --- low precision: error bounds from the unit round-off and the reduction length -------------
