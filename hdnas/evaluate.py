@@ -50,6 +50,7 @@ from hdnas.genotype import Genotype, GenotypeError
 from hdnas.imresize import imresize, matlab_round
 from hdnas.metrics import psnr, quantize, rgb_to_y, ssim
 from hdnas.network import DerivedNet
+from hdnas.ops import DEPTHWISE_MODES
 from hdnas.official import WeightsError, load_weights
 
 __all__ = ["main", "build_parser", "evaluate_set", "self_ensemble", "super_resolve",
@@ -242,6 +243,10 @@ def build_parser() -> argparse.ArgumentParser:
                    help="save bicubic / model / HR crop pictures under OUT/compare")
     p.add_argument("--crop", nargs=3, type=int, metavar=("Y", "X", "SIZE"),
                    help="HR crop for --compare (default: a centred 96 px square)")
+    p.add_argument("--backend", choices=DEPTHWISE_MODES, default="auto",
+                   help="how the network's depthwise convs run: auto (the native kernels on a "
+                        "CPU when they are built, the same numbers up to rounding order), native, "
+                        "or torch (the plain PyTorch modules); default %(default)s")
     p.add_argument("--device", default="cpu")
     p.add_argument("--threads", type=int, default=min(4, os.cpu_count() or 1))
     p.add_argument("--quiet", action="store_true", help="no per-image lines (and no progress "
@@ -277,7 +282,7 @@ def main(argv=None) -> int:
             parser.error(f"the genotype is for x{genotype.scale}; a model scores one scale "
                          f"(asked for {scales})")
         try:
-            model = load_weights(DerivedNet(genotype), args.weights,
+            model = load_weights(DerivedNet(genotype, depthwise=args.backend), args.weights,
                                  trust_pickle=args.trust_pickle).eval().to(args.device)
         except WeightsError as e:
             print(f"error: {e}", file=sys.stderr)
@@ -312,6 +317,11 @@ def main(argv=None) -> int:
                 rows.append({"method": method, **res, "params": cost.get("params", 0),
                              "multi_adds": cost.get("macs", 0)})
     except (BenchmarkError, ImageError) as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    except ValueError as e:  # --backend native where the native kernels cannot serve
+        if "depthwise mode" not in str(e):
+            raise
         print(f"error: {e}", file=sys.stderr)
         return 2
     note = ("PSNR/SSIM on Y (BT.601), shave = scale, SR rounded to 8 bits, MATLAB-style SSIM. "

@@ -39,6 +39,8 @@ class _OpModule(nn.Module):
         return self.native_forward(x)
 
     def _native_serves(self, x) -> bool:
+        if x.device.type == "meta":  # shapes only (e.g. counting Multi-Adds): the plain modules
+            return False
         if self.depthwise == "auto" and (x.device.type != "cpu" or _tracing()
                                          or torch.is_autocast_enabled(x.device.type)):
             return False

@@ -151,3 +151,31 @@ def test_progress_auto_follows_terminal(tmp_path, tiny_set, capsys, monkeypatch)
     assert "Tiny x2: 100%" in capsys.readouterr().err
     assert main(args + ["--quiet"]) == 0
     assert "100%" not in capsys.readouterr().err
+
+
+def test_backend_native_and_torch_score_alike(tmp_path, tiny_set, tiny_weights):
+    """--backend native (depthwise convs on the native kernels) and --backend torch (the plain
+    modules) give the same 8-bit SR images, hence the same scores."""
+    from hdnas.mixed import native
+
+    if not native.available("cpu"):
+        pytest.skip("native CPU kernels unavailable")
+    per = {}
+    for backend in ("torch", "native"):
+        out = tmp_path / backend
+        rc = main(["--genotype", "TINY18", "--weights", str(tiny_weights), "--data", str(tiny_set),
+                   "--out", str(out), "--save-images", "--quiet", "--backend", backend])
+        assert rc == 0
+        per[backend] = list(csv.DictReader(open(out / "per_image.csv")))
+        imgs = sorted((out / "images").rglob("*.png"))
+        per[backend + "_img"] = [np.asarray(Image.open(p)) for p in imgs]
+    assert [r["psnr"] for r in per["torch"]] == [r["psnr"] for r in per["native"]]
+    assert len(per["torch_img"]) == 3
+    for a, b in zip(per["torch_img"], per["native_img"]):
+        assert np.abs(a.astype(int) - b.astype(int)).max() <= 1  # rounding of a half at most
+
+
+def test_backend_choice_is_checked(tiny_set, tiny_weights):
+    with pytest.raises(SystemExit):
+        main(["--genotype", "TINY18", "--weights", str(tiny_weights), "--data", str(tiny_set),
+              "--backend", "fast"])
