@@ -31,7 +31,8 @@ def _aot(*args):
                        text=True, env=env, timeout=3600)
     recs = [json.loads(line) for line in p.stdout.splitlines() if line.startswith("{")]
     if p.returncode == 2:
-        pytest.skip(f"cannot AOT-compile here: {recs[-1].get('error') if recs else p.stderr[-500:]}")
+        why = recs[-1].get("error") if recs else p.stderr[-500:]
+        pytest.skip(f"cannot AOT-compile here: {why}")
     if not recs:
         pytest.fail(f"AOT compiler produced nothing (rc {p.returncode}): {p.stderr[-2000:]}")
     bad = [f"{r['kernel']} {r['dtype']} {r['constexprs']}: "
