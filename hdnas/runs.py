@@ -441,6 +441,18 @@ FIELD_HELP = {  # fields whose name and default do not say enough
     "warmup": "weight-only steps before the architecture updates; unset: --warmup-fraction "
               "of --steps",
     "warmup_fraction": "the warm-up's share of --steps when --warmup is not given",
+    "val_every": "steps between validations (PSNR/SSIM on Y, shave = scale); unset: at every "
+                 "checkpoint; 0: none",
+    "val_dir": "validation images; empty: hold out --val-fraction of the weight-training images",
+    "val_fraction": "share of the weight-training images held out for validation (at least one)",
+    "workers": "DataLoader workers per rank cutting patches from the image cache; unset: 4 with "
+               "CUDA, 0 on a CPU",
+    "cache_dir": "where decoded training images are cached; empty: $HDNAS_CACHE_DIR/data or "
+                 "~/.cache/hdnas/data",
+    "skip_bad_images": "leave unreadable or too small images out with a warning instead of "
+                       "stopping",
+    "debug_sync": "every N steps check that all ranks hold identical parameters (0: never)",
+    "batch": "the global batch; under torchrun each of N ranks takes batch / N",
 }
 
 
