@@ -48,17 +48,29 @@ ST1 = ((3, 5, 7, 3, 5), (1, 1, 1, 2, 2))
 ST2 = ((3, 5, 7), (1, 1, 1))
 
 
+#: "wall" (time.perf_counter) or "cpu" (time.process_time: the CPU seconds of this process, all
+#: its threads: on a machine shared with other jobs, the 1-thread cost without the time spent
+#: waiting for a core). Set by --clock (and passed to the step subprocesses).
+CLOCK = {"wall": time.perf_counter, "cpu": time.process_time}
+_clock = time.perf_counter
+
+
+def set_clock(name: str) -> None:
+    global _clock
+    _clock = CLOCK[name]
+
+
 def timeit(fns: dict, reps: int, warmup: int = 1) -> dict:
-    """Interleaved timing: {name: [seconds]}."""
+    """Interleaved timing: {name: [seconds]} on the clock chosen by ``set_clock``."""
     for _ in range(warmup):
         for f in fns.values():
             f()
     out = {k: [] for k in fns}
     for _ in range(reps):
         for k, f in fns.items():
-            t = time.perf_counter()
+            t = _clock()
             f()
-            out[k].append(time.perf_counter() - t)
+            out[k].append(_clock() - t)
     return out
 
 
@@ -150,7 +162,8 @@ def step_isolated(N, C, H, reps, backend, threads, isa="auto", rules=RULES):
 
     cmd = [sys.executable, os.path.abspath(__file__), "--_step", backend, str(N), str(C), str(H),
            str(reps), str(threads), ",".join(rules)]
-    env = {**os.environ, "HDNAS_NATIVE_ISA": "" if isa == "auto" else isa}
+    env = {**os.environ, "HDNAS_NATIVE_ISA": "" if isa == "auto" else isa,
+           "HDNAS_BENCH_CLOCK": "cpu" if _clock is time.process_time else "wall"}
     r = subprocess.run(cmd, capture_output=True, text=True, env=env)
     if r.returncode != 0:
         return None, f"failed (rc {r.returncode}{', out of memory?' if r.returncode in (-9, 137) else ''})"
@@ -166,6 +179,7 @@ def _step_child(args):
 
     backend, (N, C, H, reps, threads), rules = args[0], map(int, args[1:6]), args[6].split(",")
     torch.set_num_threads(threads)
+    set_clock(os.environ.get("HDNAS_BENCH_CLOCK", "wall"))
     if backend == "native" and not native.available("cpu"):
         raise SystemExit(2)
     res = step_case(N, C, H, reps, backend, rules)
@@ -276,8 +290,12 @@ def main(argv=None):
     p.add_argument("--isa", nargs="+", default=["auto"],
                    help="CPU kernel variants to measure (portable, avx2, avx512, auto), each "
                         "against the reference in the same run")
+    p.add_argument("--clock", choices=CLOCK, default="wall",
+                   help="wall: elapsed time; cpu: CPU time of the process (all threads), "
+                        "for 1-thread runs on a machine shared with other jobs")
     p.add_argument("--out", default=None, help="write the markdown here (appended)")
     a = p.parse_args(argv)
+    set_clock(a.clock)
     if not native.available("cpu"):
         raise SystemExit(f"native kernels unavailable: {native.native_build.error('cpu')}")
     runs = native_build.isa_supported()
@@ -292,7 +310,7 @@ def main(argv=None):
              f"{', '.join(runs)}), {os.cpu_count()} cores, torch {torch.__version__}, "
              f"OMP_WAIT_POLICY={os.environ.get('OMP_WAIT_POLICY')}, C={C}, LR {H}x{H}; "
              f"{time.strftime('%Y-%m-%d %H:%M UTC', time.gmtime())}; load average at start "
-             f"{_load()}; times in ms, best of the interleaved repetitions "
+             f"{_load()}; times in ms ({a.clock} clock), best of the interleaved repetitions "
              f"(reps {a.reps}, search step reps {a.step_reps}, one warm-up each)", ""]
     print(lines[0], flush=True)
     rows = []

@@ -50,10 +50,9 @@ from hdnas.genotype import Genotype, GenotypeError
 from hdnas.imresize import imresize, matlab_round
 from hdnas.metrics import psnr, quantize, rgb_to_y, ssim
 from hdnas.network import DerivedNet
-from hdnas.ops import DEPTHWISE_MODES
 from hdnas.official import WeightsError, load_weights
 
-__all__ = ["main", "build_parser", "evaluate_set", "self_ensemble", "super_resolve",
+__all__ = ["main", "build_parser", "evaluate_set", "self_ensemble", "super_resolve", "prepare_model",
            "bicubic_matlab_y", "write_tables", "compare_picture"]
 
 
@@ -84,11 +83,39 @@ def self_ensemble(model, lr: torch.Tensor) -> torch.Tensor:
     return acc / 8
 
 
+#: --backend: how the derived network runs (the same numbers up to rounding order)
+BACKENDS = {"torch": "stock PyTorch, NCHW", "native": "depthwise convs on the native kernels, NCHW",
+            "channels_last": "stock PyTorch in channels-last (NHWC) memory format",
+            "auto": "channels_last on a CPU (the fastest measured there), else torch"}
+
+
+def prepare_model(model: DerivedNet, backend: str, device) -> DerivedNet:
+    """``model`` set up for inference with ``backend`` (see BACKENDS), on ``device``."""
+    if backend not in BACKENDS:
+        raise ValueError(f"unknown backend {backend!r}; choose one of {sorted(BACKENDS)}")
+    model = model.eval().to(device)
+    if backend == "auto":
+        backend = "channels_last" if torch.device(device).type == "cpu" else "torch"
+    if backend == "channels_last":
+        return model.set_depthwise("torch").to(memory_format=torch.channels_last)
+    return model.set_depthwise(backend).to(memory_format=torch.contiguous_format)
+
+
+def _memory_format(model) -> torch.memory_format:
+    w = next(model.parameters(), None)
+    if w is not None and w.dim() == 4 and not w.is_contiguous() \
+            and w.is_contiguous(memory_format=torch.channels_last):
+        return torch.channels_last
+    return torch.contiguous_format
+
+
 @torch.no_grad()
 def super_resolve(model, lr_uint8: torch.Tensor, ensemble: bool = False,
                   device: str = "cpu") -> torch.Tensor:
-    """uint8 (3, h, w) LR -> float (3, H, W) SR in 0..255 (not yet rounded)."""
+    """uint8 (3, h, w) LR -> float (3, H, W) SR in 0..255 (not yet rounded). The input takes
+    the model's memory format (channels-last after ``prepare_model(..., "channels_last")``)."""
     x = lr_uint8.to(device=device, dtype=torch.float32)[None]
+    x = x.contiguous(memory_format=_memory_format(model))
     y = self_ensemble(model, x) if ensemble else model(x)
     return y[0].float().cpu()
 
@@ -243,10 +270,10 @@ def build_parser() -> argparse.ArgumentParser:
                    help="save bicubic / model / HR crop pictures under OUT/compare")
     p.add_argument("--crop", nargs=3, type=int, metavar=("Y", "X", "SIZE"),
                    help="HR crop for --compare (default: a centred 96 px square)")
-    p.add_argument("--backend", choices=DEPTHWISE_MODES, default="auto",
-                   help="how the network's depthwise convs run: auto (the native kernels on a "
-                        "CPU when they are built, the same numbers up to rounding order), native, "
-                        "or torch (the plain PyTorch modules); default %(default)s")
+    p.add_argument("--backend", choices=sorted(BACKENDS), default="auto",
+                   help="how the network runs, the same numbers up to rounding order: "
+                        + "; ".join(f"{k}: {v}" for k, v in BACKENDS.items())
+                        + " (default %(default)s)")
     p.add_argument("--device", default="cpu")
     p.add_argument("--threads", type=int, default=min(4, os.cpu_count() or 1))
     p.add_argument("--quiet", action="store_true", help="no per-image lines (and no progress "
@@ -282,8 +309,9 @@ def main(argv=None) -> int:
             parser.error(f"the genotype is for x{genotype.scale}; a model scores one scale "
                          f"(asked for {scales})")
         try:
-            model = load_weights(DerivedNet(genotype, depthwise=args.backend), args.weights,
-                                 trust_pickle=args.trust_pickle).eval().to(args.device)
+            model = prepare_model(load_weights(DerivedNet(genotype), args.weights,
+                                               trust_pickle=args.trust_pickle),
+                                  args.backend, args.device)
         except WeightsError as e:
             print(f"error: {e}", file=sys.stderr)
             return 2

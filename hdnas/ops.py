@@ -42,8 +42,9 @@ class _OpModule(nn.Module):
         if x.device.type == "meta":  # shapes only (e.g. counting Multi-Adds): the plain modules
             return False
         if self.depthwise == "auto" and (x.device.type != "cpu" or _tracing()
-                                         or torch.is_autocast_enabled(x.device.type)):
-            return False
+                                         or torch.is_autocast_enabled(x.device.type)
+                                         or not x.is_contiguous()):
+            return False  # (channels_last: oneDNN's NHWC depthwise convs, no layout copies)
         from hdnas.mixed import native  # lazy: hdnas.mixed imports this module
         why = None
         for conv in self.depthwise_convs():

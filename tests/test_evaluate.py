@@ -153,26 +153,43 @@ def test_progress_auto_follows_terminal(tmp_path, tiny_set, capsys, monkeypatch)
     assert "100%" not in capsys.readouterr().err
 
 
-def test_backend_native_and_torch_score_alike(tmp_path, tiny_set, tiny_weights):
-    """--backend native (depthwise convs on the native kernels) and --backend torch (the plain
-    modules) give the same 8-bit SR images, hence the same scores."""
+@pytest.mark.parametrize("backend", ["native", "channels_last", "auto"])
+def test_backends_score_alike(tmp_path, tiny_set, tiny_weights, backend):
+    """--backend native (depthwise convs on the native kernels), channels_last and auto give
+    the 8-bit SR images of --backend torch (the plain modules, NCHW) up to a rounding step."""
     from hdnas.mixed import native
 
-    if not native.available("cpu"):
+    if backend == "native" and not native.available("cpu"):
         pytest.skip("native CPU kernels unavailable")
     per = {}
-    for backend in ("torch", "native"):
-        out = tmp_path / backend
-        rc = main(["--genotype", "TINY18", "--weights", str(tiny_weights), "--data", str(tiny_set),
-                   "--out", str(out), "--save-images", "--quiet", "--backend", backend])
-        assert rc == 0
-        per[backend] = list(csv.DictReader(open(out / "per_image.csv")))
-        imgs = sorted((out / "images").rglob("*.png"))
-        per[backend + "_img"] = [np.asarray(Image.open(p)) for p in imgs]
-    assert [r["psnr"] for r in per["torch"]] == [r["psnr"] for r in per["native"]]
-    assert len(per["torch_img"]) == 3
-    for a, b in zip(per["torch_img"], per["native_img"]):
+    for b in ("torch", backend):
+        per[b] = _run_backend(tmp_path / b, tiny_set, tiny_weights, b)
+    (p0, i0), (p1, i1) = per["torch"], per[backend]
+    assert len(i0) == 3
+    for a, b in zip(i0, i1):
         assert np.abs(a.astype(int) - b.astype(int)).max() <= 1  # rounding of a half at most
+    assert [float(r["psnr"]) for r in p0] == pytest.approx([float(r["psnr"]) for r in p1], abs=0.01)
+
+
+def test_prepare_model_memory_format():
+    from hdnas.evaluate import prepare_model
+
+    net = prepare_model(DerivedNet(TINY18), "channels_last", "cpu")
+    assert net.fea_conv.weight.is_contiguous(memory_format=torch.channels_last)
+    assert all(getattr(m, "depthwise", "torch") == "torch" for m in net.modules())
+    net = prepare_model(net, "native", "cpu")
+    assert net.fea_conv.weight.is_contiguous() and net.B1.c2_r.depthwise == "native"
+    with pytest.raises(ValueError, match="unknown backend"):
+        prepare_model(net, "fast", "cpu")
+
+
+def _run_backend(out, tiny_set, tiny_weights, backend):
+    rc = main(["--genotype", "TINY18", "--weights", str(tiny_weights), "--data", str(tiny_set),
+               "--out", str(out), "--save-images", "--quiet", "--backend", backend])
+    assert rc == 0
+    imgs = sorted((out / "images").rglob("*.png"))
+    return (list(csv.DictReader(open(out / "per_image.csv"))),
+            [np.asarray(Image.open(p)) for p in imgs])
 
 
 def test_backend_choice_is_checked(tiny_set, tiny_weights):

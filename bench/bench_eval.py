@@ -1,0 +1,109 @@
+"""CPU benchmark: evaluation (inference) of a derived network with its depthwise convs on the
+native kernels (``DerivedNet.set_depthwise("native")``) against stock PyTorch ("torch").
+
+    OMP_WAIT_POLICY=PASSIVE python bench/bench_eval.py --threads 1 2 --out bench/results/cpu_step.md
+
+The network is the released beta21 architecture at x2 (randomly initialised: the timing does not
+depend on the weights). Inputs: one 256x256 LR image and the first ``--images`` LR images of
+each of ../shared/data/Set5 and Set14 (skipped if missing). Both modes run in the same process,
+interleaved, best of ``--reps`` after one warm-up, under ``torch.no_grad`` as hdnas.evaluate does.
+"Equal numbers" is checked on every input: the largest difference of the SR outputs (0..255
+scale) and the share of 8-bit pixels that differ after rounding.
+"""
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+import time
+from pathlib import Path
+
+os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
+
+import torch  # noqa: E402
+
+sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."))
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+
+from bench_native import CLOCK, _cpu_name, _load, _vector_isa  # noqa: E402
+from hdnas import native_build  # noqa: E402
+from hdnas.genotype import BETA21  # noqa: E402
+from hdnas.mixed import native  # noqa: E402
+from hdnas.network import DerivedNet  # noqa: E402
+
+SHARED = Path(__file__).resolve().parents[2] / "shared" / "data"
+
+
+def inputs(n_images: int):
+    from hdnas.data.io import load_rgb
+
+    torch.manual_seed(0)
+    # a smooth-ish random 256x256 image (8x8 blocks), 0..255 like an 8-bit LR image
+    base = torch.rand(1, 3, 32, 32) * 255
+    out = [("random 256x256", torch.nn.functional.interpolate(base, size=(256, 256),
+                                                              mode="bilinear"))]
+    for s in ("Set5", "Set14"):
+        files = sorted((SHARED / s).glob("*_LR.png"))[:n_images]
+        for f in files:
+            lr = load_rgb(f, as_tensor=True, gray="replicate").float()[None]
+            out.append((f"{s} {f.name.split('_SRF')[0]} {lr.shape[-1]}x{lr.shape[-2]}", lr))
+    return out
+
+
+def main(argv=None):
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p.add_argument("--threads", type=int, nargs="+", default=[torch.get_num_threads()])
+    p.add_argument("--reps", type=int, default=5)
+    p.add_argument("--images", type=int, default=2, help="LR images per set")
+    p.add_argument("--clock", choices=CLOCK, default="wall",
+                   help="wall: elapsed time; cpu: CPU time of the process (1-thread runs on a "
+                        "shared machine)")
+    p.add_argument("--out", default=None, help="append the markdown here")
+    a = p.parse_args(argv)
+    clock = CLOCK[a.clock]
+    if not native.available("cpu"):
+        raise SystemExit(f"native kernels unavailable: {native_build.error('cpu')}")
+    net = DerivedNet(BETA21).eval()
+    head = (f"machine: {_cpu_name()} (vector ISA {_vector_isa()}; kernel variant "
+            f"{native_build.isa()}), {os.cpu_count()} cores, torch {torch.__version__}; "
+            f"{time.strftime('%Y-%m-%d %H:%M UTC', time.gmtime())}; load average at start "
+            f"{_load()}; beta21 x2 (C=48), batch 1, ms ({a.clock} clock), best of {a.reps} "
+            "interleaved reps")
+    print(head, flush=True)
+    rows = []
+    totals = {}
+    for nt in a.threads:
+        torch.set_num_threads(nt)
+        for name, x in inputs(a.images):
+            res, ys = {"torch": [], "native": []}, {}
+            with torch.no_grad():
+                for rep in range(a.reps + 1):
+                    for mode in res:
+                        net.set_depthwise(mode)
+                        t = clock()
+                        ys[mode] = net(x)
+                        if rep:
+                            res[mode].append(clock() - t)
+            diff = (ys["torch"] - ys["native"]).abs().max().item()
+            q = [y.clamp(0, 255).round() for y in ys.values()]
+            frac = (q[0] != q[1]).float().mean().item()
+            tt, tn = min(res["torch"]), min(res["native"])
+            for m, t in (("torch", tt), ("native", tn)):
+                totals[(nt, m)] = totals.get((nt, m), 0.0) + t
+            rows.append(f"| {nt} | {name} | {tt * 1e3:.0f} | {tn * 1e3:.0f} | {tt / tn:.2f}x | "
+                        f"{diff:.2g} | {100 * frac:.4f} % |")
+            print(rows[-1], flush=True)
+        tt, tn = totals[(nt, "torch")], totals[(nt, "native")]
+        rows.append(f"| {nt} | **all of the above** | {tt * 1e3:.0f} | {tn * 1e3:.0f} | "
+                    f"**{tt / tn:.2f}x** | | |")
+    md = "\n".join([head, "", "| threads | input (LR) | torch | native depthwise | torch / native | "
+                    "max abs diff (0..255) | 8-bit pixels that differ |", "|---|---|---|---|---|---|---|",
+                    *rows, "", f"load average at end {_load()}", ""])
+    print(md)
+    if a.out:
+        with open(a.out, "a") as f:
+            f.write(md + "\n")
+
+
+if __name__ == "__main__":
+    main()
