@@ -1,5 +1,6 @@
-"""CPU benchmark: evaluation (inference) of a derived network with its depthwise convs on the
-native kernels (``DerivedNet.set_depthwise("native")``) against stock PyTorch ("torch").
+"""CPU benchmark: evaluation (inference) of a derived network, stock PyTorch ("torch", NCHW)
+against its depthwise convs on the native kernels (``DerivedNet.set_depthwise("native")``) and
+against stock PyTorch in channels-last memory format (hdnas.evaluate's --backend choices).
 
     OMP_WAIT_POLICY=PASSIVE python bench/bench_eval.py --threads 1 2 --out bench/results/cpu_step.md
 
@@ -13,6 +14,7 @@ scale) and the share of 8-bit pixels that differ after rounding.
 from __future__ import annotations
 
 import argparse
+import copy
 import os
 import sys
 import time
@@ -70,34 +72,45 @@ def main(argv=None):
             f"{_load()}; beta21 x2 (C=48), batch 1, ms ({a.clock} clock), best of {a.reps} "
             "interleaved reps")
     print(head, flush=True)
-    rows = []
-    totals = {}
+    netcl = copy.deepcopy(net).set_depthwise("torch").to(memory_format=torch.channels_last)
+    modes = {  # name: (network, depthwise mode, input memory format)
+        "torch": (net, "torch", torch.contiguous_format),
+        "native": (net, "native", torch.contiguous_format),
+        "channels_last": (netcl, "torch", torch.channels_last)}
+    rows, totals = [], {}
     for nt in a.threads:
         torch.set_num_threads(nt)
         for name, x in inputs(a.images):
-            res, ys = {"torch": [], "native": []}, {}
+            res, ys = {m: [] for m in modes}, {}
             with torch.no_grad():
                 for rep in range(a.reps + 1):
-                    for mode in res:
-                        net.set_depthwise(mode)
+                    for mode, (m, dw, fmt) in modes.items():
+                        m.set_depthwise(dw)
+                        xi = x.contiguous(memory_format=fmt)
                         t = clock()
-                        ys[mode] = net(x)
+                        ys[mode] = m(xi)
                         if rep:
                             res[mode].append(clock() - t)
-            diff = (ys["torch"] - ys["native"]).abs().max().item()
-            q = [y.clamp(0, 255).round() for y in ys.values()]
-            frac = (q[0] != q[1]).float().mean().item()
-            tt, tn = min(res["torch"]), min(res["native"])
-            for m, t in (("torch", tt), ("native", tn)):
+            best = {m: min(v) for m, v in res.items()}
+            for m, t in best.items():
                 totals[(nt, m)] = totals.get((nt, m), 0.0) + t
-            rows.append(f"| {nt} | {name} | {tt * 1e3:.0f} | {tn * 1e3:.0f} | {tt / tn:.2f}x | "
-                        f"{diff:.2g} | {100 * frac:.4f} % |")
+            cells = []
+            for m in ("native", "channels_last"):
+                diff = (ys["torch"] - ys[m]).abs().max().item()
+                q0, q1 = (y.clamp(0, 255).round() for y in (ys["torch"], ys[m]))
+                cells.append(f"{best['torch'] / best[m]:.2f}x ({diff:.2g}, "
+                             f"{100 * (q0 != q1).float().mean().item():.3f} %)")
+            rows.append(f"| {nt} | {name} | {best['torch'] * 1e3:.0f} | {best['native'] * 1e3:.0f} | "
+                        f"{best['channels_last'] * 1e3:.0f} | {' | '.join(cells)} |")
             print(rows[-1], flush=True)
-        tt, tn = totals[(nt, "torch")], totals[(nt, "native")]
-        rows.append(f"| {nt} | **all of the above** | {tt * 1e3:.0f} | {tn * 1e3:.0f} | "
-                    f"**{tt / tn:.2f}x** | | |")
-    md = "\n".join([head, "", "| threads | input (LR) | torch | native depthwise | torch / native | "
-                    "max abs diff (0..255) | 8-bit pixels that differ |", "|---|---|---|---|---|---|---|",
+        tt = totals[(nt, "torch")]
+        rows.append(f"| {nt} | **all of the above** | {tt * 1e3:.0f} | "
+                    f"{totals[(nt, 'native')] * 1e3:.0f} | {totals[(nt, 'channels_last')] * 1e3:.0f} | "
+                    f"**{tt / totals[(nt, 'native')]:.2f}x** | "
+                    f"**{tt / totals[(nt, 'channels_last')]:.2f}x** |")
+    md = "\n".join([head, "", "| threads | input (LR) | torch (NCHW) | native depthwise (NCHW) | "
+                    "torch channels_last | torch / native (max abs diff on 0..255, 8-bit pixels "
+                    "that differ) | torch / channels_last (same) |", "|---|---|---|---|---|---|---|",
                     *rows, "", f"load average at end {_load()}", ""])
     print(md)
     if a.out:
