@@ -65,7 +65,7 @@ from bench.gpu_time import Budget
 
 RESULTS = Path(__file__).resolve().parent / "results"
 STATUS_BAD = ("FAIL", "ERROR")
-SECTIONS = ("checks", "sanitize", "time", "sweeps")
+SECTIONS = ("checks", "sanitize", "time", "sweeps", "aot")
 
 #: optional case providers: (module, the package it needs)
 PROVIDERS = [("bench.gpu_darts", "hdnas.darts")]
@@ -680,6 +680,31 @@ def projection(plan, report) -> None:
 # ---------------------------------------------------------------------------------------------
 # summary and main
 
+def run_aot(plan, report) -> None:
+    """The whole Triton compile matrix (``python -m hdnas.kernels.aot --all``) for this GPU's
+    architecture: CI compiles only a rotating part of it. A search config that fails to compile
+    or spills is a FAIL; the resource table is written beside the results."""
+    arch = 90
+    if plan.device == "cuda" and torch.cuda.is_available():
+        major, minor = torch.cuda.get_device_capability()
+        arch = 10 * major + minor
+    table = report.json_path.with_name(report.json_path.stem + f"-triton_sm{arch}.md")
+    cmd = [sys.executable, "-m", "hdnas.kernels.aot", "--all", "--arch", str(arch),
+           "--table", str(table)]
+    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
+    t0 = time.perf_counter()
+    r = subprocess.run(cmd, capture_output=True, text=True, timeout=900, env=env,
+                       cwd=str(Path(__file__).resolve().parent.parent))
+    status = {0: "PASS", 2: "SKIP"}.get(r.returncode, "FAIL")
+    tail = (r.stderr or r.stdout).strip()
+    report.data["sanitize"].append({
+        "case": "triton AOT (every config, fp64 included)", "kernels": f"sm_{arch}", "tool": "aot",
+        "command": cmd, "status": status, "rc": r.returncode,
+        "summary": tail.splitlines()[-1] if tail else f"exit status {r.returncode}",
+        "tail": tail[-3000:], "seconds": round(time.perf_counter() - t0, 1)})
+    print(f"[{status}] triton AOT sm_{arch}: {table}", flush=True)
+
+
 def summary(report) -> list[str]:
     d = report.data
     rows = []
@@ -722,8 +747,9 @@ def main(argv=None, extra_backends=None) -> int:
                     help="the logic on the CPU: tiny shapes, the CPU backends, no timing meaning")
     ap.add_argument("--out", default=str(RESULTS), help="folder for the JSON and Markdown results")
     ap.add_argument("--backends", default="", help="comma list (default: every registered one)")
-    ap.add_argument("--sections", default="checks,sanitize,time,sweeps",
-                    help="comma list of checks, sanitize, time, sweeps")
+    ap.add_argument("--sections", default=None,
+                    help="comma list of checks, sanitize, time, sweeps, aot (default: all; "
+                         "--quick and --dry-run leave out aot)")
     ap.add_argument("--cases", default="",
                     help="comma list of substrings: only the check and timed cases whose name "
                          "holds one (default: all)")
@@ -742,6 +768,9 @@ def main(argv=None, extra_backends=None) -> int:
         print(f"error: this torch ({torch.__version__}) sees no CUDA device; `python -m bench.gpu "
               "--dry-run` runs the logic on the CPU", file=sys.stderr)
         return 2
+    if args.sections is None:
+        args.sections = ",".join(s for s in SECTIONS
+                                 if s != "aot" or not (args.quick or args.dry_run))
     given = {s.strip() for s in args.sections.split(",") if s.strip()}
     sections = [s for s in SECTIONS if s in given]  # always in this order
     bad = given - set(SECTIONS)
@@ -796,6 +825,8 @@ def main(argv=None, extra_backends=None) -> int:
                     run_time(plan, backends, cases, report, deadline, failed)
                 elif name == "sweeps":
                     run_sweeps(plan, backends, report, deadline, failed)
+                elif name == "aot":
+                    run_aot(plan, report)
                 report.section(name, "done", time.perf_counter() - t0)
             except KeyboardInterrupt:
                 report.section(name, "interrupted", time.perf_counter() - t0, traceback.format_exc())
