@@ -61,6 +61,9 @@ class SearchConfig(RunOptions):
     penalty: float = 1.0
     budget: float | None = None
     budget_kind: str = "params"
+    penalty_kind: str = "complexity"  # or "latency" (a table from python -m hdnas.latency)
+    latency_table: str = ""
+    budget_ms: float | None = None
     backend: str = "reference"  # a backend name, or "fused"
     device: str = "auto"
     amp: str = "off"  # off, bf16 or fp16
@@ -98,6 +101,14 @@ class SearchConfig(RunOptions):
         self.validate_run_options()
         if self.budget_kind not in ("params", "macs"):
             raise ValueError("--budget-kind must be 'params' or 'macs'")
+        if self.penalty_kind not in ("complexity", "latency"):
+            raise ValueError(f"--penalty-kind must be 'complexity' or 'latency', got "
+                             f"{self.penalty_kind!r}")
+        if self.penalty_kind == "latency" and not self.latency_table:
+            raise ValueError("--penalty-kind latency needs --latency-table T.json (measure one "
+                             "with python -m hdnas.latency)")
+        if self.penalty_kind != "latency" and (self.latency_table or self.budget_ms is not None):
+            raise ValueError("--latency-table and --budget-ms need --penalty-kind latency")
 
     def warmup_steps(self) -> int:
         """The number of weight-only steps: ``warmup``, or when it is unset (None)
@@ -180,6 +191,10 @@ class Search(Loop):
 
     def _penalty(self):
         cfg = self.cfg
+        if cfg.penalty_kind == "latency":
+            from hdnas.losses import LatencyPenalty
+            return LatencyPenalty(cfg.latency_table, cfg.ops, cfg.penalty, cfg.budget_ms,
+                                  cfg.channels)
         fixed, pixels = 0.0, 1.0
         if cfg.budget is not None:
             from hdnas.budget import fixed_cost
@@ -209,7 +224,10 @@ class Search(Loop):
     def save(self) -> None:
         super().save()
         if self.dist.is_main:
+            from hdnas import weights_io
             self.model.genotype(name=self.run_dir.name).save(self.run_dir / "genotype.json")
+            # the supernet's weights (no genotype: they do not fit the derived network)
+            weights_io.save_weights(self.model, None, self.run_dir / "supernet.safetensors")
 
     def on_validation(self, val: dict) -> None:
         """Record the genotype derived at each validation (genotypes.jsonl, one JSON per line)."""
@@ -240,7 +258,11 @@ class Search(Loop):
             amp += " for the weight steps (darts2's architecture step runs in fp32)"
         val = (f" / {len(self.val_data[1])} validation (every {self.val_every} steps)"
                if self.val_data else "")
-        return (f"backend {self.backend.name} on {self.device}{amp}; {len(self.train_data)} "
+        kern = ""
+        if self.backend.name == "native" and self.device.type == "cpu":
+            from hdnas import native_build
+            kern = f" (CPU kernels {native_build.isa()})"
+        return (f"backend {self.backend.name}{kern} on {self.device}{amp}; {len(self.train_data)} "
                 f"train / {len(self.arch_data)} arch{val} images; supernet "
                 f"{sum(p.numel() for p in self.model.weight_parameters())} weights; "
                 f"architecture updates from step {self.warmup + 1}, warm-up {self.warmup} of "

@@ -17,7 +17,7 @@ from pathlib import Path
 
 import torch
 
-from hdnas import checkpoint
+from hdnas import checkpoint, weights_io
 from hdnas.data.train import DEFAULT_DIR, PatchSampler
 from hdnas.genotype import Genotype
 from hdnas.losses import SRLoss
@@ -144,6 +144,14 @@ class Train(Loop):
         checkpoint.save_atomic({"model": self.model.state_dict(), "genotype": self.genotype.to_dict(),
                                 "step": self.step, "val_psnr": self.best_val["psnr"],
                                 "val_ssim": self.best_val["ssim"]}, self.run_dir / "best.pt")
+        weights_io.save_weights(self.model, self.genotype, self.run_dir / "best.safetensors")
+
+    def save(self) -> None:
+        """The checkpoint, and the weights with their genotype as ``model.safetensors`` (what
+        ``hdnas.evaluate``, ``hdnas.upscale`` and ``hdnas.export`` read without a genotype flag)."""
+        super().save()
+        if self.dist.is_main:
+            weights_io.save_weights(self.model, self.genotype, self.run_dir / "model.safetensors")
 
     def result(self):
         return self.run_dir / "checkpoint.pt"

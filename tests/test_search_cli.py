@@ -43,6 +43,9 @@ def test_few_steps_on_embedded_data(tmp_path, capsys):
     cfg = json.loads((out / "config.json").read_text())
     assert cfg["resolved"]["rule"] == "darts1" and cfg["given"]["steps"] == 4
     assert "backend reference" in (out / "log.txt").read_text()
+    from hdnas.official import read_state_dict
+    sd = read_state_dict(out / "supernet.safetensors")  # the supernet's weights, alphas included
+    assert torch.equal(sd["alphas"], checkpoint.load(out / "checkpoint.pt")["model"]["alphas"])
     # a finished run refuses to be overwritten
     with pytest.raises(SystemExit, match="already holds a run"):
         main(TINY + ["--out", str(out)])
@@ -285,6 +288,13 @@ def test_retrain_and_resume(tmp_path, capsys):
     assert state["step"] == 3 and Genotype.load(out / "genotype.json").channels == 18
     assert len((out / "history.csv").read_text().splitlines()) == 4
     assert train_main(["--resume", str(out), "--quiet"]) == 0
+    # model.safetensors carries the weights and the genotype: what evaluate/upscale/export read
+    from hdnas.weights_io import read_genotype
+    from hdnas.official import read_state_dict
+    sd = read_state_dict(out / "model.safetensors")
+    last = checkpoint.load(out / "checkpoint.pt")["model"]
+    assert sd.keys() == last.keys() and all(torch.equal(sd[k], last[k]) for k in sd)
+    assert read_genotype(out / "model.safetensors").channels == 18
     assert train_main(["--genotype", str(tmp_path / "none.json"), "--out", str(tmp_path / "u")]) == 2
     assert "does not exist" in capsys.readouterr().err
     assert train_main(["--amp", "half", "--out", str(tmp_path / "v")]) == 2
@@ -312,3 +322,26 @@ def test_amp_refuses_an_autocast_torch_would_silently_disable(monkeypatch):
     with pytest.raises(ValueError, match="cannot autocast to torch.float16 on cpu"):
         Amp("fp16", torch.device("cpu"))
     Amp("off", torch.device("cpu"))  # no autocast, nothing to check
+
+
+def test_latency_penalty_from_a_measured_table(tmp_path, capsys):
+    """--penalty-kind latency reads a table of hdnas.latency and the search runs with it; a
+    table for other channels, or a missing table, is a clear error."""
+    from hdnas.latency import main as latency_main
+    table = tmp_path / "lat.json"
+    assert latency_main(["--channels", "8", "--size", "24x20", "--cells", "3", "--ops", *OPS,
+                         "--warmup", "0", "--repeats", "1", "--out", str(table)]) == 0
+    out = tmp_path / "run"
+    args = TINY + ["--steps", "2", "--warmup", "0", "--penalty-kind", "latency",
+                   "--latency-table", str(table)]
+    assert main(args + ["--out", str(out), "--budget-ms", "1e-6"]) == 0
+    pen = [float(r.split(",")[4]) for r in (out / "history.csv").read_text().splitlines()[1:]]
+    assert pen and all(p > 0 for p in pen)  # far over a 1 ns budget: the hinge is active
+    capsys.readouterr()
+    assert main(TINY + ["--out", str(tmp_path / "x"), "--penalty-kind", "latency"]) == 2
+    assert "--latency-table" in capsys.readouterr().err
+    wrong = TINY[:]
+    wrong[1] = "16"  # channels 16 against a table measured at 8
+    assert main(wrong + ["--out", str(tmp_path / "y"), "--penalty-kind", "latency",
+                         "--latency-table", str(table)]) == 2
+    assert "channels" in capsys.readouterr().err
