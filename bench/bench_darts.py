@@ -10,6 +10,8 @@ the device; ``recompute`` on and off). Shapes default to DARTS' search: batch 64
 
 * ``sec``: median seconds per iteration (mixed op: forward + backward; step: one first-order DARTS
   search step = architecture step on a validation batch + weight step), after one warm-up;
+  ``user_sec`` / ``sys_sec``: the process's CPU time per iteration (less sensitive than wall time
+  to other jobs on a shared machine; sys is mostly page faults of fresh allocations);
 * ``peak_rss_mb``: the process's peak resident set (``ru_maxrss``), ``delta_mb``: that minus the
   resident set just before the timed iterations (model, data and libraries already loaded);
   on CUDA the peak allocated GPU memory instead;
@@ -102,14 +104,19 @@ def child(cfg: dict) -> dict:
         torch.cuda.reset_peak_memory_stats()
     base = _rss_mb()
     times = []
-    for _ in range(cfg["iters"] + 1):
+    for i in range(cfg["iters"] + 1):
+        if i == 1:
+            ru0 = resource.getrusage(resource.RUSAGE_SELF)
         _sync(device)
         t0 = time.perf_counter()
         run()
         _sync(device)
         times.append(time.perf_counter() - t0)
+    ru1 = resource.getrusage(resource.RUSAGE_SELF)
     peak = _peak_mb(device)
+    n = cfg["iters"]
     res.update(sec=statistics.median(times[1:]), peak_rss_mb=peak,
+               user_sec=(ru1.ru_utime - ru0.ru_utime) / n, sys_sec=(ru1.ru_stime - ru0.ru_stime) / n,
                delta_mb=peak - (0 if device.type == "cuda" else base))
     return res
 
@@ -185,20 +192,21 @@ def write_markdown(path, rows, info, a):
              f"{', '.join(f'{x:.2f}' for x in info['load'])} at the end",
              "", f"batch {a.batch}, C {a.C}, {a.size}x{a.size}, step: {a.layers} cells, first "
              f"order; median of {a.iters} iterations after 1 warm-up; fresh process each.", "",
-             "| what | stride | backend | recompute | sec | x ref speed | peak RSS MB | delta MB "
-             "| ref delta / delta | saved MB |",
-             "|---|---|---|---|---|---|---|---|---|---|"]
+             "| what | stride | backend | recompute | sec | x ref speed | user+sys sec | peak RSS MB "
+             "| delta MB | ref delta / delta | saved MB |",
+             "|---|---|---|---|---|---|---|---|---|---|---|"]
     for r in rows:
         if "sec" not in r:
             lines.append(f"| {r['what']} | {r['stride'] or ''} | {r['backend']} | {r['recompute']} "
-                         f"| error: {r['error']} | | | | | |")
+                         f"| error: {r['error']} | | | | | | |")
             continue
         ref = ref_of(r)
         sp = f"{ref['sec'] / r['sec']:.2f}" if ref else ""
         mem = f"{ref['delta_mb'] / r['delta_mb']:.2f}" if ref and r["delta_mb"] > 0 else ""
         saved = f"{r['saved_mb']:.1f}" if "saved_mb" in r else ""
+        cpu = (f"{r['user_sec']:.2f}+{r['sys_sec']:.2f}" if "user_sec" in r else "")
         lines.append(f"| {r['what']} | {r['stride'] or ''} | {r['backend']} | "
-                     f"{'' if r['recompute'] is None else r['recompute']} | {r['sec']:.3f} | {sp} | "
+                     f"{'' if r['recompute'] is None else r['recompute']} | {r['sec']:.3f} | {sp} | {cpu} | "
                      f"{r['peak_rss_mb']:.0f} | {r['delta_mb']:.0f} | {mem} | {saved} |")
     with open(path, "a") as f:
         f.write("\n".join(lines) + "\n")
