@@ -50,15 +50,25 @@ def _conv_hook(counter: dict):
 
 
 def _count_macs(model: nn.Module, x: torch.Tensor) -> int:
+    """Multi-Adds by hooks on every conv/linear layer of one forward. The ops run their plain
+    ``nn.Conv2d`` modules meanwhile (``hdnas.ops`` depthwise mode "torch"): the native
+    depthwise path computes the same convs without calling the hooked modules."""
+    from hdnas.ops import _OpModule
+
     counter = {"macs": 0, "layers": 0}
+    modes = [(m, m.depthwise) for m in model.modules() if isinstance(m, _OpModule)]
     handles = [m.register_forward_hook(_conv_hook(counter)) for m in model.modules()
                if isinstance(m, (nn.Conv2d, nn.ConvTranspose2d, nn.Linear))]
     try:
+        for m, _ in modes:
+            m.depthwise = "torch"
         with torch.no_grad():
             model(x)
     finally:
         for h in handles:
             h.remove()
+        for m, mode in modes:
+            m.depthwise = mode
     return counter["macs"]
 
 
