@@ -76,6 +76,16 @@ def test_dry_run_all_sections(tmp_path, capsys):
     assert out.index("PASS") < out.index("== timing")
     assert out.rindex("== summary ==") > out.index("== sweeps")
     assert "| native |" in out.split("== summary ==")[1]
+    # the DARTS provider (bench/gpu_darts.py): swapped op vs plain loop, checked then timed
+    darts = [r for r in checks if r["case"].startswith("DARTS")]
+    assert {(r["case"], r["backend"], r["mode"]) for r in darts} == {
+        (c, b, m) for c in ("DARTS op s1", "DARTS op s2") for b in ("merged", "native")
+        for m in ("fp64", "fp32")} | {("DARTS net", b, "fp64") for b in ("merged", "native")}
+    dt = [r for r in ok if r["case"].startswith("DARTS")]
+    assert {(r["case"].split(" (")[0], r["backend"]) for r in dt} == {
+        (c, b) for c in ("DARTS step", "DARTS op s1 fwd+bwd", "DARTS op s2 fwd+bwd")
+        for b in ("reference", "merged", "native")}
+    assert "| DARTS step (C4, 3 cells of 2 nodes, 8x8) |" in md
 
 
 def _broken():
@@ -106,6 +116,42 @@ def test_broken_backend_fails_and_is_not_timed(tmp_path, capsys):
     timed = {r["backend"] for r in data["time"]}
     assert timed == {"reference"} and data["time"]
     assert "broken: not timed (a check failed)" in data["notes"]
+
+
+class _AlwaysFirst:
+    """A ``_RunState`` that never leaves its first run: the recomputation in backward updates
+    the BN running statistics a second time (outputs and gradients stay right)."""
+    first = property(lambda self: True, lambda self, value: None)
+
+
+@pytest.mark.parametrize("breakage", ["pointwise", "bn_twice"])
+def test_broken_darts_path_fails(tmp_path, capsys, monkeypatch, breakage):
+    """The DARTS checks see a 0.1% error in the swapped op's pointwise convs, and a second
+    update of the BN running statistics (only the buffers differ), in fp64 and fp32, for every
+    DARTS backend; a backend DARTS has no name for is an ERROR that says so."""
+    _native_or_skip()
+    import hdnas.darts.mixed as dm
+    if breakage == "pointwise":
+        orig = dm._grouped_pw
+        monkeypatch.setattr(dm, "_grouped_pw", lambda z, w: orig(z, w) * 1.001)
+    else:
+        monkeypatch.setattr(dm, "_RunState", _AlwaysFirst)
+    rc = gpu.main(["--dry-run", "--out", str(tmp_path), "--sections", "checks",
+                   "--cases", "DARTS op"], extra_backends=[_broken()])
+    out = capsys.readouterr().out
+    assert rc == 1
+    rows = json.loads(_one(tmp_path, ".json").read_text())["checks"]
+    darts = [r for r in rows if r["backend"] in ("merged", "native")]
+    assert {(r["case"], r["mode"]) for r in darts} == {
+        (c, m) for c in ("DARTS op s1", "DARTS op s2") for m in ("fp64", "fp32")}
+    assert len(darts) == 8 and all(r["status"] == "FAIL" for r in darts), darts
+    if breakage == "bn_twice":  # fp64 names the tensor: a BN buffer (outputs 1..), not y (out0)
+        worst = {r["worst"] for r in darts if r["mode"] == "fp64"}
+        assert worst and all(w.startswith("out") and w != "out0" for w in worst), worst
+    other = [r for r in rows if r["backend"] == "broken"]
+    assert other and all(r["status"] == "ERROR" and "no DARTS counterpart" in r["reason"]
+                         for r in other)
+    assert "FAIL  merged     DARTS op s1" in out
 
 
 def test_check_bound_ratio():
