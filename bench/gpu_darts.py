@@ -11,12 +11,13 @@ Checks (bench/gpu_check.py rules for level 'net', fp64 and fp32 with TF32 off; s
 weighting; the truth is the plain loop in fp64 on the same rounded values):
 
 * ``DARTS op s1``, ``DARTS op s2``: one mixed op of the 8 DARTS candidates at stride 1 and 2
-  (the check shape of the plan, made even at stride 2 as DARTS' FactorizedReduce needs; BN statistics set to non-trivial values first), forward and
-  backward: the output, the gradients of the input, of every candidate parameter and of alpha,
-  and every BN's ``running_mean``, ``running_var`` and ``num_batches_tracked`` after the
-  backward pass (recomputation must not update them twice). fp64: max relative error <= 1e-8
-  per tensor; fp32: relative 2-norm error of the outputs, of alpha's gradient and of all other
-  gradients within 4x the plain loop's own fp32 error (at least 8 u).
+  (the check shape of the plan, made even at stride 2 as DARTS' FactorizedReduce needs; BN
+  statistics set to non-trivial values first), forward and backward: the output, the gradients
+  of the input, of every candidate parameter and of alpha, and every BN's ``running_mean``,
+  ``running_var`` and ``num_batches_tracked`` after the backward pass (recomputation must not
+  update them twice). fp64: max relative error <= 1e-8 per tensor; fp32: relative 2-norm error
+  of the outputs, of alpha's gradient and of all other gradients within 4x the plain loop's own
+  fp32 error (at least 8 u).
 * ``DARTS net``: a small DARTS search network (``hdnas.darts.model_search.Network``, random
   alphas), every mixed op swapped by ``hdnas.darts.patch``: the cross-entropy loss and the
   gradients of every weight and of the alphas (in ``--dry-run`` fp64 only).
@@ -29,8 +30,8 @@ recomputation, as ``patch`` defaults):
   step on a validation batch, then the weight step), whole network.
 
 On a GPU the timed shapes are DARTS' CIFAR search: C 16, 8 cells, 32x32 (batch 64 at the
-paper label N64); in ``--dry-run`` C 4, 3 cells of 2 nodes, 8x8. The DARTS shape is in the case name (the
-row's ``shape`` is the plan's DLSR shape, of which only the batch is used).
+paper label N64); in ``--dry-run`` C 4, 3 cells of 2 nodes, 8x8. The DARTS shape is in the
+case name (the row's ``shape`` is the plan's DLSR shape, of which only the batch is used).
 """
 from __future__ import annotations
 

@@ -154,6 +154,19 @@ def test_broken_darts_path_fails(tmp_path, capsys, monkeypatch, breakage):
     assert "FAIL  merged     DARTS op s1" in out
 
 
+def test_darts_backend_fallback_is_an_error():
+    """A DARTS op that would run other primitives than the bench backend of its name (DARTS
+    falls back to 'merged' where a backend cannot serve) is refused, not timed as that backend."""
+    _native_or_skip()
+    import hdnas.darts as hd
+    from bench import gpu_darts
+    from hdnas.mixed import get_backend
+    x = torch.randn(1, 4, 6, 6)
+    gpu_darts._same_primitives(get_backend("native"), hd.MixedOp(4, 1, backend="native"), x)
+    with pytest.raises(RuntimeError, match="runs the torch primitives.*not native"):
+        gpu_darts._same_primitives(get_backend("native"), hd.MixedOp(4, 1, backend="merged"), x)
+
+
 def test_check_bound_ratio():
     """The elementwise bound passes the truth and rounding-level noise, fails a 1e-3 error, and
     needs exact zeros where every term is zero."""
