@@ -32,7 +32,8 @@ def test_penalty_with_budget():
     assert float(generous(alphas, 6).detach()) == 0.0
 
 
-def test_hfen_matches_release_definition():
+def test_sr_loss_is_l1_plus_weighted_hfen():
+    """SRLoss composes L1 and HFEN (HFEN itself is checked against scipy in test_losses.py)."""
     torch.manual_seed(0)
     sr, hr = torch.rand(2, 3, 12, 12) * 255, torch.rand(2, 3, 12, 12) * 255
     assert float(hfen(hr, hr)) == 0.0
