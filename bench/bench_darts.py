@@ -25,7 +25,6 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import platform
 import resource
 import statistics
 import subprocess
@@ -122,21 +121,8 @@ def child(cfg: dict) -> dict:
 
 
 def machine_info() -> dict:
-    model = platform.processor() or "?"
-    flags = ""
-    try:
-        with open("/proc/cpuinfo") as f:
-            for line in f:
-                if line.startswith("model name"):
-                    model = line.split(":", 1)[1].strip()
-                if line.startswith("flags"):
-                    flags = line
-                    break
-    except OSError:
-        pass
-    return {"cpu": model, "avx512f": " avx512f" in flags, "avx2": " avx2" in flags,
-            "cores": os.cpu_count(), "torch": torch.__version__, "threads": torch.get_num_threads(),
-            "date": time.strftime("%Y-%m-%d %H:%M"), "load": os.getloadavg()}
+    from hdnas import machine
+    return machine.describe()
 
 
 def main(argv=None):
@@ -187,9 +173,9 @@ def write_markdown(path, rows, info, a):
         return next((q for q in rows if q["what"] == r["what"] and q["stride"] == r["stride"]
                      and q["backend"] == "reference" and "sec" in q), None)
 
-    lines = [f"\n## {info['date']}: {info['cpu']} (avx512f: {info['avx512f']}), {info['cores']} "
-             f"cores, torch {info['torch']}, {info['threads']} threads, load average "
-             f"{', '.join(f'{x:.2f}' for x in info['load'])} at the end",
+    lines = [f"\n## {info['date']}: {info['cpu']} (vector ISA {info['vector_isa']}), "
+             f"{info['cores']} cores, torch {info['torch']}, {info['threads']} threads, load "
+             f"average {info['load_average']} at the end",
              "", f"batch {a.batch}, C {a.C}, {a.size}x{a.size}, step: {a.layers} cells, first "
              f"order; median of {a.iters} iterations after 1 warm-up; fresh process each.", "",
              "| what | stride | backend | recompute | sec | x ref speed | user+sys sec | peak RSS MB "

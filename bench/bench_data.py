@@ -16,7 +16,6 @@ from __future__ import annotations
 import argparse
 import datetime
 import os
-import platform
 import sys
 import time
 from pathlib import Path
@@ -70,17 +69,8 @@ def make_folder(folder: Path, n: int, w: int, h: int) -> None:
 
 
 def cpu_info() -> str:
-    model, flags = platform.processor(), ""
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name") and model in ("", "x86_64"):
-                model = line.split(":", 1)[1].strip()
-            if line.startswith("flags"):
-                flags = line
-                break
-    except OSError:
-        pass
-    return f"{model}, {os.cpu_count()} cores, avx512f: {'yes' if ' avx512f' in flags else 'no'}"
+    from hdnas import machine
+    return f"{machine.cpu_model()}, {os.cpu_count()} cores, vector ISA {machine.vector_isa()}"
 
 
 def search_step_seconds(batch: int, patch: int, steps: int) -> float:
@@ -136,8 +126,8 @@ def main(argv=None) -> int:
           f"{decoded / args.budget_mb:.1f} x the {args.budget_mb:.0f} MiB budget; built in "
           f"{t_build:.0f} s with {args.build_workers} workers (or found)")
     sampler = PatchSampler(cache, args.scale, args.patch, seed=0)
-    print(f"\n| workers | patches/s | batches/s | RssAnon main MiB | RssFile main MiB | "
-          f"RssAnon workers MiB | peak RSS main MiB |\n|---|---|---|---|---|---|---|")
+    print("\n| workers | patches/s | batches/s | RssAnon main MiB | RssFile main MiB | "
+          "RssAnon workers MiB | peak RSS main MiB |\n|---|---|---|---|---|---|---|")
     for workers in args.workers:
         it = batches(sampler, range(10**9), args.batch, workers=workers, prefetch=4)
         next(it)  # workers started, first batches in flight

@@ -26,8 +26,6 @@ from __future__ import annotations
 
 import argparse
 import os
-import platform
-import statistics
 import sys
 import time
 
@@ -38,7 +36,7 @@ import torch.nn.functional as F  # noqa: E402
 
 sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."))
 
-from hdnas import native_build  # noqa: E402
+from hdnas import machine, native_build  # noqa: E402
 from hdnas.mixed import MixedOp, get_backend  # noqa: E402
 from hdnas.mixed import native  # noqa: E402
 from hdnas.mixed.primitives import grouped_dw_ref  # noqa: E402
@@ -187,33 +185,7 @@ def _step_child(args):
     print(json.dumps({"rules": res, "isa": isa}))
 
 
-def _load():
-    try:
-        return " ".join(f"{v:.1f}" for v in os.getloadavg())
-    except OSError:
-        return "?"
-
-
-def _cpu_name():
-    try:
-        with open("/proc/cpuinfo") as f:
-            for line in f:
-                if line.startswith("model name"):
-                    return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    return platform.processor() or platform.machine()
-
-
-def _vector_isa():
-    """The CPU's widest vector ISA, from its feature flags (as /proc/cpuinfo names them)."""
-    f = native_build.cpu_features()
-    for name, flags in (("AVX-512 (F/BW/VL/DQ)", {"avx512f", "avx512bw", "avx512vl", "avx512dq"}),
-                        ("AVX2+FMA", {"avx2", "fma"}), ("AVX", {"avx"}), ("SSE2", {"sse2"}),
-                        ("SVE", {"sve"}), ("NEON/ASIMD", {"asimd"})):
-        if flags <= f:
-            return name
-    return f"unknown ({platform.machine()})"
+_load, _cpu_name, _vector_isa = machine.load_average, machine.cpu_model, machine.vector_isa
 
 
 def step_rows(nt, N, C, H, a, isas):

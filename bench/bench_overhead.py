@@ -10,11 +10,11 @@ this file from each, alternately, on the same machine (bench/README.md).
 from __future__ import annotations
 
 import argparse
-import platform
 import time
 
 import torch
 
+from hdnas import machine
 from hdnas.mixed import MixedOp, available_backends, get_backend
 from hdnas.mixed.base import check_mixed_inputs
 from hdnas.space import DLSR_PRIMITIVES
@@ -47,10 +47,7 @@ def main(argv=None):
     w = torch.softmax(torch.randn(9), 0)
     c = torch.nn.Conv2d(C, C // 2, 1)
     names = args.backends.split(",") if args.backends else available_backends()
-    cpu = next((ln.split(":", 1)[1].strip() for ln in open("/proc/cpuinfo") if ln.startswith("model name")),
-               platform.processor()) if platform.system() == "Linux" else platform.processor()
-    isa = "avx512f" if "avx512f" in open("/proc/cpuinfo").read() else "no avx512f"
-    print(f"# {cpu} ({isa}), torch {torch.__version__}, 1 thread, N,C,H,W = {N},{C},{H},{W}")
+    print(f"# {machine.summary_line()}; N,C,H,W = {N},{C},{H},{W}")
     print("| backend | checks only (us) | distill_step fwd (us) | fwd+bwd (us) |")
     print("|---|---|---|---|")
     xg = x.clone().requires_grad_(True)

@@ -62,6 +62,7 @@ if not torch.cuda.is_available():  # the Triton backend serves CPU tensors only 
 
 sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."))
 
+from hdnas import machine  # noqa: E402
 from hdnas.mixed import MixedOp, available_backends, get_backend  # noqa: E402
 from hdnas.space import DLSR_PRIMITIVES, OPS, get_op  # noqa: E402
 
@@ -478,25 +479,6 @@ def backends_for(device="cpu") -> list[str]:
 # ---------------------------------------------------------------------------------------------
 # Command line
 
-def _cpu_name() -> str:
-    try:
-        with open("/proc/cpuinfo") as f:
-            for line in f:
-                if line.startswith("model name"):
-                    return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    return platform.processor() or platform.machine()
-
-
-def _has_avx512f() -> str:
-    try:
-        with open("/proc/cpuinfo") as f:
-            return "yes" if any(line.startswith("flags") and " avx512f" in line for line in f) else "no"
-    except OSError:
-        return "unknown"
-
-
 def source_line() -> str:
     """The commit fuzzed and the files of the package that differ from it (uncommitted work)."""
     import subprocess
@@ -521,8 +503,8 @@ def machine_line(device: str) -> str:
     except ImportError:
         tri = "not installed"
     dev = torch.cuda.get_device_name() if torch.device(device).type == "cuda" else "CPU"
-    return (f"{datetime.date.today().isoformat()}; {dev}; CPU {_cpu_name()} ({os.cpu_count()} "
-            f"cores, avx512f in /proc/cpuinfo: {_has_avx512f()}); torch {torch.__version__}, "
+    return (f"{datetime.date.today().isoformat()}; {dev}; CPU {machine.cpu_model()} ({os.cpu_count()} cores, vector ISA "
+            f"{machine.vector_isa()}); torch {torch.__version__}, "
             f"triton {tri}, TRITON_INTERPRET={os.environ.get('TRITON_INTERPRET', '')}, "
             f"Python {platform.python_version()}")
 

@@ -27,7 +27,6 @@ import argparse
 import datetime
 import json
 import math
-import os
 import platform
 import random
 import sys
@@ -36,6 +35,7 @@ from pathlib import Path
 
 import torch
 
+from hdnas import machine
 from hdnas.genotype import Genotype
 from hdnas.network import DerivedNet
 from hdnas.space import DLSR_PRIMITIVES, check_op_set, get_op
@@ -85,22 +85,7 @@ def fixed_genotype(C: int, cells: int, scale: int) -> Genotype:
 def device_name(device: torch.device) -> str:
     if device.type == "cuda":
         return torch.cuda.get_device_name(device)
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    return platform.processor() or platform.machine()
-
-
-def _cpu_flags() -> str:
-    try:
-        flags = next(line for line in Path("/proc/cpuinfo").read_text().splitlines()
-                     if line.startswith("flags")).split()
-    except (OSError, StopIteration):
-        return ""
-    return "avx512f" if "avx512f" in flags else "avx2" if "avx2" in flags else "other"
+    return machine.cpu_model()
 
 
 def measure_table(device="cpu", channels: int = 48, size=(360, 640), ops=DLSR_PRIMITIVES,
@@ -113,11 +98,11 @@ def measure_table(device="cpu", channels: int = 48, size=(360, 640), ops=DLSR_PR
     torch.manual_seed(0)
     feat = torch.randn(1, channels, h, w, device=device)
     table = {"format": FORMAT, "version": VERSION, "device": device.type,
-             "device_name": device_name(device), "cpu_isa": _cpu_flags(),
+             "device_name": device_name(device), "cpu_isa": machine.vector_isa(),
              "torch": torch.__version__, "python": platform.python_version(),
              "threads": torch.get_num_threads(),
              "date": datetime.datetime.now().isoformat(timespec="seconds"),
-             "load_avg": list(os.getloadavg()) if hasattr(os, "getloadavg") else None,
+             "load_avg": machine.load_average(),
              "channels": channels, "lr_size": [h, w], "cells": cells, "scale": scale,
              "warmup": warmup, "repeats": repeats, "stat": "min", "ops_ms": {}}
     for name in ops:
