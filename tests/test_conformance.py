@@ -277,14 +277,19 @@ _REF_SEARCH = {}
 @pytest.mark.parametrize("name", BACKENDS)
 def test_supernet_search_steps(name):
     """A whole SuperNet (3 cells, C=8) in fp64: the same losses, alphas after Adam steps on
-    alpha and the weights, and weight gradients as the reference."""
+    alpha and the weights, and weight gradients as the reference. (Triton under the CPU
+    interpreter takes one step: a second costs ~50 s there and adds no new kernel launch.)"""
     _backend_or_skip(name, DLSR_PRIMITIVES, "cpu", torch.float64)
-    if not _REF_SEARCH:
-        _REF_SEARCH["r"] = _search("reference", _SEARCH_STEPS)
-    ref_l, ref_a, ref_g = _REF_SEARCH["r"]
-    l, a, g = _search(name, _SEARCH_STEPS)
+    steps = _SEARCH_STEPS
+    if name == "triton":
+        from hdnas.kernels.ops import interpreting
+        steps = 1 if interpreting() else steps
+    if steps not in _REF_SEARCH:
+        _REF_SEARCH[steps] = _search("reference", steps)
+    ref_l, ref_a, ref_g = _REF_SEARCH[steps]
+    l, a, g = _search(name, steps)
     assert l == pytest.approx(ref_l, rel=1e-9)
-    _assert_close(a, ref_a, 1e-8, f"alphas after {_SEARCH_STEPS} Adam steps")
+    _assert_close(a, ref_a, 1e-8, f"alphas after {steps} Adam steps")
     for i, (gi, ri) in enumerate(zip(g, ref_g)):
         _assert_close(gi, ri, 1e-8, f"weight grad {i} at the last step")
 
