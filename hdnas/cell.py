@@ -38,14 +38,19 @@ class ESA(nn.Module):
         self.conv3_ = nn.Conv2d(f, f, 3, padding=1)
         self.conv4 = nn.Conv2d(f, C, 1)
 
-    def forward(self, x):
+    def forward(self, x, resize=None):
+        """``resize(c3, x)`` brings the pooled branch back to x's size (default: bilinear, as
+        RFDN; ``hdnas.upscale`` passes a tile-aware one)."""
         c1_ = self.conv1(x)
         c1 = self.conv2(c1_)
         v_max = F.max_pool2d(c1, kernel_size=7, stride=3)
         v_range = F.relu(self.conv_max(v_max))
         c3 = F.relu(self.conv3(v_range))
         c3 = self.conv3_(c3)
-        c3 = F.interpolate(c3, (x.size(2), x.size(3)), mode="bilinear", align_corners=False)
+        if resize is None:
+            c3 = F.interpolate(c3, (x.size(2), x.size(3)), mode="bilinear", align_corners=False)
+        else:
+            c3 = resize(c3, x)
         cf = self.conv_f(c1_)
         return x * torch.sigmoid(self.conv4(c3 + cf))
 

@@ -147,7 +147,7 @@ class FramedESA(nn.Module):
     """``hdnas.cell.ESA`` evaluated on a tile as it is on the whole image: the same layers and
     the same arithmetic, except that the final bilinear upsampling uses the whole image's scale
     and the tile's place in it (``frame``). With the frame of the whole image it equals ESA up
-    to float reassociation (tested). Keep in step with ``ESA.forward``."""
+    to float reassociation (tested). It runs ``ESA.forward`` itself with that resize."""
 
     def __init__(self, esa: nn.Module, frame: Frame):
         super().__init__()
@@ -158,15 +158,8 @@ class FramedESA(nn.Module):
         if self.frame.oy % ALIGN or self.frame.ox % ALIGN:
             raise TileError(f"tile origin ({self.frame.oy}, {self.frame.ox}) is not on a multiple "
                             f"of {ALIGN}")
-        c1_ = e.conv1(x)
-        c1 = e.conv2(c1_)
-        v_max = F.max_pool2d(c1, kernel_size=7, stride=3)
-        v_range = F.relu(e.conv_max(v_max))
-        c3 = F.relu(e.conv3(v_range))
-        c3 = e.conv3_(c3)
-        c3 = _global_bilinear(c3, self.frame, x.shape[-2], x.shape[-1])
-        cf = e.conv_f(c1_)
-        return x * torch.sigmoid(e.conv4(c3 + cf))
+        return e(x, resize=lambda c3, x: _global_bilinear(c3, self.frame, x.shape[-2],
+                                                           x.shape[-1]))
 
 
 @contextlib.contextmanager
