@@ -10,3 +10,35 @@ try:
         os.environ.setdefault("TRITON_INTERPRET", "1")
 except ImportError:  # pragma: no cover
     pass
+
+
+import pytest  # noqa: E402
+
+
+@pytest.fixture(autouse=True)
+def _no_tf32():
+    """On a GPU, fp32 convs and GEMMs default to TF32 (cuDNN): the tests compare in real fp32."""
+    import torch
+
+    if not torch.cuda.is_available():
+        yield
+        return
+    old = torch.backends.cudnn.allow_tf32, torch.backends.cuda.matmul.allow_tf32
+    torch.backends.cudnn.allow_tf32 = torch.backends.cuda.matmul.allow_tf32 = False
+    yield
+    torch.backends.cudnn.allow_tf32, torch.backends.cuda.matmul.allow_tf32 = old
+
+
+@pytest.fixture(scope="session")
+def nat():
+    """hdnas.mixed.native with its CPU kernels loaded; skip (fail under HDNAS_REQUIRE_NATIVE=1)
+    when they are unavailable."""
+    from hdnas import native_build
+    from hdnas.mixed import native
+
+    if not native.available("cpu"):
+        msg = f"native CPU kernels unavailable: {native_build.error('cpu')}"
+        if os.environ.get("HDNAS_REQUIRE_NATIVE") == "1":
+            pytest.fail(msg)
+        pytest.skip(msg)
+    return native

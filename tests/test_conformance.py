@@ -152,18 +152,6 @@ def _compare(name, op_names, N, C, H, W, dtype, wkind="softmax", layout="contigu
 
 
 # ---------------------------------------------------------------------------------------------
-@pytest.fixture(autouse=True)
-def _no_tf32():
-    """On a GPU, fp32 convs and GEMMs default to TF32 (cuDNN): compare in real fp32."""
-    if not torch.cuda.is_available():
-        yield
-        return
-    old = torch.backends.cudnn.allow_tf32, torch.backends.cuda.matmul.allow_tf32
-    torch.backends.cudnn.allow_tf32 = torch.backends.cuda.matmul.allow_tf32 = False
-    yield
-    torch.backends.cudnn.allow_tf32, torch.backends.cuda.matmul.allow_tf32 = old
-
-
 @pytest.mark.parametrize("device", DEVICES)
 @pytest.mark.parametrize("name", BACKENDS)
 @pytest.mark.parametrize("ops", list(OP_SETS))

@@ -64,18 +64,6 @@ def _count(backend: str, device: str) -> int:
 CASES = [(d, b, i) for d in DEVICES for b in fuzz.backends_for(d) for i in range(_count(b, d))]
 
 
-@pytest.fixture(autouse=True)
-def _no_tf32():
-    """On a GPU, fp32 convs and GEMMs default to TF32: compare in real fp32."""
-    if not torch.cuda.is_available():
-        yield
-        return
-    old = torch.backends.cudnn.allow_tf32, torch.backends.cuda.matmul.allow_tf32
-    torch.backends.cudnn.allow_tf32 = torch.backends.cuda.matmul.allow_tf32 = False
-    yield
-    torch.backends.cudnn.allow_tf32, torch.backends.cuda.matmul.allow_tf32 = old
-
-
 @pytest.mark.parametrize("device,backend,index", CASES,
                          ids=[f"{d}-{b}-{i}" for d, b, i in CASES])
 def test_fuzz(device, backend, index):

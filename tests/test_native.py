@@ -8,7 +8,6 @@ from __future__ import annotations
 
 import dataclasses
 import itertools
-import os
 import zlib
 
 import pytest
@@ -19,19 +18,6 @@ from hdnas.mixed.primitives import grouped_dw_ref, mixed_dw_ref
 
 DLSR_ST1 = ((3, 5, 7, 3, 5), (1, 1, 1, 2, 2))  # sep3/5/7 then dil3/5: the shared first stage
 DLSR_ST2 = ((3, 5, 7), (1, 1, 1))
-
-
-@pytest.fixture(scope="session")
-def nat():
-    from hdnas import native_build
-    from hdnas.mixed import native
-
-    if not native.available("cpu"):
-        msg = f"native CPU kernels unavailable: {native_build.error('cpu')}"
-        if os.environ.get("HDNAS_REQUIRE_NATIVE") == "1":
-            pytest.fail(msg)
-        pytest.skip(msg)
-    return native
 
 
 def _close(a, b, tol):

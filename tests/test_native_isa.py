@@ -25,18 +25,6 @@ ROOT = Path(__file__).resolve().parent.parent
 VARIANTS = list(native_build.ISA_VARIANTS)  # worst first
 
 
-@pytest.fixture(scope="module")
-def nat():
-    from hdnas.mixed import native
-
-    if not native.available("cpu"):
-        msg = f"native CPU kernels unavailable: {native_build.error('cpu')}"
-        if os.environ.get("HDNAS_REQUIRE_NATIVE") == "1":
-            pytest.fail(msg)
-        pytest.skip(msg)
-    return native
-
-
 @pytest.fixture(params=VARIANTS)
 def variant(request, nat):
     """Runs the test with one kernel variant (skipped where this CPU cannot run it)."""
