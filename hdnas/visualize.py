@@ -1,6 +1,7 @@
 """``python -m hdnas.visualize RUN_DIR``: pictures of a search, for people who would rather look
 than read a CSV: softmax(alpha) of each distillation step and softmax(beta) of each cell input
-over the search, one panel each, drawn with Pillow (no plotting dependency)."""
+over the search, one panel each, and the validation PSNR/SSIM when the run validated
+(``val.png``), drawn with Pillow (no plotting dependency)."""
 from __future__ import annotations
 
 import argparse
@@ -50,7 +51,8 @@ def _figure(panels, path: Path):
 
 
 def plot_run(run_dir) -> list[Path]:
-    """Write alpha.png and beta.png into the run folder; returns their paths."""
+    """Write alpha.png, beta.png (and val.png when the history has validation scores) into
+    the run folder; returns their paths."""
     run_dir = Path(run_dir)
     cfg = json.loads((run_dir / "config.json").read_text())["resolved"]
     rows = History(run_dir / "history.csv", []).read()
@@ -70,6 +72,14 @@ def plot_run(run_dir) -> list[Path]:
         panels.append((f"softmax(beta): input of cell {c}", steps, b.softmax(-1).T.tolist(),
                        [f"B{j + 1}" for j in range(c - 1)]))
     _figure(panels, out[1])
+    val = [(st, float(r["val_psnr"]), float(r["val_ssim"])) for st, r in zip(steps, rows)
+           if r.get("val_psnr") not in (None, "", "nan")]
+    if val:  # validation scores (Y, shave = scale) at each validation
+        vs = [v[0] for v in val]
+        _figure([("validation PSNR (dB, Y)", vs, [[v[1] for v in val]], ["PSNR"]),
+                 ("validation SSIM (Y)", vs, [[v[2] for v in val]], ["SSIM"])],
+                run_dir / "val.png")
+        out.append(run_dir / "val.png")
     return out
 
 

@@ -34,7 +34,7 @@ def test_few_steps_on_embedded_data(tmp_path, capsys):
     assert rc == 0
     assert capsys.readouterr().out.strip().endswith("genotype.json")
     for f in ("config.json", "genotype.json", "history.csv", "log.txt", "checkpoint.pt",
-              "alpha.png", "beta.png"):
+              "alpha.png", "beta.png", "val.png"):
         assert (out / f).is_file(), f
     g = Genotype.load(out / "genotype.json")
     assert g.channels == 8 and g.num_cells == 3
@@ -345,3 +345,13 @@ def test_latency_penalty_from_a_measured_table(tmp_path, capsys):
     assert main(wrong + ["--out", str(tmp_path / "y"), "--penalty-kind", "latency",
                          "--latency-table", str(table)]) == 2
     assert "channels" in capsys.readouterr().err
+
+
+def test_pictures_without_validation_have_no_val_png(tmp_path):
+    """val.png is drawn only from history rows that carry validation scores."""
+    from hdnas.visualize import plot_run
+    out = tmp_path / "run"
+    assert main(TINY + ["--out", str(out), "--steps", "2", "--warmup", "1", "--log-every", "1",
+                        "--ckpt-every", "2", "--val-every", "0"]) == 0
+    (out / "val.png").unlink(missing_ok=True)
+    assert [p.name for p in plot_run(out)] == ["alpha.png", "beta.png"]
