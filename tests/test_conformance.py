@@ -15,6 +15,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
+from bench.gpu_check import AUTOCAST_DEPTH, DEPTH, UNIT_ROUNDOFF, bound_ratio
 from hdnas.mixed import BackendError, MixedOp, available_backends, get_backend
 from hdnas.space import DLSR_PRIMITIVES
 
@@ -326,8 +327,6 @@ def test_supernet_partial_backward(name, part, dtype, tol):
 
 
 # --- low precision: error bounds from the unit round-off and the reduction length -------------
-UNIT_ROUNDOFF = {torch.float16: 2.0 ** -11, torch.bfloat16: 2.0 ** -8}
-DEPTH = 16  # roundings in a chain: <= 8 stages forward (dw, pw, dw, pw, sum, residual, ...) x 2
 
 
 def _reduction_length(N, C, H, W):
@@ -352,18 +351,13 @@ def _magnitude(mixed, c_d, x, w, g_list):
 def _assert_bounded(got, truth, mag, dtype, n, what, depth=DEPTH):
     """|got - truth| <= (depth u + gamma_n(u32)) * magnitude, elementwise: ``depth`` roundings to
     the storage dtype's unit round-off u along a chain of ops, and a length-n dot product
-    accumulated in fp32 (gamma_n = n u32 / (1 - n u32), Higham's bound), plus u times a 1e-3
-    fraction of the largest magnitude for values near underflow. This is the promise of a
-    backend that stores in ``dtype`` and accumulates in fp32."""
-    u, u32 = UNIT_ROUNDOFF[dtype], 2.0 ** -24
-    bound = depth * u + n * u32 / (1 - n * u32)
+    accumulated in fp32 (Higham's gamma_n), plus u times a 1e-3 fraction of the largest
+    magnitude for values near underflow (``bench.gpu_check.bound_ratio``, which the GPU checks
+    use too). This is the promise of a backend that stores in ``dtype`` and accumulates in fp32."""
     assert got.shape == truth.shape, f"{what}: shape {tuple(got.shape)} != {tuple(truth.shape)}"
-    err = (got.double() - truth).abs()
-    lim = bound * mag + u * 1e-3 * mag.abs().max()
-    ratio = (err / lim).max().item()
-    assert ratio <= 1.0, (f"{what}: error {ratio:.3g}x the bound ({depth} u + gamma_{n}(fp32) = "
-                          f"{bound:.3g}) times the |.|-magnitude ({int((err > lim).sum())} of "
-                          f"{err.numel()} elements)")
+    ratio = bound_ratio(got, truth, mag, UNIT_ROUNDOFF[dtype], n, depth)
+    assert ratio <= 1.0, (f"{what}: error {ratio:.3g}x the bound ({depth} u + gamma_{n}(fp32)) "
+                          "times the |.|-magnitude")
 
 
 def _low_precision_case(dtype, device, seed):
@@ -414,9 +408,6 @@ def test_low_precision_bound_can_fail():
     coarse = truth[1]["x"].to(torch.bfloat16).to(torch.float16) * 1.25
     with pytest.raises(AssertionError, match="bound"):
         _assert_bounded(coarse, truth[1]["x"], mag[1]["x"], torch.float16, n, "coarse")
-
-
-AUTOCAST_DEPTH = DEPTH + 9  # the reference also rounds each of its <= 9 weighted terms
 
 
 def _autocast_dtypes(device):
