@@ -27,19 +27,26 @@ class CheckpointError(ValueError):
     """A checkpoint that cannot be read, or that only the (code-running) full unpickler reads."""
 
 
-def save_atomic(obj, path) -> None:
+def write_atomic(path, write) -> Path:
+    """``write(f)`` into a temporary file beside ``path``, flushed to disk, then renamed over
+    ``path``: the file is always whole or absent."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(prefix=path.name + ".", suffix=".tmp", dir=path.parent)
     try:
         with os.fdopen(fd, "wb") as f:
-            torch.save(obj, f)
+            write(f)
             f.flush()
             os.fsync(f.fileno())
         os.replace(tmp, path)
     except BaseException:
         Path(tmp).unlink(missing_ok=True)
         raise
+    return path
+
+
+def save_atomic(obj, path) -> None:
+    write_atomic(path, lambda f: torch.save(obj, f))
 
 
 def _looks_like_torch_file(path: Path) -> bool:

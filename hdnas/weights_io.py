@@ -13,13 +13,12 @@ trust flag, because the format cannot hold anything but tensors and strings.
 from __future__ import annotations
 
 import json
-import os
 import struct
-import tempfile
 from pathlib import Path
 
 import torch
 
+from hdnas import checkpoint
 from hdnas.genotype import Genotype, GenotypeError
 
 __all__ = ["SafetensorsError", "GENOTYPE_KEY", "is_safetensors", "save_weights", "read_weights",
@@ -54,7 +53,7 @@ def is_safetensors(path) -> bool:
 
 def save_weights(model_or_state, genotype: Genotype | None, path) -> Path:
     """Write a state dict (or a module's) and the genotype to ``path`` atomically."""
-    from safetensors.torch import save_file
+    from safetensors.torch import save
 
     sd = model_or_state.state_dict() if isinstance(model_or_state, torch.nn.Module) \
         else model_or_state
@@ -62,17 +61,7 @@ def save_weights(model_or_state, genotype: Genotype | None, path) -> Path:
     meta = {"format": "pt"}
     if genotype is not None:
         meta[GENOTYPE_KEY] = json.dumps(genotype.to_dict())
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=path.name + ".", suffix=".tmp", dir=path.parent)
-    os.close(fd)
-    try:
-        save_file(tensors, tmp, metadata=meta)
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
-    return path
+    return checkpoint.write_atomic(path, lambda f: f.write(save(tensors, metadata=meta)))
 
 
 def _metadata(path: Path) -> dict:
