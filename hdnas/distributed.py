@@ -59,24 +59,32 @@ class Dist:
         return f"Dist(rank {self.rank}/{self.world}, local {self.local_rank}, {self.backend})"
 
     # -- collectives ----------------------------------------------------------------------
+    def _flat_collective(self, tensors: list[torch.Tensor], collective) -> None:
+        """Run ``collective(flat)`` on one flat buffer per dtype holding ``tensors`` and copy the
+        result back into them, in place."""
+        by_dtype: dict[torch.dtype, list[torch.Tensor]] = {}
+        for t in tensors:
+            by_dtype.setdefault(t.dtype, []).append(t)
+        for group in by_dtype.values():
+            flat = torch.cat([t.detach().reshape(-1) for t in group]).to(self.device)
+            collective(flat)
+            offset = 0
+            for t in group:
+                n = t.numel()
+                t.detach().copy_(flat[offset:offset + n].view_as(t))
+                offset += n
+
     def average(self, tensors: list[torch.Tensor]) -> None:
         """Replace each tensor by its mean over the ranks, in place: one all-reduce of a flat
         buffer per dtype (gloo has no AVG, so SUM then divide: the result is the same on
         every rank)."""
         if not self.enabled or not tensors:
             return
-        by_dtype: dict[torch.dtype, list[torch.Tensor]] = {}
-        for t in tensors:
-            by_dtype.setdefault(t.dtype, []).append(t)
-        for group in by_dtype.values():
-            flat = torch.cat([t.detach().reshape(-1) for t in group]).to(self.device)
+
+        def mean(flat):
             dist.all_reduce(flat, op=dist.ReduceOp.SUM)
             flat /= self.world
-            offset = 0
-            for t in group:
-                n = t.numel()
-                t.detach().copy_(flat[offset:offset + n].view_as(t))
-                offset += n
+        self._flat_collective(tensors, mean)
 
     def average_grads(self, params, scalars: tuple = ()) -> list[float]:
         """Average ``p.grad`` of every parameter (a missing gradient counts as zero: another
@@ -98,16 +106,7 @@ class Dist:
         dtype), as DDP does with the parameters at start."""
         if not self.enabled or not tensors:
             return
-        by_dtype: dict[torch.dtype, list[torch.Tensor]] = {}
-        for t in tensors:
-            by_dtype.setdefault(t.dtype, []).append(t)
-        for group in by_dtype.values():
-            flat = torch.cat([t.detach().reshape(-1) for t in group]).to(self.device)
-            dist.broadcast(flat, src=0)
-            offset = 0
-            for t in group:
-                t.detach().copy_(flat[offset:offset + t.numel()].view_as(t))
-                offset += t.numel()
+        self._flat_collective(tensors, lambda flat: dist.broadcast(flat, src=0))
 
     def sum(self, values: list[float]) -> list[float]:
         """Sum of float64 values over the ranks."""
