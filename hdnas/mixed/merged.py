@@ -221,7 +221,7 @@ class DecomposedBackend(Backend):
             K = plan.conv_k
             Wd = sum(w[i] * _pad_to(ops[i].op[0].weight, K) for i in plan.conv)
             if distill is not None and K == 1:
-                Wcat = torch.cat([Wd, _pad_to(distill.weight, K).to(Wd.dtype)], 0)
+                Wcat = torch.cat([Wd, distill.weight.to(Wd.dtype)], 0)  # K == 1: no padding
                 bias = None
                 if distill.bias is not None:
                     bias = torch.cat([distill.bias.new_zeros(C), distill.bias]).to(cdt)
