@@ -43,6 +43,7 @@ import numpy as np
 import torch
 from tqdm import tqdm
 
+from hdnas import inference
 from hdnas.complexity import count_params_and_macs, format_count
 from hdnas.data.benchmark import MIN_LR_SIZE, BenchmarkError, BenchmarkSet
 from hdnas.data.io import ImageError, save_rgb, to_hwc_uint8
@@ -86,16 +87,27 @@ def self_ensemble(model, lr: torch.Tensor) -> torch.Tensor:
 #: --backend: how the derived network runs (the same numbers up to rounding order)
 BACKENDS = {"torch": "stock PyTorch, NCHW", "native": "depthwise convs on the native kernels, NCHW",
             "channels_last": "stock PyTorch in channels-last (NHWC) memory format",
-            "auto": "channels_last on a CPU (the fastest measured there), else torch"}
+            "fused": "oneDNN convolutions with fused activations and residuals, channels-last, "
+                     "no concatenations (CPU; hdnas.inference)",
+            "auto": "fused on a CPU (the fastest measured there), else torch"}
 
 
-def prepare_model(model: DerivedNet, backend: str, device) -> DerivedNet:
-    """``model`` set up for inference with ``backend`` (see BACKENDS), on ``device``."""
+def prepare_model(model: DerivedNet, backend: str, device) -> torch.nn.Module:
+    """``model`` set up for inference with ``backend`` (see BACKENDS), on ``device``: the
+    network itself, or a ``FusedInference`` around it (which runs the network as is wherever
+    it cannot serve, e.g. under autograd)."""
     if backend not in BACKENDS:
         raise ValueError(f"unknown backend {backend!r}; choose one of {sorted(BACKENDS)}")
     model = model.eval().to(device)
     if backend == "auto":
-        backend = "channels_last" if torch.device(device).type == "cpu" else "torch"
+        backend = "torch" if torch.device(device).type != "cpu" else \
+            "fused" if inference.available() else "channels_last"
+    if backend == "fused":
+        if torch.device(device).type != "cpu" or not inference.available():
+            raise ValueError("backend 'fused' needs a CPU device and a torch build with oneDNN "
+                             f"(device {device}, oneDNN available: {inference.available()})")
+        return inference.FusedInference(
+            model.set_depthwise("torch").to(memory_format=torch.contiguous_format))
     if backend == "channels_last":
         return model.set_depthwise("torch").to(memory_format=torch.channels_last)
     return model.set_depthwise(backend).to(memory_format=torch.contiguous_format)
@@ -312,7 +324,7 @@ def main(argv=None) -> int:
             model = prepare_model(load_weights(DerivedNet(genotype), args.weights,
                                                trust_pickle=args.trust_pickle),
                                   args.backend, args.device)
-        except WeightsError as e:
+        except (WeightsError, ValueError) as e:  # ValueError: a backend the device lacks
             print(f"error: {e}", file=sys.stderr)
             return 2
         method = genotype.name or Path(args.genotype).stem

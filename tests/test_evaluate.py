@@ -153,9 +153,9 @@ def test_progress_auto_follows_terminal(tmp_path, tiny_set, capsys, monkeypatch)
     assert "100%" not in capsys.readouterr().err
 
 
-@pytest.mark.parametrize("backend", ["native", "channels_last", "auto"])
+@pytest.mark.parametrize("backend", ["native", "channels_last", "fused", "auto"])
 def test_backends_score_alike(tmp_path, tiny_set, tiny_weights, backend):
-    """--backend native (depthwise convs on the native kernels), channels_last and auto give
+    """--backend native (depthwise convs on the native kernels), channels_last, fused and auto give
     the 8-bit SR images of --backend torch (the plain modules, NCHW) up to a rounding step."""
     from hdnas.mixed import native
 
@@ -173,6 +173,7 @@ def test_backends_score_alike(tmp_path, tiny_set, tiny_weights, backend):
 
 def test_prepare_model_memory_format():
     from hdnas.evaluate import prepare_model
+    from hdnas.inference import FusedInference
 
     net = prepare_model(DerivedNet(TINY18), "channels_last", "cpu")
     assert net.fea_conv.weight.is_contiguous(memory_format=torch.channels_last)
@@ -181,6 +182,12 @@ def test_prepare_model_memory_format():
     assert net.fea_conv.weight.is_contiguous() and net.B1.c2_r.depthwise == "native"
     with pytest.raises(ValueError, match="unknown backend"):
         prepare_model(net, "fast", "cpu")
+    fused = prepare_model(net, "fused", "cpu")  # the fused runner around the plain network
+    assert isinstance(fused, FusedInference) and fused.net is net
+    assert net.fea_conv.weight.is_contiguous() and net.B1.c2_r.depthwise == "torch"
+    assert isinstance(prepare_model(DerivedNet(TINY18), "auto", "cpu"), FusedInference)
+    with pytest.raises(ValueError, match="needs a CPU"):
+        prepare_model(net, "fused", "meta")
 
 
 def _run_backend(out, tiny_set, tiny_weights, backend):
