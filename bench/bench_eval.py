@@ -1,12 +1,13 @@
 """CPU benchmark: evaluation (inference) of a derived network, stock PyTorch ("torch", NCHW)
-against its depthwise convs on the native kernels (``DerivedNet.set_depthwise("native")``) and
-against stock PyTorch in channels-last memory format (hdnas.evaluate's --backend choices).
+against its depthwise convs on the native kernels (``DerivedNet.set_depthwise("native")``),
+against stock PyTorch in channels-last memory format and against ``hdnas.inference``'s fused
+oneDNN path (hdnas.evaluate's --backend choices).
 
     OMP_WAIT_POLICY=PASSIVE python bench/bench_eval.py --threads 1 2 --out bench/results/cpu_step.md
 
 The network is the released beta21 architecture at x2 (randomly initialised: the timing does not
 depend on the weights). Inputs: one 256x256 LR image and the first ``--images`` LR images of
-each of ../shared/data/Set5 and Set14 (skipped if missing). Both modes run in the same process,
+each of ../shared/data/Set5 and Set14 (skipped if missing). All modes run in the same process,
 interleaved, best of ``--reps`` after one warm-up, under ``torch.no_grad`` as hdnas.evaluate does.
 "Equal numbers" is checked on every input: the largest difference of the SR outputs (0..255
 scale) and the share of 8-bit pixels that differ after rounding.
@@ -30,6 +31,7 @@ sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 from bench_native import CLOCK, _cpu_name, _load, _vector_isa  # noqa: E402
 from hdnas import native_build  # noqa: E402
 from hdnas.genotype import BETA21  # noqa: E402
+from hdnas.inference import FusedInference  # noqa: E402
 from hdnas.mixed import native  # noqa: E402
 from hdnas.network import DerivedNet  # noqa: E402
 
@@ -73,10 +75,13 @@ def main(argv=None):
             "interleaved reps")
     print(head, flush=True)
     netcl = copy.deepcopy(net).set_depthwise("torch").to(memory_format=torch.channels_last)
-    modes = {  # name: (network, depthwise mode, input memory format)
-        "torch": (net, "torch", torch.contiguous_format),
-        "native": (net, "native", torch.contiguous_format),
-        "channels_last": (netcl, "torch", torch.channels_last)}
+    fused = FusedInference(copy.deepcopy(net).set_depthwise("torch"))
+    modes = {  # name: (network, depthwise mode or None, input memory format, column title)
+        "torch": (net, "torch", torch.contiguous_format, "torch (NCHW)"),
+        "native": (net, "native", torch.contiguous_format, "native depthwise (NCHW)"),
+        "channels_last": (netcl, "torch", torch.channels_last, "torch channels_last"),
+        "fused": (fused, None, torch.contiguous_format, "fused (oneDNN epilogues, NHWC)")}
+    others = [m for m in modes if m != "torch"]
     rows, totals = [], {}
     for nt in a.threads:
         torch.set_num_threads(nt)
@@ -84,8 +89,9 @@ def main(argv=None):
             res, ys = {m: [] for m in modes}, {}
             with torch.no_grad():
                 for rep in range(a.reps + 1):
-                    for mode, (m, dw, fmt) in modes.items():
-                        m.set_depthwise(dw)
+                    for mode, (m, dw, fmt, _) in modes.items():
+                        if dw is not None:
+                            m.set_depthwise(dw)
                         xi = x.contiguous(memory_format=fmt)
                         t = clock()
                         ys[mode] = m(xi)
@@ -95,23 +101,24 @@ def main(argv=None):
             for m, t in best.items():
                 totals[(nt, m)] = totals.get((nt, m), 0.0) + t
             cells = []
-            for m in ("native", "channels_last"):
+            for m in others:
                 diff = (ys["torch"] - ys[m]).abs().max().item()
                 q0, q1 = (y.clamp(0, 255).round() for y in (ys["torch"], ys[m]))
                 cells.append(f"{best['torch'] / best[m]:.2f}x ({diff:.2g}, "
                              f"{100 * (q0 != q1).float().mean().item():.3f} %)")
-            rows.append(f"| {nt} | {name} | {best['torch'] * 1e3:.0f} | {best['native'] * 1e3:.0f} | "
-                        f"{best['channels_last'] * 1e3:.0f} | {' | '.join(cells)} |")
+            rows.append(f"| {nt} | {name} | " + " | ".join(f"{best[m] * 1e3:.0f}" for m in modes)
+                        + f" | {' | '.join(cells)} |")
             print(rows[-1], flush=True)
         tt = totals[(nt, "torch")]
-        rows.append(f"| {nt} | **all of the above** | {tt * 1e3:.0f} | "
-                    f"{totals[(nt, 'native')] * 1e3:.0f} | {totals[(nt, 'channels_last')] * 1e3:.0f} | "
-                    f"**{tt / totals[(nt, 'native')]:.2f}x** | "
-                    f"**{tt / totals[(nt, 'channels_last')]:.2f}x** |")
-    md = "\n".join([head, "", "| threads | input (LR) | torch (NCHW) | native depthwise (NCHW) | "
-                    "torch channels_last | torch / native (max abs diff on 0..255, 8-bit pixels "
-                    "that differ) | torch / channels_last (same) |", "|---|---|---|---|---|---|---|",
-                    *rows, "", f"load average at end {_load()}", ""])
+        rows.append(f"| {nt} | **all of the above** | "
+                    + " | ".join(f"{totals[(nt, m)] * 1e3:.0f}" for m in modes) + " | "
+                    + " | ".join(f"**{tt / totals[(nt, m)]:.2f}x**" for m in others) + " |")
+    titles = [modes[m][3] for m in modes]
+    ratio_titles = [f"torch / {m}" + (" (max abs diff on 0..255, 8-bit pixels that differ)"
+                                      if i == 0 else " (same)") for i, m in enumerate(others)]
+    md = "\n".join([head, "", "| threads | input (LR) | " + " | ".join(titles + ratio_titles) + " |",
+                    "|" + "---|" * (2 + len(titles) + len(ratio_titles)), *rows, "",
+                    f"load average at end {_load()}", ""])
     print(md)
     if a.out:
         with open(a.out, "a") as f:

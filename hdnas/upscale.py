@@ -49,6 +49,8 @@ from tqdm import tqdm
 
 from hdnas.data.io import IMAGE_EXTENSIONS
 from hdnas.genotype import NAMED, Genotype, GenotypeError
+from hdnas.inference import FusedInference
+from hdnas.inference import available as inference_available
 from hdnas.network import DerivedNet
 from hdnas.official import WeightsError, load_weights
 from hdnas.space import get_op
@@ -212,10 +214,14 @@ def _autocast(device: torch.device, amp: str):
 
 @torch.no_grad()
 def upscale_tensor(model: DerivedNet, x: torch.Tensor, tile: int = 0, overlap: int | None = None,
-                   amp: str = "off", progress: bool = False) -> torch.Tensor:
+                   amp: str = "off", progress: bool = False, fused: bool = True) -> torch.Tensor:
     """(N, 3, h, w) float LR in 0..255 on the model's device -> (N, 3, s h, s w) float32 SR
     (not clamped). ``tile`` 0: one pass; otherwise tiles as in the module docstring, with
-    ``overlap`` defaulting to the receptive radius."""
+    ``overlap`` defaulting to the receptive radius. ``fused``: on a CPU, run the network through
+    ``hdnas.inference.FusedInference`` (oneDNN convs with fused epilogues; the same numbers up
+    to summation order; it runs the plain network where it cannot serve, e.g. under --amp)."""
+    run = FusedInference(model) if fused and x.device.type == "cpu" and inference_available() \
+        else model
     s = model.scale
     h, w = x.shape[-2:]
     if min(h, w) < MIN_LR:
@@ -226,7 +232,7 @@ def upscale_tensor(model: DerivedNet, x: torch.Tensor, tile: int = 0, overlap: i
     ys, xs = tile_spans(h, tile, overlap), tile_spans(w, tile, overlap)
     if len(ys) == 1 and len(xs) == 1:
         with _autocast(x.device, amp):
-            return model(x).float()
+            return run(x).float()
     out = x.new_empty((x.shape[0], 3, h * s, w * s), dtype=torch.float32)
     with framed(model) as frame, _autocast(x.device, amp):
         frame.H, frame.W = h, w
@@ -235,7 +241,7 @@ def upscale_tensor(model: DerivedNet, x: torch.Tensor, tile: int = 0, overlap: i
         for y0, y1, cy0, cy1 in ys:
             for x0, x1, cx0, cx1 in xs:
                 frame.oy, frame.ox = y0, x0
-                y = model(x[..., y0:y1, x0:x1]).float()
+                y = run(x[..., y0:y1, x0:x1]).float()
                 out[..., cy0 * s:cy1 * s, cx0 * s:cx1 * s] = \
                     y[..., (cy0 - y0) * s:(cy1 - y0) * s, (cx0 - x0) * s:(cx1 - x0) * s]
                 bar.update()
@@ -404,11 +410,11 @@ def collect_inputs(inputs) -> tuple[list[Path], list[str]]:
 
 
 def upscale_file(model: DerivedNet, src: Path, dst: Path, device: torch.device, tile: int,
-                 overlap: int | None, amp: str, progress: bool) -> Path:
+                 overlap: int | None, amp: str, progress: bool, fused: bool = True) -> Path:
     img = read_image(src)
     x = torch.from_numpy(img.rgb).permute(2, 0, 1)[None].to(device)
     try:
-        y = upscale_tensor(model, x, tile, overlap, amp, progress)
+        y = upscale_tensor(model, x, tile, overlap, amp, progress, fused)
     except UpscaleError as e:
         raise UpscaleError(f"{src}: {e}") from None
     rgb = y[0].permute(1, 2, 0).cpu().numpy()
@@ -436,6 +442,10 @@ def build_parser() -> argparse.ArgumentParser:
                                                     "available)")
     p.add_argument("--amp", choices=("off", "bf16", "fp16"), default="off",
                    help="run the network under torch.autocast in this precision")
+    p.add_argument("--fused", action=argparse.BooleanOptionalAction, default=True,
+                   help="on a CPU, run the convolutions through oneDNN with fused activations "
+                        "and residuals (hdnas.inference; the same numbers up to summation order; "
+                        "default on)")
     p.add_argument("--tile", type=int, default=0, help="LR tile size in pixels (0: whole image)")
     p.add_argument("--tile-overlap", type=int, default=None,
                    help="LR context pixels on each inner side of a tile (default: the receptive "
@@ -480,7 +490,8 @@ def main(argv=None) -> int:
             if dst in taken:
                 raise UpscaleError(f"{src}: its output {dst} is already taken by {taken[dst]}")
             taken[dst] = src
-            upscale_file(model, src, dst, device, args.tile, overlap, args.amp, progress)
+            upscale_file(model, src, dst, device, args.tile, overlap, args.amp, progress,
+                         args.fused)
         except UpscaleError as e:
             failed += 1
             tqdm.write(f"error: {e}", file=sys.stderr)
