@@ -36,7 +36,7 @@ import torch.nn.functional as F  # noqa: E402
 
 sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."))
 
-from hdnas import machine, native_build  # noqa: E402
+from hdnas import allocator, machine, native_build  # noqa: E402
 from hdnas.mixed import MixedOp, get_backend  # noqa: E402
 from hdnas.mixed import native  # noqa: E402
 from hdnas.mixed.primitives import grouped_dw_ref  # noqa: E402
@@ -51,6 +51,7 @@ ST2 = ((3, 5, 7), (1, 1, 1))
 #: waiting for a core). Set by --clock (and passed to the step subprocesses).
 CLOCK = {"wall": time.perf_counter, "cpu": time.process_time}
 _clock = time.perf_counter
+_malloc = {"mode": "tuned"}  # hdnas.allocator setting of the search-step processes
 
 
 def set_clock(name: str) -> None:
@@ -161,7 +162,8 @@ def step_isolated(N, C, H, reps, backend, threads, isa="auto", rules=RULES):
     cmd = [sys.executable, os.path.abspath(__file__), "--_step", backend, str(N), str(C), str(H),
            str(reps), str(threads), ",".join(rules)]
     env = {**os.environ, "HDNAS_NATIVE_ISA": "" if isa == "auto" else isa,
-           "HDNAS_BENCH_CLOCK": "cpu" if _clock is time.process_time else "wall"}
+           "HDNAS_BENCH_CLOCK": "cpu" if _clock is time.process_time else "wall",
+           "HDNAS_MALLOC": _malloc["mode"]}
     r = subprocess.run(cmd, capture_output=True, text=True, env=env)
     if r.returncode != 0:
         return None, f"failed (rc {r.returncode}{', out of memory?' if r.returncode in (-9, 137) else ''})"
@@ -178,6 +180,7 @@ def _step_child(args):
     backend, (N, C, H, reps, threads), rules = args[0], map(int, args[1:6]), args[6].split(",")
     torch.set_num_threads(threads)
     set_clock(os.environ.get("HDNAS_BENCH_CLOCK", "wall"))
+    allocator.tune()  # as the search command does (a no-op under HDNAS_MALLOC=default)
     if backend == "native" and not native.available("cpu"):
         raise SystemExit(2)
     res = step_case(N, C, H, reps, backend, rules)
@@ -265,9 +268,14 @@ def main(argv=None):
     p.add_argument("--clock", choices=CLOCK, default="wall",
                    help="wall: elapsed time; cpu: CPU time of the process (all threads), "
                         "for 1-thread runs on a machine shared with other jobs")
+    p.add_argument("--malloc", choices=("tuned", "default"), default="tuned",
+                   help="search-step processes (every backend alike): tuned = hdnas.allocator's "
+                        "setting, which the search command uses; default = glibc's default, "
+                        "whose page faults cost large-batch steps seconds of system time")
     p.add_argument("--out", default=None, help="write the markdown here (appended)")
     a = p.parse_args(argv)
     set_clock(a.clock)
+    _malloc["mode"] = a.malloc
     if not native.available("cpu"):
         raise SystemExit(f"native kernels unavailable: {native.native_build.error('cpu')}")
     runs = native_build.isa_supported()
@@ -283,7 +291,8 @@ def main(argv=None):
              f"OMP_WAIT_POLICY={os.environ.get('OMP_WAIT_POLICY')}, C={C}, LR {H}x{H}; "
              f"{time.strftime('%Y-%m-%d %H:%M UTC', time.gmtime())}; load average at start "
              f"{_load()}; times in ms ({a.clock} clock), best of the interleaved repetitions "
-             f"(reps {a.reps}, search step reps {a.step_reps}, one warm-up each)", ""]
+             f"(reps {a.reps}, search step reps {a.step_reps}, one warm-up each); search-step "
+             f"processes with the {a.malloc} malloc setting", ""]
     print(lines[0], flush=True)
     rows = []
     for nt, N in [(nt, N) for nt in a.threads for N in a.batch]:

@@ -22,7 +22,7 @@ import numpy as np
 import torch
 from tqdm import tqdm
 
-from hdnas import checkpoint
+from hdnas import allocator, checkpoint
 from hdnas.distributed import Dist, describe_failure, init_from_env, is_comm_failure
 
 log = logging.getLogger("hdnas")
@@ -472,6 +472,7 @@ def cli_main(argv, loop_cls, cfg_cls, presets: dict, prog: str, doc: str,
                 + prog.split()[-1] + " ... (docs/distributed.md).").strip()
     add_config_arguments(p, cfg_cls, FIELD_HELP)
     args = p.parse_args(argv)
+    allocator.tune()  # reuse freed memory between steps (HDNAS_MALLOC=default: glibc's default)
     try:
         d = init_from_env(args.device or "auto")
     except (ValueError, RuntimeError) as e:

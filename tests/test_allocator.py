@@ -1,0 +1,45 @@
+"""hdnas.allocator: after tune(), a freed large block is reused without new page faults."""
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+
+import pytest
+
+from hdnas import allocator
+
+PROBE = r"""
+import resource, sys, torch
+from hdnas import allocator
+print(allocator.tune())
+def faults():
+    return resource.getrusage(resource.RUSAGE_SELF).ru_minflt
+x = torch.ones(16 * 2 ** 20)  # 64 MiB: above any mmap threshold
+del x
+f0 = faults()
+y = torch.ones(16 * 2 ** 20)  # the same size again
+print(faults() - f0)
+"""
+
+
+def _probe(env_extra):
+    env = {**os.environ, **env_extra}
+    out = subprocess.run([sys.executable, "-c", PROBE], capture_output=True, text=True, env=env,
+                         check=True).stdout.split()
+    return out[0], int(out[-1])
+
+
+@pytest.mark.skipif(allocator._libc() is None, reason="not glibc")
+def test_tuned_heap_reuses_freed_pages():
+    how, faults = _probe({"HDNAS_MALLOC": ""})
+    assert how == "tuned"
+    assert faults < 1000  # 64 MiB = 16384 pages: reused, not faulted in again
+    how, faults = _probe({"HDNAS_MALLOC": "default"})
+    assert how == "default"
+    assert faults > 8000  # glibc's default: a fresh mmap, every page faulted (the check can fail)
+
+
+def test_opt_out_is_reported(monkeypatch):
+    monkeypatch.setenv("HDNAS_MALLOC", "default")
+    assert allocator.tune() == "default (HDNAS_MALLOC=default)"
