@@ -37,8 +37,10 @@ _mk = torch.ops.mkldnn
 
 
 def available() -> bool:
-    """oneDNN's fused convolution ops are in this torch build (every x86/aarch64 CPU wheel)."""
-    return bool(torch.backends.mkldnn.is_available()) and hasattr(_mk, "_convolution_pointwise")
+    """oneDNN's fused convolution ops are in this torch build (every x86/aarch64 CPU wheel) and
+    not switched off (``torch.backends.mkldnn.enabled = False`` turns the fused path off)."""
+    return (bool(torch.backends.mkldnn.is_available()) and torch.backends.mkldnn.enabled
+            and hasattr(_mk, "_convolution_pointwise"))
 
 
 class FusedInference(nn.Module):

@@ -117,6 +117,12 @@ def test_falls_back_to_the_plain_network_where_it_cannot_serve():
     with pytest.raises(ValueError, match="too small"):
         with torch.no_grad():
             fused(torch.rand(1, 3, 8, 8))
+    torch.backends.mkldnn.enabled = False
+    try:
+        with torch.no_grad():
+            assert not fused.serves(x)  # the user switched oneDNN off
+    finally:
+        torch.backends.mkldnn.enabled = True
     with pytest.raises(TypeError, match="DerivedNet"):
         inference.FusedInference(nn.Conv2d(3, 3, 1))
 
