@@ -9,9 +9,10 @@ Xeon of bench/results/cpu_step.md (batch 64, one thread): the reference's archit
 (11.0 s system) and 16.6 s (1.0 s).
 
 ``tune()`` turns glibc's mmap use off (``M_MMAP_MAX = 0``: large blocks come from the heap too)
-and its trimming off (``M_TRIM_THRESHOLD`` = -1), so the loop soon reuses its
-own pages (measured: from the second or third step on). The process keeps its peak heap instead of returning it between steps (the peak RSS
-measured the same: 9.6-9.7 GiB native, 21.1 GiB reference). It changes no number computed.
+and its trimming off (``M_TRIM_THRESHOLD`` = -1), so the loop soon reuses its own pages
+(measured: from the second or third step on). The process keeps its peak heap instead of
+returning it between steps (the peak RSS measured the same: 9.4-9.7 GiB native, 21.0-21.4 GiB
+reference at batch 64). It changes no number computed.
 
 The search and train commands call it at start (``HDNAS_MALLOC=default`` opts out); a library
 user calls it or not. Elsewhere than glibc (musl, macOS, Windows) it does nothing.
