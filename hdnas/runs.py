@@ -538,6 +538,11 @@ def _run(args, d: Dist, loop_cls, cfg_cls, presets, adjust_config) -> int:
         log.info("distributed: %d ranks (%s), global batch %d = %d per rank", d.world, d.backend,
                  cfg.batch, cfg.batch // d.world)
     log.info("%s", loop.summary())
+    if os.environ.get("OMP_WAIT_POLICY", "").strip().upper() == "PASSIVE" \
+            and torch.get_num_threads() > 1:
+        log.warning("OMP_WAIT_POLICY=PASSIVE with %d threads: OpenMP threads sleep between the "
+                    "many small parallel regions of a step (measured: a 2-thread CPU step 3x "
+                    "slower); unset it, or run 1 thread", torch.get_num_threads())
     result = loop.run(quiet=quiet)
     if d.is_main:
         print(loop.finish(result))

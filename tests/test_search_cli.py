@@ -156,6 +156,20 @@ def test_warmup_shrinks_with_a_short_run(tmp_path, capsys):
     assert math.isfinite(float(_history(out)[0]["loss_arch"]))  # step 1 updated alpha/beta
 
 
+def test_passive_openmp_with_threads_is_warned_about(tmp_path, monkeypatch):
+    threads = torch.get_num_threads()
+    monkeypatch.setenv("OMP_WAIT_POLICY", "PASSIVE")
+    try:
+        torch.set_num_threads(2)
+        assert main(TINY + ["--out", str(tmp_path / "a"), "--steps", "1", "--quiet"]) == 0
+        torch.set_num_threads(1)
+        assert main(TINY + ["--out", str(tmp_path / "b"), "--steps", "1", "--quiet"]) == 0
+    finally:
+        torch.set_num_threads(threads)
+    assert "OMP_WAIT_POLICY=PASSIVE with 2 threads" in (tmp_path / "a" / "log.txt").read_text()
+    assert "OMP_WAIT_POLICY" not in (tmp_path / "b" / "log.txt").read_text()
+
+
 def test_paper_preset_has_no_working_penalty_like_the_release(tmp_path):
     out = tmp_path / "p"
     assert main(["--preset", "paper"] + TINY + ["--out", str(out), "--steps", "1"]) == 0
