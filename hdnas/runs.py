@@ -541,7 +541,7 @@ def _run(args, d: Dist, loop_cls, cfg_cls, presets, adjust_config) -> int:
     if os.environ.get("OMP_WAIT_POLICY", "").strip().upper() == "PASSIVE" \
             and torch.get_num_threads() > 1:
         log.warning("OMP_WAIT_POLICY=PASSIVE with %d threads: OpenMP threads sleep between the "
-                    "many small parallel regions of a step (measured: a 2-thread CPU step 3x "
+                    "many small parallel regions of a step (measured: a 2-thread CPU step 2.5x "
                     "slower); unset it, or run 1 thread", torch.get_num_threads())
     result = loop.run(quiet=quiet)
     if d.is_main:
