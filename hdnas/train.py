@@ -17,7 +17,7 @@ from pathlib import Path
 
 import torch
 
-from hdnas import checkpoint, weights_io
+from hdnas import checkpoint, inference, weights_io
 from hdnas.data.train import DEFAULT_DIR, PatchSampler
 from hdnas.genotype import Genotype
 from hdnas.losses import SRLoss
@@ -95,6 +95,15 @@ class Train(Loop):
         self.scaler = self.amp.scaler()
         self.history = History(run_dir / "history.csv",
                                ["step", "lr", "loss_train", "sec_per_step"] + VAL_COLUMNS)
+
+    def inference_model(self) -> torch.nn.Module:
+        """Validation on a CPU runs the fused oneDNN path (hdnas.inference; the same numbers up
+        to summation order); elsewhere the network itself."""
+        if self.device.type != "cpu" or not inference.available():
+            return self.model
+        if getattr(self, "_fused", None) is None or self._fused.net is not self.model:
+            self._fused = inference.FusedInference(self.model)
+        return self._fused
 
     def start_data(self, start: int, end: int) -> None:
         self.batches = self.loader(self.data, range(start, end))

@@ -10,7 +10,8 @@ from PIL import Image
 
 from hdnas import checkpoint
 from hdnas.data.benchmark import BenchmarkSet
-from hdnas.evaluate import evaluate_set
+from hdnas.evaluate import evaluate_set, prepare_model
+from hdnas.inference import FusedInference
 from hdnas.genotype import Genotype
 from hdnas.network import DerivedNet
 from hdnas.search import Search, SearchConfig
@@ -55,7 +56,7 @@ def test_retraining_scores_are_evaluates_and_best_pt_holds_the_best(tmp_path):
     # the recorded score is what hdnas.evaluate gives for those weights on that folder
     net = DerivedNet(Genotype.load(out / "genotype.json"))
     net.load_state_dict(best["model"])
-    ref = evaluate_set(BenchmarkSet(val, 2), net.eval())
+    ref = evaluate_set(BenchmarkSet(val, 2), prepare_model(net, "auto", "cpu"))  # evaluate's default
     assert best["val_psnr"] == pytest.approx(ref["psnr"], abs=1e-6)
     assert best["val_ssim"] == pytest.approx(ref["ssim"], abs=1e-6)
     last = checkpoint.load(out / "checkpoint.pt")
@@ -116,9 +117,11 @@ def test_validation_scores_the_full_model_in_fp32(tmp_path):
     t.model.train()
     got = t.validate()
     assert t.model.training
+    assert isinstance(t.inference_model(), FusedInference)  # on a CPU: the fused oneDNN path
+    assert t.inference_model() is t.inference_model()  # made once (its packed weights kept)
     assert all(torch.equal(v, t.model.state_dict()[k]) for k, v in before.items())
     cache, idx = t.val_data
-    ref = evaluate_set(BenchmarkSet(folder, 2), t.model.eval())  # all 4 images
+    ref = evaluate_set(BenchmarkSet(folder, 2), prepare_model(t.model, "auto", "cpu"))  # all 4
     per = {r["image"]: r for r in ref["per_image"]}
     names = [cache.names[i] for i in idx]
     assert got["val_psnr"] == pytest.approx(np.mean([per[n]["psnr"] for n in names]), abs=1e-9)
