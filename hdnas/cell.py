@@ -24,6 +24,42 @@ def lrelu(x):
     return F.leaky_relu(x, LRELU_SLOPE)
 
 
+def activate(y, act: str, inplace: bool = False):
+    """``act`` of the layers protocol: "none", "relu", "lrelu" (the cells' slope), "sigmoid"."""
+    if act == "lrelu":
+        return F.leaky_relu(y, LRELU_SLOPE, inplace=inplace)
+    if act == "relu":
+        return F.relu(y, inplace=inplace)
+    if act == "sigmoid":
+        return torch.sigmoid_(y) if inplace else torch.sigmoid(y)
+    return y
+
+
+class Layers:
+    """How the fixed layers of a cell and of ESA run: this class runs the plain modules;
+    ``hdnas.inference.FusedInference`` has the same three methods and runs them through oneDNN
+    with fused epilogues. The cell and ESA describe their structure once, through these."""
+
+    @staticmethod
+    def conv(conv: nn.Module, x, act: str = "none", add=None):
+        """``act(conv(x) [+ add])``."""
+        y = conv(x)
+        return activate(y if add is None else y + add, act)
+
+    @staticmethod
+    def step(op: nn.Module, x):
+        """``lrelu(op(x) + x)``: the remaining branch of a derived distillation step."""
+        return lrelu(op(x) + x)
+
+    @staticmethod
+    def conv_cat(conv: nn.Module, parts, act: str = "none"):
+        """``act(conv(cat(parts, 1)))``."""
+        return activate(conv(torch.cat(parts, dim=1)), act)
+
+
+PLAIN = Layers()
+
+
 class ESA(nn.Module):
     """Enhanced spatial attention, exactly RFDN's (f = C // 4)."""
 
@@ -38,21 +74,23 @@ class ESA(nn.Module):
         self.conv3_ = nn.Conv2d(f, f, 3, padding=1)
         self.conv4 = nn.Conv2d(f, C, 1)
 
-    def forward(self, x, resize=None):
+    #: ``forward`` takes ``layers`` (see ``Layers``); a module replacing ``cell.esa`` may not
+    accepts_layers = True
+
+    def forward(self, x, resize=None, layers: Layers = PLAIN):
         """``resize(c3, x)`` brings the pooled branch back to x's size (default: bilinear, as
         RFDN; ``hdnas.upscale`` passes a tile-aware one)."""
-        c1_ = self.conv1(x)
-        c1 = self.conv2(c1_)
+        c1_ = layers.conv(self.conv1, x)
+        c1 = layers.conv(self.conv2, c1_)
         v_max = F.max_pool2d(c1, kernel_size=7, stride=3)
-        v_range = F.relu(self.conv_max(v_max))
-        c3 = F.relu(self.conv3(v_range))
-        c3 = self.conv3_(c3)
+        v_range = layers.conv(self.conv_max, v_max, "relu")
+        c3 = layers.conv(self.conv3, v_range, "relu")
+        c3 = layers.conv(self.conv3_, c3)
         if resize is None:
             c3 = F.interpolate(c3, (x.size(2), x.size(3)), mode="bilinear", align_corners=False)
         else:
             c3 = resize(c3, x)
-        cf = self.conv_f(c1_)
-        return x * torch.sigmoid(self.conv4(c3 + cf))
+        return x * layers.conv(self.conv4, layers.conv(self.conv_f, c1_, add=c3), "sigmoid")
 
 
 def esa_min_size() -> int:
@@ -78,8 +116,9 @@ class DistillCell(nn.Module):
     def steps(self):
         return [(getattr(self, f"c{i}_d"), getattr(self, f"c{i}_r")) for i in range(1, NUM_STEPS + 1)]
 
-    def forward(self, x, weights=None, backend=None):
-        """``weights``: (3, K) op weights when the steps are mixed ops; None for a derived cell."""
+    def forward(self, x, weights=None, backend=None, layers: Layers = PLAIN):
+        """``weights``: (3, K) op weights when the steps are mixed ops; None for a derived cell.
+        ``layers`` runs the fixed layers (``Layers``; the plain modules by default)."""
         if weights is not None and backend is None:
             backend = get_backend("reference")
         distilled = []
@@ -87,9 +126,10 @@ class DistillCell(nn.Module):
             if isinstance(c_r, MixedOp):
                 d, x = backend.distill_step(x, weights[i], c_r, c_d)
             else:
-                d, x = lrelu(c_d(x)), lrelu(c_r(x) + x)
+                d, x = layers.conv(c_d, x, "lrelu"), layers.step(c_r, x)
             distilled.append(d)
-        parts = distilled + [lrelu(self.c4(x))]
-        if backend is None:
-            return self.esa(self.c5(torch.cat(parts, dim=1)))
-        return self.esa(backend.fuse_concat(parts, self.c5))
+        parts = distilled + [layers.conv(self.c4, x, "lrelu")]
+        y = layers.conv_cat(self.c5, parts) if backend is None else backend.fuse_concat(parts, self.c5)
+        if layers is PLAIN or not getattr(self.esa, "accepts_layers", False):
+            return self.esa(y)
+        return self.esa(y, layers=layers)

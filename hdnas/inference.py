@@ -15,9 +15,12 @@ same operations in the same order of layers, but
 
 The numbers are those of ``net(x)`` up to the order of floating-point summation (tested against
 the fp64 plain network with a bound of a few times the plain fp32 network's own error;
-measurements in bench/results/cpu_step.md). What it does not recognise (an op module that is
-not one of hdnas.ops' conv / separable / dilated / identity ops, a replaced ESA such as
-``hdnas.upscale``'s tile-aware one) it calls as a module, so any derived network runs.
+measurements in bench/results/cpu_step.md). The cells and ESA keep their one description of
+their structure: they run their fixed layers through this object's ``conv`` / ``step`` /
+``conv_cat`` (``hdnas.cell.Layers`` is the plain twin), and so does ``hdnas.upscale``'s
+tile-aware ESA. What it does not recognise (an op module that is not one of hdnas.ops' conv /
+separable / dilated / identity ops, a module put in place of a cell or of an ESA) it calls as a
+module, so any derived network runs.
 
 It serves fp32 CPU inputs without autograd (``torch.no_grad`` or parameters that do not require
 grad), outside autocast, tracing and export; otherwise ``forward`` is ``net(x)`` itself
@@ -30,7 +33,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from hdnas.cell import ESA, LRELU_SLOPE, DistillCell
+from hdnas.cell import LRELU_SLOPE, DistillCell, activate
 from hdnas.ops import Identity, _OpModule, _tracing
 
 _mk = torch.ops.mkldnn
@@ -60,7 +63,8 @@ class FusedInference(nn.Module):
     # ------------------------------------------------------------------ when it serves
     def serves(self, x: torch.Tensor) -> bool:
         """Whether ``forward(x)`` takes the fused path (else it is ``net(x)``)."""
-        if not (available() and self._plain_padding) or _tracing() or x.device.type != "cpu" or x.dtype != torch.float32:
+        if not (available() and self._plain_padding) or _tracing() or x.device.type != "cpu" \
+                or x.dtype != torch.float32:
             return False
         if torch.is_autocast_enabled("cpu"):
             return False
@@ -108,7 +112,7 @@ class FusedInference(nn.Module):
         # oneDNN fuses only relu after the binary add: other activations run in place after it
         y = _mk._convolution_pointwise.binary(x, add, w, bias, *geo, "add", 1.0,
                                               "relu" if act == "relu" else None, [], "")
-        return _activate_(y, act) if act != "relu" else y
+        return activate(y, act, inplace=True) if act != "relu" else y
 
     def conv_cat(self, conv: nn.Conv2d, parts, act: str = "none"):
         """``act(conv(cat(parts, 1)))`` for a 1x1 conv, without the concatenation: the first
@@ -125,52 +129,18 @@ class FusedInference(nn.Module):
             else:
                 _mk._convolution_pointwise_.binary(y, p, w, None, [0, 0], [1, 1], [1, 1], 1,
                                                    "add", 1.0, None, [], "")
-        return _activate_(y, act)
+        return activate(y, act, inplace=True)
 
-    # ------------------------------------------------------------------ the network
-    def _forward(self, x):
-        net = self.net
-        fea = self.conv(net.fea_conv, x)
-        outs = []
-        for i, cell in enumerate(net.cells()):
-            if i < 2:
-                inp = fea if i == 0 else outs[0]
-            else:
-                block = getattr(net, f"c{i + 1}")
-                a, b = net.genotype.inputs[i - 2]
-                inp = self._block(block, [outs[a], outs[b]])
-            outs.append(self._cell(cell, inp))
-        out = self._block(net.cout, outs)
-        up_conv, shuffle = net.upsampler
-        y = self.conv(up_conv, self.conv(net.LR_conv, out, add=fea))
-        return shuffle(y).contiguous()
-
-    def _block(self, block: nn.Sequential, parts):
-        """conv_block (1x1 conv + LeakyReLU) over the concatenation of ``parts``."""
-        conv, act = block
-        if not (isinstance(act, nn.LeakyReLU) and act.negative_slope == LRELU_SLOPE):
-            return block(torch.cat(parts, 1))
-        return self.conv_cat(conv, parts, "lrelu")
-
-    def _cell(self, cell: DistillCell, x):
-        if type(cell) is not DistillCell:
-            return cell(x)
-        distilled = []
-        for c_d, c_r in cell.steps():
-            distilled.append(self.conv(c_d, x, "lrelu"))
-            x = self._step(c_r, x)
-        distilled.append(self.conv(cell.c4, x, "lrelu"))
-        return self._esa(cell.esa, self.conv_cat(cell.c5, distilled))
-
-    def _step(self, op: nn.Module, x):
-        """``lrelu(op(x) + x)``, the remaining branch of a distillation step."""
+    def step(self, op: nn.Module, x):
+        """``lrelu(op(x) + x)``, the remaining branch of a distillation step: the op's
+        ReLU/conv layers fused where they can be, the residual add inside its last conv."""
         if isinstance(op, Identity):
-            return _activate_(x + x, "lrelu")
+            return activate(x + x, "lrelu", inplace=True)
         layers = list(op.op) if isinstance(op, _OpModule) and isinstance(op.op, nn.Sequential) \
             else None
         if not layers or not all(type(m) in (nn.ReLU, nn.Conv2d) for m in layers) \
                 or type(layers[-1]) is not nn.Conv2d:
-            return _activate_(op(x) + x, "lrelu")
+            return activate(op(x) + x, "lrelu", inplace=True)
         y, i = x, 0
         while i < len(layers) - 1:
             m = layers[i]
@@ -182,24 +152,26 @@ class FusedInference(nn.Module):
                 y, i = self.conv(m, y), i + 1
         return self.conv(layers[-1], y, "lrelu", add=x)
 
-    def _esa(self, esa: nn.Module, x):
-        if type(esa) is not ESA:
-            return esa(x)
-        c1_ = self.conv(esa.conv1, x)
-        c1 = self.conv(esa.conv2, c1_)
-        v_max = F.max_pool2d(c1, kernel_size=7, stride=3)
-        v_range = self.conv(esa.conv_max, v_max, "relu")
-        c3 = self.conv(esa.conv3, v_range, "relu")
-        c3 = self.conv(esa.conv3_, c3)
-        c3 = F.interpolate(c3, (x.size(2), x.size(3)), mode="bilinear", align_corners=False)
-        return x * self.conv(esa.conv4, self.conv(esa.conv_f, c1_, add=c3), "sigmoid")
+    # ------------------------------------------------------------------ the network
+    def _forward(self, x):
+        net = self.net
+        fea = self.conv(net.fea_conv, x)
+        outs = []
+        for i, cell in enumerate(net.cells()):
+            if i < 2:
+                inp = fea if i == 0 else outs[0]
+            else:
+                inp = self._block(getattr(net, f"c{i + 1}"), net.input_parts(i, outs))
+            # the cell and its ESA run their fixed layers through this object's conv/step/conv_cat
+            outs.append(cell(inp, layers=self) if type(cell) is DistillCell else cell(inp))
+        out = self._block(net.cout, outs)
+        up_conv, shuffle = net.upsampler
+        y = self.conv(up_conv, self.conv(net.LR_conv, out, add=fea))
+        return shuffle(y).contiguous()
 
-
-def _activate_(y, act: str):
-    if act == "lrelu":
-        return F.leaky_relu_(y, LRELU_SLOPE)
-    if act == "relu":
-        return torch.relu_(y)
-    if act == "sigmoid":
-        return torch.sigmoid_(y)
-    return y
+    def _block(self, block: nn.Sequential, parts):
+        """conv_block (1x1 conv + LeakyReLU) over the concatenation of ``parts``."""
+        conv, act = block
+        if not (isinstance(act, nn.LeakyReLU) and act.negative_slope == LRELU_SLOPE):
+            return block(torch.cat(parts, 1))
+        return self.conv_cat(conv, parts, "lrelu")

@@ -131,9 +131,13 @@ class DerivedNet(_SRNet):
                 m.depthwise = mode
         return self
 
-    def cell_input(self, i, outs):
+    def input_parts(self, i, outs):
+        """The two predecessor outputs cell ``i`` (0-based, >= 2) reads, in order."""
         a, b = self.genotype.inputs[i - 2]
-        return torch.cat([outs[a], outs[b]], 1)
+        return [outs[a], outs[b]]
+
+    def cell_input(self, i, outs):
+        return torch.cat(self.input_parts(i, outs), 1)
 
     def run_cell(self, i, cell, inp):
         return cell(inp)

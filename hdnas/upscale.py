@@ -47,6 +47,7 @@ import torch.nn.functional as F
 from torch import nn
 from tqdm import tqdm
 
+from hdnas.cell import PLAIN
 from hdnas.data.io import IMAGE_EXTENSIONS
 from hdnas.genotype import NAMED, Genotype, GenotypeError
 from hdnas.inference import FusedInference
@@ -155,13 +156,15 @@ class FramedESA(nn.Module):
         super().__init__()
         self.esa, self.frame = esa, frame
 
-    def forward(self, x):
+    accepts_layers = True  # the cell passes its layer executor on (hdnas.cell.Layers)
+
+    def forward(self, x, layers=PLAIN):
         e = self.esa
         if self.frame.oy % ALIGN or self.frame.ox % ALIGN:
             raise TileError(f"tile origin ({self.frame.oy}, {self.frame.ox}) is not on a multiple "
                             f"of {ALIGN}")
         return e(x, resize=lambda c3, x: _global_bilinear(c3, self.frame, x.shape[-2],
-                                                           x.shape[-1]))
+                                                           x.shape[-1]), layers=layers)
 
 
 @contextlib.contextmanager
