@@ -87,6 +87,7 @@ class Train(Loop):
         self.data = PatchSampler(cache, s, cfg.patch, indices, seed=cfg.seed,
                                  skip_bad=cfg.skip_bad_images)
         self.model = DerivedNet(self.genotype).to(self.device)
+        self.fused = inference.FusedInference(self.model)  # validation's path on a CPU
         self.loss_fn = SRLoss(cfg.hfen)
         self.opt = torch.optim.Adam(self.model.parameters(), lr=cfg.lr, betas=(0.9, 0.999),
                                     weight_decay=cfg.weight_decay)
@@ -98,12 +99,9 @@ class Train(Loop):
 
     def inference_model(self) -> torch.nn.Module:
         """Validation on a CPU runs the fused oneDNN path (hdnas.inference; the same numbers up
-        to summation order); elsewhere the network itself."""
-        if self.device.type != "cpu" or not inference.available():
-            return self.model
-        if getattr(self, "_fused", None) is None or self._fused.net is not self.model:
-            self._fused = inference.FusedInference(self.model)
-        return self._fused
+        to summation order; it keeps its packed weights between validations); elsewhere the
+        network itself."""
+        return self.fused if self.device.type == "cpu" and inference.available() else self.model
 
     def start_data(self, start: int, end: int) -> None:
         self.batches = self.loader(self.data, range(start, end))
