@@ -51,7 +51,6 @@ from hdnas.cell import PLAIN
 from hdnas.data.io import IMAGE_EXTENSIONS
 from hdnas.genotype import NAMED, Genotype, GenotypeError
 from hdnas.inference import FusedInference
-from hdnas.inference import available as inference_available
 from hdnas.network import DerivedNet
 from hdnas.official import WeightsError, load_weights
 from hdnas.space import get_op
@@ -223,8 +222,7 @@ def upscale_tensor(model: DerivedNet, x: torch.Tensor, tile: int = 0, overlap: i
     ``overlap`` defaulting to the receptive radius. ``fused``: on a CPU, run the network through
     ``hdnas.inference.FusedInference`` (oneDNN convs with fused epilogues; the same numbers up
     to summation order; it runs the plain network where it cannot serve, e.g. under --amp)."""
-    run = FusedInference(model) if fused and x.device.type == "cpu" and inference_available() \
-        else model
+    run = FusedInference(model) if fused else model  # it runs ``model`` itself off the CPU
     s = model.scale
     h, w = x.shape[-2:]
     if min(h, w) < MIN_LR:
