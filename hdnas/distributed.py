@@ -184,8 +184,17 @@ class Dist:
                 raise RuntimeError(f"ranks out of sync {what}: {name} differs between rank "
                                    f"{self.rank} and rank {r} ({len(diff)} tensors differ)")
 
-    def close(self) -> None:
+    def close(self, sync: bool = False) -> None:
+        """Tear the process group down. ``sync`` (a run that ended normally): first wait until
+        every rank got here, so that no rank closes its connections while another is still
+        in its last collective or writing (seen once in CI: a rank that left early died with
+        SIGABRT, "terminate called without an active exception", inside gloo's teardown)."""
         if self.enabled and dist.is_initialized():
+            if sync:
+                try:
+                    dist.barrier()
+                except Exception:  # noqa: BLE001 - a rank that failed already said why
+                    pass
             dist.destroy_process_group()
 
 

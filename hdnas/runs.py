@@ -483,8 +483,11 @@ def cli_main(argv, loop_cls, cfg_cls, presets: dict, prog: str, doc: str,
     except (ValueError, RuntimeError) as e:
         print(f"error: cannot start the distributed run: {e}", file=sys.stderr)
         return 2
+    ended = False
     try:
-        return _run(args, d, loop_cls, cfg_cls, presets, adjust_config)
+        code = _run(args, d, loop_cls, cfg_cls, presets, adjust_config)
+        ended = True
+        return code
     except ValueError as e:  # DataError, SearchSpaceError, GenotypeError, bad settings
         print(f"error: {e}", file=sys.stderr)
         return 2
@@ -494,7 +497,7 @@ def cli_main(argv, loop_cls, cfg_cls, presets: dict, prog: str, doc: str,
             return 1
         raise
     finally:
-        d.close()
+        d.close(sync=ended)
 
 
 def _read_resume(run_dir: Path) -> tuple[dict, dict]:
