@@ -7,7 +7,8 @@ oneDNN path (hdnas.evaluate's --backend choices).
 
 The network is the released beta21 architecture at x2 (randomly initialised: the timing does not
 depend on the weights). Inputs: one 256x256 LR image and the first ``--images`` LR images of
-each of ../shared/data/Set5 and Set14 (skipped if missing). All modes run in the same process,
+each of ../shared/data/Set5 and Set14 (skipped if missing); ``--four-sets`` adds random inputs of
+B100's and Urban100's LR sizes and projects a whole four-set evaluation (219 images) per mode. All modes run in the same process,
 interleaved, best of ``--reps`` after one warm-up, under ``torch.no_grad`` as hdnas.evaluate does.
 "Equal numbers" is checked on every input: the largest difference of the SR outputs (0..255
 scale) and the share of 8-bit pixels that differ after rounding.
@@ -38,14 +39,25 @@ from hdnas.network import DerivedNet  # noqa: E402
 SHARED = Path(__file__).resolve().parents[2] / "shared" / "data"
 
 
-def inputs(n_images: int):
+# LR sizes (x2) standing in for the two large standard sets that ../shared does not hold: every
+# B100 image is 481x321 (or 321x481) HR; Urban100's HR images average about 1024x760 pixels.
+PROXIES = {"B100": ((240, 160), 100), "Urban100": ((512, 380), 100)}
+
+
+def _random_lr(w: int, h: int) -> torch.Tensor:
+    """A smooth-ish random LR image (8x8-pixel blocks), 0..255 like an 8-bit one."""
+    base = torch.rand(1, 3, max(1, h // 8), max(1, w // 8)) * 255
+    return torch.nn.functional.interpolate(base, size=(h, w), mode="bilinear")
+
+
+def inputs(n_images: int, proxies: bool = False):
     from hdnas.data.io import load_rgb
 
     torch.manual_seed(0)
-    # a smooth-ish random 256x256 image (8x8 blocks), 0..255 like an 8-bit LR image
-    base = torch.rand(1, 3, 32, 32) * 255
-    out = [("random 256x256", torch.nn.functional.interpolate(base, size=(256, 256),
-                                                              mode="bilinear"))]
+    out = [("random 256x256", _random_lr(256, 256))]
+    if proxies:
+        out += [(f"random {w}x{h} ({s}-sized)", _random_lr(w, h))
+                for s, ((w, h), _) in PROXIES.items()]
     for s in ("Set5", "Set14"):
         files = sorted((SHARED / s).glob("*_LR.png"))[:n_images]
         for f in files:
@@ -62,8 +74,15 @@ def main(argv=None):
     p.add_argument("--clock", choices=CLOCK, default="wall",
                    help="wall: elapsed time; cpu: CPU time of the process (1-thread runs on a "
                         "shared machine)")
+    p.add_argument("--four-sets", action="store_true",
+                   help="also time random inputs of B100's and Urban100's LR sizes and project "
+                        "the time of evaluating all four standard sets at x2 (219 images): the "
+                        "Set5/Set14 images measured (all of them: --images is raised to 14), "
+                        "B100 and Urban100 as 100 images each of their proxy size")
     p.add_argument("--out", default=None, help="append the markdown here")
     a = p.parse_args(argv)
+    if a.four_sets:
+        a.images = max(a.images, 14)
     clock = CLOCK[a.clock]
     if not native.available("cpu"):
         raise SystemExit(f"native kernels unavailable: {native_build.error('cpu')}")
@@ -82,10 +101,10 @@ def main(argv=None):
         "channels_last": (netcl, "torch", torch.channels_last, "torch channels_last"),
         "fused": (fused, None, torch.contiguous_format, "fused (oneDNN epilogues, NHWC)")}
     others = [m for m in modes if m != "torch"]
-    rows, totals = [], {}
+    rows, totals, projected = [], {}, {}
     for nt in a.threads:
         torch.set_num_threads(nt)
-        for name, x in inputs(a.images):
+        for name, x in inputs(a.images, a.four_sets):
             res, ys = {m: [] for m in modes}, {}
             with torch.no_grad():
                 for rep in range(a.reps + 1):
@@ -98,8 +117,11 @@ def main(argv=None):
                         if rep:
                             res[mode].append(clock() - t)
             best = {m: min(v) for m, v in res.items()}
+            count = next((n for s, (_, n) in PROXIES.items() if f"({s}-sized)" in name),
+                         1 if name.startswith("Set") else 0)
             for m, t in best.items():
                 totals[(nt, m)] = totals.get((nt, m), 0.0) + t
+                projected[(nt, m)] = projected.get((nt, m), 0.0) + count * t
             cells = []
             for m in others:
                 diff = (ys["torch"] - ys[m]).abs().max().item()
@@ -113,6 +135,13 @@ def main(argv=None):
         rows.append(f"| {nt} | **all of the above** | "
                     + " | ".join(f"{totals[(nt, m)] * 1e3:.0f}" for m in modes) + " | "
                     + " | ".join(f"**{tt / totals[(nt, m)]:.2f}x**" for m in others) + " |")
+        if a.four_sets:
+            pt = projected[(nt, "torch")]
+            rows.append(f"| {nt} | four sets x2 (Set5/Set14 measured, 100 + 100 proxies), "
+                        "projected, **minutes** | "
+                        + " | ".join(f"{projected[(nt, m)] / 60:.1f}" for m in modes) + " | "
+                        + " | ".join(f"**{pt / projected[(nt, m)]:.2f}x**" for m in others)
+                        + " |")
     titles = [modes[m][3] for m in modes]
     ratio_titles = [f"torch / {m}" + (" (max abs diff on 0..255, 8-bit pixels that differ)"
                                       if i == 0 else " (same)") for i, m in enumerate(others)]

@@ -38,7 +38,7 @@ sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."
 
 from hdnas import allocator, machine, native_build  # noqa: E402
 from hdnas.mixed import MixedOp, get_backend  # noqa: E402
-from hdnas.mixed import native  # noqa: E402
+from hdnas.mixed import dense, native  # noqa: E402
 from hdnas.mixed.primitives import grouped_dw_ref  # noqa: E402
 from hdnas.space import DLSR_PRIMITIVES  # noqa: E402
 
@@ -168,6 +168,9 @@ def step_isolated(N, C, H, reps, backend, threads, isa="auto", rules=RULES):
     if r.returncode != 0:
         return None, f"failed (rc {r.returncode}{', out of memory?' if r.returncode in (-9, 137) else ''})"
     d = json.loads(r.stdout.strip().splitlines()[-1])
+    if d.get("dense"):
+        print(f"  {backend}[{isa}]: merged dense conv route(s) chosen: {', '.join(d['dense'])}",
+              flush=True)
     if backend == "native" and isa != "auto" and d["isa"] != isa:
         return None, f"ran the {d['isa']} kernels, not {isa}"
     return {rule: {"weight": min(v["weight"]), "arch": min(v["arch"]),
@@ -185,7 +188,8 @@ def _step_child(args):
         raise SystemExit(2)
     res = step_case(N, C, H, reps, backend, rules)
     isa = native_build.isa() if backend == "native" else None
-    print(json.dumps({"rules": res, "isa": isa}))
+    routes = sorted({v for v in dense.choices().values()})
+    print(json.dumps({"rules": res, "isa": isa, "dense": routes}))
 
 
 _load, _cpu_name, _vector_isa = machine.load_average, machine.cpu_model, machine.vector_isa
@@ -272,8 +276,13 @@ def main(argv=None):
                    help="search-step processes (every backend alike): tuned = hdnas.allocator's "
                         "setting, which the search command uses; default = glibc's default, "
                         "whose page faults cost large-batch steps seconds of system time")
+    p.add_argument("--dense", choices=("auto", "direct", "fft"), default=None,
+                   help="HDNAS_DENSE_CONV for every process: the merged dense conv's route "
+                        "(default: the environment's, else auto = timed per shape)")
     p.add_argument("--out", default=None, help="write the markdown here (appended)")
     a = p.parse_args(argv)
+    if a.dense:
+        os.environ["HDNAS_DENSE_CONV"] = a.dense
     set_clock(a.clock)
     _malloc["mode"] = a.malloc
     if not native.available("cpu"):
@@ -292,7 +301,8 @@ def main(argv=None):
              f"{time.strftime('%Y-%m-%d %H:%M UTC', time.gmtime())}; load average at start "
              f"{_load()}; times in ms ({a.clock} clock), best of the interleaved repetitions "
              f"(reps {a.reps}, search step reps {a.step_reps}, one warm-up each); search-step "
-             f"processes with the {a.malloc} malloc setting", ""]
+             f"processes with the {a.malloc} malloc setting; merged dense conv route "
+             f"{os.environ.get('HDNAS_DENSE_CONV', 'auto')}", ""]
     print(lines[0], flush=True)
     rows = []
     for nt, N in [(nt, N) for nt in a.threads for N in a.batch]:

@@ -367,7 +367,19 @@ class Result:
                 f"  spec: {self.case.to_json()}")
 
 
-def compare(got: dict, truth: dict, mag: dict, dtype) -> tuple[float, list[str]]:
+def _scale(m: torch.Tensor, bound: str) -> torch.Tensor:
+    """The magnitude each element's error is measured against: its own (``elementwise``) or
+    the largest of its tensor (``normwise``: for routes whose round-off spreads across a tensor,
+    such as the FFT dense conv of hdnas.mixed.dense)."""
+    if bound == "elementwise":
+        return m
+    if bound != "normwise":
+        raise ValueError(f"bound {bound!r}: expected elementwise or normwise")
+    return m.amax().expand_as(m) if m.numel() else m
+
+
+def compare(got: dict, truth: dict, mag: dict, dtype,
+            bound: str = "elementwise") -> tuple[float, list[str]]:
     """(worst |got - truth| / (u * mag) over all tensors, [one line per tensor out of bound])."""
     u = unit_roundoff(dtype)
     worst, bad = 0.0, []
@@ -382,7 +394,7 @@ def compare(got: dict, truth: dict, mag: dict, dtype) -> tuple[float, list[str]]
             continue
         g64 = g.detach().to("cpu", torch.float64)
         err = (g64 - want).abs()
-        m = mag[name]
+        m = _scale(mag[name], bound)
         ratio = torch.where(m > 0, err / (u * m), torch.where(err == 0, 0.0, math.inf))
         ratio = torch.where(torch.isnan(ratio), math.inf, ratio)  # NaN in got
         r = ratio.max().item() if ratio.numel() else 0.0
@@ -408,7 +420,7 @@ def _reference():
     return REF
 
 
-def truth_of(case: Case):
+def truth_of(case: Case, bound: str = "elementwise"):
     """(values, truth, magnitudes, attempts, kink margin) with values redrawn until no computed
     pre-activation is within KINK_ULPS of zero (see the module docstring); after MAX_ATTEMPTS
     draws, the draw with the largest margin (a mismatch report then names the margin)."""
@@ -422,7 +434,7 @@ def truth_of(case: Case):
         mag, _ = run_backend(ref, case, values, torch.float64, "cpu", absolute=True, probe=pre_mag)
         margin = math.inf
         for v, m in zip(pre, pre_mag):
-            r = v.abs() / (u * m)
+            r = v.abs() / (u * _scale(m, bound))
             r = r[v != 0]  # an exact zero (all its terms are zero) is zero in every backend
             if r.numel():
                 margin = min(margin, r.min().item())
@@ -434,8 +446,9 @@ def truth_of(case: Case):
 
 
 def run_case(seed: int, index: int, backend, device="cpu", size: str | None = None,
-             case: Case | None = None) -> Result:
-    """Check one backend (a registered name or a Backend object) on case ``index``."""
+             case: Case | None = None, bound: str = "elementwise") -> Result:
+    """Check one backend (a registered name or a Backend object) on case ``index``; ``bound``:
+    each element against its own magnitude (default) or against its tensor's largest."""
     b = get_backend(backend) if isinstance(backend, str) else backend
     size = size or default_size(b.name, device)
     case = case or make_case(seed, index, size)
@@ -444,7 +457,7 @@ def run_case(seed: int, index: int, backend, device="cpu", size: str | None = No
     why = b.unsupported_reason(case.ops, torch.device(device), dtype)
     if why is not None:
         return Result(case, b.name, device, "skipped", why)
-    values, truth, mag, attempts, margin = truth_of(case)
+    values, truth, mag, attempts, margin = truth_of(case, bound)
     res = Result(case, b.name, device, "ok", attempts=attempts, kink_margin=margin)
     try:
         got, modified = run_backend(b, case, values, dtype, device)
@@ -453,7 +466,7 @@ def run_case(seed: int, index: int, backend, device="cpu", size: str | None = No
         res.detail = f"{type(e).__name__}: {e}".strip().replace("\n", "\n  ")
         res.seconds = time.perf_counter() - t0
         return res
-    res.worst_ulps, bad = compare(got, truth, mag, dtype)
+    res.worst_ulps, bad = compare(got, truth, mag, dtype, bound)
     if modified:
         bad.append(f"inputs modified in place: {', '.join(modified)}")
     if bad:

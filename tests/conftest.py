@@ -3,6 +3,11 @@ check happens at decoration time), so it is set here, at collection, when there 
 import os
 
 os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
+# The merged dense conv's route is otherwise chosen per shape by timing (hdnas.mixed.dense), so
+# which route a test ran would depend on the machine and its load. The suite pins the direct
+# route, whose round-off the conformance bounds hold elementwise; tests/test_dense.py tests the
+# FFT route (norm-wise bound) and the timed choice on their own.
+os.environ.setdefault("HDNAS_DENSE_CONV", "direct")
 try:
     import torch
 

@@ -4,7 +4,8 @@
 families without running the candidates one by one:
 
 1. dense convs ('conv'): ``sum_k w_k conv_k(x) = conv(x, W)`` with ``W = sum_k w_k pad(K_k)``
-   (one dense conv at the largest kernel size). In ``distill_step`` the distillation 1x1
+   (one dense conv at the largest kernel size, ``primitives.dense_conv``: the native set may
+   run it by FFT, hdnas.mixed.dense). In ``distill_step`` the distillation 1x1
    (``c_d``, with bias) is appended to ``W`` as C/2 extra output channels only when the dense
    kernel is 1x1: zero-padded into a 7x7 it would cost 49x its MACs (+50% on the whole dense
    conv at C/2 extra channels, measured 1.0x instead of 1.3x for a CPU step) to save one 1M
@@ -228,7 +229,7 @@ class DecomposedBackend(Backend):
                 out = F.conv2d(xc, Wcat.to(cdt), bias, padding=K // 2)
                 y, d = out[:, :C], out[:, C:]
             else:
-                y = F.conv2d(xc, Wd.to(cdt), padding=K // 2)
+                y = self.primitives.dense_conv(xc, Wd.to(cdt))
         if distill is not None and d is None:
             bias = None if distill.bias is None else distill.bias.to(cdt)
             d = F.conv2d(xc, distill.weight.to(cdt), bias)

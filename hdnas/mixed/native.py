@@ -28,6 +28,7 @@ import torch
 from torch._subclasses.fake_tensor import is_fake
 
 from hdnas import native_build
+from hdnas.mixed import dense
 from hdnas.mixed.base import BackendError, register_backend
 from hdnas.mixed.merged import DecomposedBackend, plan_of
 from hdnas.mixed.primitives import Primitives, check_dw_args
@@ -278,8 +279,9 @@ def mixed_dw(x, weights, kernels, ksizes, dilations, relu_input: bool, skip_weig
     return y
 
 
-#: The C++/CUDA primitives (``--fused`` on a CPU uses these).
-NATIVE_PRIMITIVES = Primitives("native", grouped_dw, mixed_dw)
+#: The C++/CUDA depthwise primitives (``--fused`` on a CPU uses these), with the merged dense
+#: conv by FFT where that is measured faster (hdnas.mixed.dense).
+NATIVE_PRIMITIVES = Primitives("native", grouped_dw, mixed_dw, dense.dense_conv)
 
 
 class NativeBackend(DecomposedBackend):

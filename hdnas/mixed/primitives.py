@@ -21,6 +21,8 @@ from typing import Callable
 import torch
 import torch.nn.functional as F
 
+from hdnas.mixed.dense import conv_same
+
 
 def _kernel(kernels, g, k):
     kmax = kernels.shape[-1]
@@ -76,12 +78,14 @@ def mixed_dw_ref(x, weights, kernels, ksizes, dilations, relu_input: bool, skip_
 
 @dataclass(frozen=True)
 class Primitives:
-    """A set of depthwise primitives: two functions with the signatures of the twins above.
-    The stock set is the twins themselves (PyTorch convs)."""
+    """A set of primitives: two depthwise functions with the signatures of the twins above, and
+    the merged dense conv (``dense_conv(x, w)``: 'same' padding, stride 1; twin
+    ``hdnas.mixed.dense.conv_same``). The stock set is the twins themselves (PyTorch convs)."""
 
     name: str = "torch"
     grouped_dw: Callable = grouped_dw_ref
     mixed_dw: Callable = mixed_dw_ref
+    dense_conv: Callable = conv_same
 
 
 TORCH_PRIMITIVES = Primitives()
