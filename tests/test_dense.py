@@ -39,6 +39,18 @@ def test_fft_equals_direct_in_fp64(shape):
         torch.testing.assert_close(got, want, rtol=1e-10, atol=1e-10 * want.abs().max().item())
 
 
+def test_fft_gradient_of_one_input_alone():
+    """Only x needs a gradient (a frozen weight), or only w (a first layer's input)."""
+    torch.manual_seed(5)
+    x, w = torch.randn(3, 4, 9, 7, dtype=torch.float64), torch.randn(5, 4, 5, 5, dtype=torch.float64)
+    g = torch.randn(3, 5, 9, 7, dtype=torch.float64)
+    for which in (0, 1):
+        ins = [x.clone().requires_grad_(which == 0), w.clone().requires_grad_(which == 1)]
+        got = torch.autograd.grad(conv_same_fft(*ins), ins[which], g)[0]
+        want = torch.autograd.grad(conv_same(*ins), ins[which], g)[0]
+        torch.testing.assert_close(got, want, rtol=1e-10, atol=1e-10)
+
+
 def _normwise_ulps(got, x, w, g):
     """Largest |error| of each fp32 result (y, dx, dw) against the fp64 twin, in units of u times
     the largest magnitude (the twin on |x|, |w|, |g|) of that tensor."""
