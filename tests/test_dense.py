@@ -249,3 +249,27 @@ def test_native_supernet_with_fft_route_matches_the_reference(nat, monkeypatch):
     torch.testing.assert_close(outs[1][0], outs[0][0], rtol=1e-10, atol=1e-10)
     for (name, _), a, b in zip(ref.named_parameters(), outs[0][1], outs[1][1]):
         torch.testing.assert_close(b, a, rtol=1e-8, atol=1e-10, msg=name)
+
+
+def test_search_command_takes_the_timed_route(nat, tmp_path, monkeypatch):
+    """``python -m hdnas.search --backend native`` with the default route: the dense conv's
+    route is decided by timing and the run completes with finite losses."""
+    import csv
+    import math
+
+    from hdnas.search import main as search_main
+
+    monkeypatch.setenv("HDNAS_DENSE_CONV", "auto")
+    monkeypatch.setenv("HDNAS_CACHE_DIR", str(tmp_path / "cache"))
+    monkeypatch.setattr(dense, "_choices", {})
+    args = ["--channels", "8", "--cells", "3", "--batch", "4", "--patch", "32", "--steps", "2",
+            "--warmup", "0", "--ops", "conv_1x1", "conv_7x7", "sep_conv_3x3", "--log-every", "1",
+            "--val-every", "0", "--quiet", "--threads", "1", "--backend", "native",
+            "--out", str(tmp_path / "run")]
+    assert search_main(args) == 0
+    decided = dense.choices()
+    assert decided and set(decided.values()) <= {"fft", "direct"}
+    assert all(k[1][-1] == 7 and k[3] for k in decided)  # the 7x7 merged kernel, with backward
+    with (tmp_path / "run" / "history.csv").open() as f:
+        rows = list(csv.DictReader(f))
+    assert len(rows) == 2 and all(math.isfinite(float(r["loss_train"])) for r in rows)

@@ -12,8 +12,10 @@ with ``Lh >= H + K//2`` (and ``Lw >= W + K//2``) so that the circular convolutio
 zero-padded linear one on the H x W outputs, and ``K_f`` the DFT of the kernel taken straight
 from its K x K taps by two small DFT-matrix products (no padded kernel planes are transformed).
 At C = 48, 32 x 32 patches, K = 7 that is about 1/18 of the direct conv's real MACs; the FFTs
-and two layout transposes of X_f and Y_f are the rest. The gradients come from autograd
-through these ops (all differentiable), so they are exact up to round-off. The round-off of the
+and two layout transposes of X_f and Y_f are the rest. The backward (``_FFTConv``) is the same
+algebra transposed: dx is the 'same' conv of the output gradient with the transposed, flipped
+kernel, dW is ``X_f^H G_f`` per bin taken back to the taps, so the gradients are exact up to
+round-off; only x and W are saved, as the direct conv saves them. The round-off of the
 FFT route is bounded norm-wise (about ``eps * log2(Lh Lw)`` times the norms) rather than per
 output; measured on random data it is 5-8x *smaller* than the direct conv's largest error
 (fp32, C = 48, against fp64).
@@ -23,8 +25,8 @@ and a batch of at least 2 (a GEMM of one row per bin is slow); which one runs is
 per shape by timing both (forward, plus backward when autograd is on) on random data of that
 shape, as ``torch.backends.cudnn.benchmark`` does, because which is faster depends on the CPU
 (oneDNN's direct conv runs near the FMA peak, which differs far more between CPUs than the FFT
-route does). ``HDNAS_DENSE_CONV=direct|fft|auto`` (default auto) forces a route (``fft``: for every fp32/fp64 call, on any device); ``choices()``
-lists the decisions made so far. ``conv_same`` is the plain twin (``F.conv2d``).
+route does). ``HDNAS_DENSE_CONV=direct|fft|auto`` (default auto) forces a route (``fft``: every
+fp32/fp64 call, on any device); ``choices()`` lists the decisions made so far. ``conv_same`` is the plain twin (``F.conv2d``).
 """
 from __future__ import annotations
 
