@@ -31,6 +31,7 @@ fp32/fp64 call, on any device); ``choices()`` lists the decisions made so far. `
 from __future__ import annotations
 
 import functools
+import logging
 import math
 import os
 import threading
@@ -46,6 +47,7 @@ __all__ = ["conv_same", "conv_same_fft", "dense_conv", "fft_size", "route", "cho
 FFT_MIN_K = 5       # at K = 3 the direct conv is 9 taps: measured 1.4x faster than the FFT route
 FFT_MIN_BATCH = 2   # the per-bin GEMM has N rows; at N = 1 it is a slow batched GEMV
 _ROUTES = ("auto", "direct", "fft")
+log = logging.getLogger("hdnas")
 _choices: dict[tuple, str] = {}
 _lock = threading.Lock()
 
@@ -230,6 +232,10 @@ def _decide(x: torch.Tensor, w: torch.Tensor) -> str:
         hit = "fft" if fft < direct else "direct"
         with _lock:
             _choices[key] = hit
+        log.info("dense conv %s x %s (%s%s): %s (timed: direct %.1f ms, FFT %.1f ms; "
+                 "HDNAS_DENSE_CONV forces one)", tuple(x.shape), tuple(w.shape),
+                 str(x.dtype).replace("torch.", ""), ", fwd+bwd" if backward else ", fwd", hit,
+                 direct * 1e3, fft * 1e3)
     return hit
 
 
