@@ -7,9 +7,10 @@ oneDNN path (hdnas.evaluate's --backend choices).
 
 The network is the released beta21 architecture at x2 (randomly initialised: the timing does not
 depend on the weights). Inputs: one 256x256 LR image and the first ``--images`` LR images of
-each of ../shared/data/Set5 and Set14 (skipped if missing); ``--four-sets`` adds random inputs of
-B100's and Urban100's LR sizes and projects a whole four-set evaluation (219 images) per mode. All modes run in the same process,
-interleaved, best of ``--reps`` after one warm-up, under ``torch.no_grad`` as hdnas.evaluate does.
+each of ../shared/data/Set5 and Set14 (skipped if missing); ``--four-sets`` adds random inputs
+of B100's and Urban100's LR sizes and projects a whole four-set evaluation (219 images) per
+mode. All modes run in the same process, interleaved, best of ``--reps`` after one warm-up,
+under ``torch.no_grad`` as hdnas.evaluate does.
 "Equal numbers" is checked on every input: the largest difference of the SR outputs (0..255
 scale) and the share of 8-bit pixels that differ after rounding.
 """
@@ -51,18 +52,19 @@ def _random_lr(w: int, h: int) -> torch.Tensor:
 
 
 def inputs(n_images: int, proxies: bool = False):
+    """(label, LR tensor, how many images of a four-set evaluation it stands for)."""
     from hdnas.data.io import load_rgb
 
     torch.manual_seed(0)
-    out = [("random 256x256", _random_lr(256, 256))]
+    out = [("random 256x256", _random_lr(256, 256), 0)]
     if proxies:
-        out += [(f"random {w}x{h} ({s}-sized)", _random_lr(w, h))
-                for s, ((w, h), _) in PROXIES.items()]
+        out += [(f"random {w}x{h} ({s}-sized)", _random_lr(w, h), n)
+                for s, ((w, h), n) in PROXIES.items()]
     for s in ("Set5", "Set14"):
         files = sorted((SHARED / s).glob("*_LR.png"))[:n_images]
         for f in files:
             lr = load_rgb(f, as_tensor=True, gray="replicate").float()[None]
-            out.append((f"{s} {f.name.split('_SRF')[0]} {lr.shape[-1]}x{lr.shape[-2]}", lr))
+            out.append((f"{s} {f.name.split('_SRF')[0]} {lr.shape[-1]}x{lr.shape[-2]}", lr, 1))
     return out
 
 
@@ -104,7 +106,7 @@ def main(argv=None):
     rows, totals, projected = [], {}, {}
     for nt in a.threads:
         torch.set_num_threads(nt)
-        for name, x in inputs(a.images, a.four_sets):
+        for name, x, count in inputs(a.images, a.four_sets):
             res, ys = {m: [] for m in modes}, {}
             with torch.no_grad():
                 for rep in range(a.reps + 1):
@@ -117,8 +119,6 @@ def main(argv=None):
                         if rep:
                             res[mode].append(clock() - t)
             best = {m: min(v) for m, v in res.items()}
-            count = next((n for s, (_, n) in PROXIES.items() if f"({s}-sized)" in name),
-                         1 if name.startswith("Set") else 0)
             for m, t in best.items():
                 totals[(nt, m)] = totals.get((nt, m), 0.0) + t
                 projected[(nt, m)] = projected.get((nt, m), 0.0) + count * t

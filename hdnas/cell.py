@@ -130,6 +130,6 @@ class DistillCell(nn.Module):
             distilled.append(d)
         parts = distilled + [layers.conv(self.c4, x, "lrelu")]
         y = layers.conv_cat(self.c5, parts) if backend is None else backend.fuse_concat(parts, self.c5)
-        if layers is PLAIN or not getattr(self.esa, "accepts_layers", False):
-            return self.esa(y)
-        return self.esa(y, layers=layers)
+        if getattr(self.esa, "accepts_layers", False):
+            return self.esa(y, layers=layers)
+        return self.esa(y)  # a module put in place of the ESA

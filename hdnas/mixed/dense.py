@@ -26,7 +26,8 @@ per shape by timing both (forward, plus backward when autograd is on) on random 
 shape, as ``torch.backends.cudnn.benchmark`` does, because which is faster depends on the CPU
 (oneDNN's direct conv runs near the FMA peak, which differs far more between CPUs than the FFT
 route does). ``HDNAS_DENSE_CONV=direct|fft|auto`` (default auto) forces a route (``fft``: every
-fp32/fp64 call, on any device); ``choices()`` lists the decisions made so far. ``conv_same`` is the plain twin (``F.conv2d``).
+fp32/fp64 call, on any device); ``choices()`` lists the decisions made so far. ``conv_same``
+is the plain twin (``F.conv2d``).
 """
 from __future__ import annotations
 
@@ -73,21 +74,28 @@ def fft_size(n: int) -> int:
 def _dft_mats(K: int, Lh: int, Lw: int, dtype: torch.dtype, device: torch.device):
     """``Eu[u, a] = exp(2 pi i u (a - P) / Lh)`` (Lh x K) and ``EvT[v, b]`` likewise over the
     Lw // 2 + 1 half-spectrum columns: the spectrum of a K x K correlation kernel centred at P,
-    from its taps. Made in float64, then cast."""
+    from its taps; and their adjoints for the weight gradient, ``Eu^H`` and ``S = EvT^H diag(m)``
+    with m the adjoint scaling of irfft2 (1 / (Lh Lw); twice that for the half-spectrum columns
+    that stand for two conjugate bins, as torch's irfft backward counts them). Made in float64,
+    then cast."""
     P = K // 2
     cdt = torch.complex128 if dtype == torch.float64 else torch.complex64
     a = torch.arange(K, dtype=torch.float64) - P
     u = torch.arange(Lh, dtype=torch.float64)
-    v = torch.arange(Lw // 2 + 1, dtype=torch.float64)
+    V = Lw // 2 + 1
+    v = torch.arange(V, dtype=torch.float64)
     Eu = torch.polar(torch.ones(Lh, K, dtype=torch.float64), 2 * math.pi * u[:, None] * a / Lh)
-    EvT = torch.polar(torch.ones(len(v), K, dtype=torch.float64), 2 * math.pi * v[:, None] * a / Lw)
-    return Eu.to(device, cdt), EvT.to(device, cdt)
+    EvT = torch.polar(torch.ones(V, K, dtype=torch.float64), 2 * math.pi * v[:, None] * a / Lw)
+    m = torch.full((V,), 2.0 / (Lh * Lw), dtype=torch.float64)
+    m[0] = 1.0 / (Lh * Lw)
+    if Lw % 2 == 0:
+        m[-1] = 1.0 / (Lh * Lw)
+    return tuple(t.to(device, cdt) for t in (Eu, EvT, Eu.conj().T, EvT.conj().T * m))
 
 
-def _transpose(z: torch.Tensor, perm: tuple[int, ...]) -> torch.Tensor:
-    """``z.permute(perm).contiguous()`` (a complex tensor's own copy: measured 2-5x faster than
-    one through its real view, whose innermost dimension of 2 defeats the copy loop)."""
-    return z.permute(*perm).contiguous()
+def _fft_dtypes(x: torch.Tensor, w: torch.Tensor) -> bool:
+    """torch.fft has no half-precision CPU kernels: fp32/fp64 only, x and w alike."""
+    return x.dtype in (torch.float32, torch.float64) and w.dtype == x.dtype
 
 
 def _check(x: torch.Tensor, w: torch.Tensor) -> None:
@@ -96,14 +104,13 @@ def _check(x: torch.Tensor, w: torch.Tensor) -> None:
     if I2 != I or K != K2 or K % 2 == 0:
         raise ValueError(f"conv_same_fft: weight {tuple(w.shape)} does not fit input "
                          f"{tuple(x.shape)} (need (O, {I}, K, K), K odd)")
-    if x.dtype not in (torch.float32, torch.float64) or w.dtype != x.dtype:
+    if not _fft_dtypes(x, w):
         raise ValueError(f"conv_same_fft: fp32/fp64 only, got {x.dtype} and {w.dtype}")
 
 
 def _grid(x: torch.Tensor, w: torch.Tensor):
     H, W, K = x.shape[-2], x.shape[-1], w.shape[-1]
-    Lh, Lw = fft_size(H + K // 2), fft_size(W + K // 2)
-    return Lh, Lw, Lw // 2 + 1
+    return fft_size(H + K // 2), fft_size(W + K // 2)
 
 
 def _spectrum(x: torch.Tensor, Lh: int, Lw: int, adjoint: bool = False) -> torch.Tensor:
@@ -111,8 +118,8 @@ def _spectrum(x: torch.Tensor, Lh: int, Lw: int, adjoint: bool = False) -> torch
     transpose, (bins, C, N)."""
     N, C = x.shape[:2]
     if not adjoint:
-        return _transpose(torch.fft.rfft2(x, s=(Lh, Lw)), (3, 2, 0, 1)).view(-1, N, C)
-    z = _transpose(torch.fft.rfft2(x, s=(Lh, Lw)), (3, 2, 1, 0))
+        return torch.fft.rfft2(x, s=(Lh, Lw)).permute(3, 2, 0, 1).contiguous().view(-1, N, C)
+    z = torch.fft.rfft2(x, s=(Lh, Lw)).permute(3, 2, 1, 0).contiguous()
     torch.view_as_real(z)[..., 1].neg_()
     return z.view(-1, C, N)
 
@@ -123,7 +130,7 @@ def _kernel_spectrum(w: torch.Tensor, Lh: int, Lw: int) -> torch.Tensor:
     between (a batched GEMM per column frequency instead measured 3x slower: its inner
     dimension is K)."""
     O, I, K, _ = w.shape
-    Eu, EvT = _dft_mats(K, Lh, Lw, w.dtype, w.device)
+    Eu, EvT, _, _ = _dft_mats(K, Lh, Lw, w.dtype, w.device)
     wr = w.permute(2, 3, 1, 0).reshape(K, K * I * O).to(Eu.dtype)              # a, (b i o)
     T = torch.matmul(Eu, wr).view(Lh, K, I * O).transpose(0, 1).contiguous()   # b, u, (i o)
     return torch.matmul(EvT, T.view(K, Lh * I * O)).view(-1, I, O)             # (v u), i, o
@@ -131,27 +138,20 @@ def _kernel_spectrum(w: torch.Tensor, Lh: int, Lw: int) -> torch.Tensor:
 
 def _kernel_spectrum_grad(dK: torch.Tensor, w: torch.Tensor, Lh: int, Lw: int) -> torch.Tensor:
     """The weight gradient from ``dK = X_f^H G_f`` (bins, I, O), G_f the plain rfft2 of the output
-    gradient: the adjoint of irfft2 + crop (1 / (Lh Lw), and the half-spectrum columns that stand
-    for two conjugate bins counted twice, as torch's irfft backward does) and of
-    ``_kernel_spectrum``, folded into its two small DFT matrices."""
+    gradient: the adjoint of irfft2 + crop and of ``_kernel_spectrum``, both folded into its two
+    small DFT matrices (``_dft_mats``)."""
     O, I, K, _ = w.shape
-    V = Lw // 2 + 1
-    Eu, EvT = _dft_mats(K, Lh, Lw, w.dtype, w.device)
-    m = torch.full((V,), 2.0 / (Lh * Lw), dtype=w.dtype, device=w.device)
-    m[0] = 1.0 / (Lh * Lw)
-    if Lw % 2 == 0:
-        m[-1] = 1.0 / (Lh * Lw)
-    S = EvT.conj().T * m                                                        # b, v
-    gT = torch.matmul(S, dK.reshape(V, Lh * I * O)).view(K, Lh, I * O)         # b, u, (i o)
+    _, _, EuH, S = _dft_mats(K, Lh, Lw, w.dtype, w.device)
+    gT = torch.matmul(S, dK.reshape(S.shape[1], Lh * I * O)).view(K, Lh, I * O)   # b, u, (i o)
     gT = gT.transpose(0, 1).reshape(Lh, K * I * O)                              # u, (b i o)
-    gw = torch.matmul(Eu.conj().T, gT).real                                     # a, (b i o)
+    gw = torch.matmul(EuH, gT).real                                             # a, (b i o)
     return gw.reshape(K, K, I, O).permute(3, 2, 0, 1).contiguous()
 
 
 def _output(Yf: torch.Tensor, Lh: int, Lw: int, H: int, W: int) -> torch.Tensor:
     """irfft2 of (bins (v u), N, O) and the H x W crop."""
     _, N, O = Yf.shape
-    y = torch.fft.irfft2(_transpose(Yf.view(-1, Lh, N, O), (2, 3, 1, 0)), s=(Lh, Lw))
+    y = torch.fft.irfft2(Yf.view(-1, Lh, N, O).permute(2, 3, 1, 0).contiguous(), s=(Lh, Lw))
     return y[..., :H, :W]
 
 
@@ -164,7 +164,7 @@ class _FFTConv(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx, x, w):
-        Lh, Lw, _ = _grid(x, w)
+        Lh, Lw = _grid(x, w)
         ctx.save_for_backward(x, w)
         Yf = torch.bmm(_spectrum(x, Lh, Lw), _kernel_spectrum(w, Lh, Lw))
         return _output(Yf, Lh, Lw, x.shape[-2], x.shape[-1]).contiguous()
@@ -174,7 +174,7 @@ class _FFTConv(torch.autograd.Function):
     def backward(ctx, gy):
         x, w = ctx.saved_tensors
         need_x, need_w = ctx.needs_input_grad[:2]
-        Lh, Lw, V = _grid(x, w)
+        Lh, Lw = _grid(x, w)
         Gf = _spectrum(gy.contiguous(), Lh, Lw)                                   # bins, N, O
         gx = gw = None
         if need_x:
@@ -202,8 +202,8 @@ def route() -> str:
 
 
 def _eligible(x: torch.Tensor, w: torch.Tensor) -> bool:
-    return (x.device.type == "cpu" and x.dtype in (torch.float32, torch.float64)
-            and w.dtype == x.dtype and w.shape[-1] >= FFT_MIN_K and x.shape[0] >= FFT_MIN_BATCH)
+    return (x.device.type == "cpu" and _fft_dtypes(x, w) and w.shape[-1] >= FFT_MIN_K
+            and x.shape[0] >= FFT_MIN_BATCH)
 
 
 def _time(fn, x, w, backward: bool, reps: int = 2) -> float:
@@ -243,7 +243,7 @@ def dense_conv(x: torch.Tensor, w: torch.Tensor) -> torch.Tensor:
     """``conv_same(x, w)`` by the route ``HDNAS_DENSE_CONV`` names, or in ``auto`` by the faster
     one measured for this shape (FFT only where it is eligible, see the module doc)."""
     r = route()
-    if r == "fft" and x.dtype in (torch.float32, torch.float64) and w.dtype == x.dtype:
+    if r == "fft" and _fft_dtypes(x, w):
         return conv_same_fft(x, w)
     if r == "auto" and _eligible(x, w) and _decide(x, w) == "fft":
         return conv_same_fft(x, w)
