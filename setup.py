@@ -116,7 +116,8 @@ setup(
     python_requires=">=3.10",
     # csrc/ ships as hdnas/csrc (data, not Python): a non-editable install builds the native
     # library from it just in time when the wheel has none (or one for another CPU)
-    packages=["hdnas", "hdnas.mixed", "hdnas.darts", "hdnas.data", "hdnas.kernels",
+    packages=["hdnas", "hdnas.model", "hdnas.mixed", "hdnas.infer", "hdnas.io", "hdnas.data",
+              "hdnas.eval", "hdnas.nas", "hdnas.darts", "hdnas.engine", "hdnas.testing", "hdnas.kernels",
               "hdnas.csrc", "hdnas.csrc.cpu", "hdnas.csrc.cuda"],
     package_dir={"hdnas.kernels": "kernels", "hdnas.csrc": "csrc"},
     package_data={"hdnas.data": ["default/*/*.png", "default/*.md"],

@@ -1,6 +1,6 @@
 """CPU benchmark: evaluation (inference) of a derived network, stock PyTorch ("torch", NCHW)
 against its depthwise convs on the native kernels (``DerivedNet.set_depthwise("native")``),
-against stock PyTorch in channels-last memory format and against ``hdnas.inference``'s fused
+against stock PyTorch in channels-last memory format and against ``hdnas.infer.fused``'s fused
 oneDNN path (hdnas.evaluate's --backend choices).
 
     OMP_WAIT_POLICY=PASSIVE python bench/bench_eval.py --threads 1 2 --out bench/results/cpu_step.md
@@ -32,10 +32,10 @@ sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 
 from bench_native import CLOCK, _cpu_name, _load, _vector_isa  # noqa: E402
 from hdnas import native_build  # noqa: E402
-from hdnas.genotype import BETA21  # noqa: E402
-from hdnas.inference import FusedInference  # noqa: E402
+from hdnas.model.genotype import BETA21  # noqa: E402
+from hdnas.infer.fused import FusedInference  # noqa: E402
 from hdnas.mixed import native  # noqa: E402
-from hdnas.network import DerivedNet  # noqa: E402
+from hdnas.model.network import DerivedNet  # noqa: E402
 
 SHARED = Path(__file__).resolve().parents[2] / "shared" / "data"
 
@@ -53,7 +53,7 @@ def _random_lr(w: int, h: int) -> torch.Tensor:
 
 def inputs(n_images: int, proxies: bool = False):
     """(label, LR tensor, how many images of a four-set evaluation it stands for)."""
-    from hdnas.data.io import load_rgb
+    from hdnas.io.images import load_rgb
 
     torch.manual_seed(0)
     out = [("random 256x256", _random_lr(256, 256), 0)]

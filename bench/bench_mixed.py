@@ -20,7 +20,7 @@ import pytest
 import torch
 
 from hdnas.mixed import MixedOp, available_backends, get_backend
-from hdnas.space import DLSR_PRIMITIVES
+from hdnas.model.space import DLSR_PRIMITIVES
 
 DEVICE = torch.device("cuda" if torch.cuda.is_available() else "cpu")
 _default_shape = "64,48,32,32" if DEVICE.type == "cuda" else "16,48,32,32"

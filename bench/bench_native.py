@@ -15,7 +15,7 @@ names the CPU model, its vector ISA and the kernel variant measured:
 * one DLSR mixed op (9 candidates, C=48) forward + backward;
 * the search step of SuperNet(C=48) as hdnas.search's train_step does it, per update rule
   (``--rules``; joint, darts1, darts2): the weight step (forward, backward to the weights, Adam)
-  and the architecture step of hdnas.architect.Architect (joint: L_train + L_val; darts1:
+  and the architecture step of hdnas.nas.architect.Architect (joint: L_train + L_val; darts1:
   L_val; darts2: the unrolled hypergradient), timed separately, on distinct train and arch
   batches, with the peak RSS of the process. Each backend runs in a fresh process (at batch 64
   two supernets do not fit in 23 GB together); rounds alternate the backends.
@@ -36,11 +36,12 @@ import torch.nn.functional as F  # noqa: E402
 
 sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."))
 
-from hdnas import allocator, machine, native_build  # noqa: E402
+from hdnas import machine, native_build
+from hdnas.engine import allocator  # noqa: E402
 from hdnas.mixed import MixedOp, get_backend  # noqa: E402
 from hdnas.mixed import dense, native  # noqa: E402
 from hdnas.mixed.primitives import grouped_dw_ref  # noqa: E402
-from hdnas.space import DLSR_PRIMITIVES  # noqa: E402
+from hdnas.model.space import DLSR_PRIMITIVES  # noqa: E402
 
 ST1 = ((3, 5, 7, 3, 5), (1, 1, 1, 2, 2))
 ST2 = ((3, 5, 7), (1, 1, 1))
@@ -51,7 +52,7 @@ ST2 = ((3, 5, 7), (1, 1, 1))
 #: waiting for a core). Set by --clock (and passed to the step subprocesses).
 CLOCK = {"wall": time.perf_counter, "cpu": time.process_time}
 _clock = time.perf_counter
-_malloc = {"mode": "tuned"}  # hdnas.allocator setting of the search-step processes
+_malloc = {"mode": "tuned"}  # hdnas.engine.allocator setting of the search-step processes
 
 
 def set_clock(name: str) -> None:
@@ -128,13 +129,13 @@ def step_case(N, C, H, reps, backend, rules=RULES, scale=2):
     and arch batches. Returns {rule: {"weight": [s], "arch": [s], "peak_rss_gib": peak so far}}."""
     import resource
 
-    from hdnas.architect import Architect
-    from hdnas.network import SuperNet
+    from hdnas.nas.architect import Architect
+    from hdnas.model.network import SuperNet
 
     torch.manual_seed(0)
     train = (torch.rand(N, 3, H, H), torch.rand(N, 3, H * scale, H * scale))
     val = (torch.rand(N, 3, H, H), torch.rand(N, 3, H * scale, H * scale))
-    net = SuperNet(C=C, backend=backend)
+    net = SuperNet(C=C, backend=get_backend(backend))
     wopt = torch.optim.Adam(net.weight_parameters(), lr=1e-4)
     weights = net.weight_parameters()
 
@@ -273,7 +274,7 @@ def main(argv=None):
                    help="wall: elapsed time; cpu: CPU time of the process (all threads), "
                         "for 1-thread runs on a machine shared with other jobs")
     p.add_argument("--malloc", choices=("tuned", "default"), default="tuned",
-                   help="search-step processes (every backend alike): tuned = hdnas.allocator's "
+                   help="search-step processes (every backend alike): tuned = hdnas.engine.allocator's "
                         "setting, which the search command uses; default = glibc's default, "
                         "whose page faults cost large-batch steps seconds of system time")
     p.add_argument("--dense", choices=("auto", "direct", "fft"), default=None,

@@ -17,7 +17,7 @@ import torch
 from hdnas import machine
 from hdnas.mixed import MixedOp, available_backends, get_backend
 from hdnas.mixed.base import check_mixed_inputs
-from hdnas.space import DLSR_PRIMITIVES
+from hdnas.model.space import DLSR_PRIMITIVES
 
 
 def _best(fn, calls, rounds):

@@ -64,7 +64,7 @@ sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."
 
 from hdnas import machine  # noqa: E402
 from hdnas.mixed import MixedOp, available_backends, get_backend  # noqa: E402
-from hdnas.space import DLSR_PRIMITIVES, OPS, get_op  # noqa: E402
+from hdnas.model.space import DLSR_PRIMITIVES, OPS, get_op  # noqa: E402
 
 DEFAULT_SEED = 20240608
 WEIGHTINGS = ("softmax", "raw", "onehot", "zero")

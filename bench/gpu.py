@@ -58,7 +58,7 @@ from pathlib import Path
 import torch
 
 from hdnas.mixed import available_backends, get_backend
-from hdnas.space import DLSR_PRIMITIVES
+from hdnas.model.space import DLSR_PRIMITIVES
 
 from bench import gpu_check, gpu_time
 from bench.gpu_time import Budget

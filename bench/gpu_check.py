@@ -41,7 +41,7 @@ from torch import nn
 from hdnas.mixed import MixedOp, get_backend
 from hdnas.mixed.merged import DecomposedBackend
 from hdnas.mixed.primitives import TORCH_PRIMITIVES
-from hdnas.space import DLSR_PRIMITIVES
+from hdnas.model.space import DLSR_PRIMITIVES
 
 UNIT_ROUNDOFF = {torch.float64: 2.0 ** -53, torch.float32: 2.0 ** -24,
                  torch.bfloat16: 2.0 ** -8, torch.float16: 2.0 ** -11}
@@ -277,7 +277,7 @@ def op_cases(shape, modes, op_names=DLSR_PRIMITIVES, prefix="") -> list[CheckCas
 def supernet_case(C, cells, N, H, W, modes) -> CheckCase:
     """A whole SuperNet forward and backward: the output and the gradient of every weight and
     of alpha/beta (random alpha/beta so the op weights differ)."""
-    from hdnas.network import SuperNet
+    from hdnas.model.network import SuperNet
 
     def build(device, seed):
         gen = torch.Generator().manual_seed(seed)

@@ -19,7 +19,7 @@ import torch
 from hdnas.mixed import MixedOp, get_backend
 from hdnas.mixed.merged import DecomposedBackend
 from hdnas.mixed.primitives import TORCH_PRIMITIVES
-from hdnas.space import DLSR_PRIMITIVES
+from hdnas.model.space import DLSR_PRIMITIVES
 
 from bench import bytes_model
 from bench.gpu_check import DARTS_DW, ST1, ST2
@@ -261,18 +261,18 @@ def _mixed_case(step, bwd, op_names=DLSR_PRIMITIVES):
 
 def search_step_case(rule, cells=6):
     """One whole search step on a SuperNet (C, ``cells`` cells, x2): the weight step (forward, SR loss,
-    backward into the weights, Adam) and the architecture step of ``rule`` (hdnas.architect),
+    backward into the weights, Adam) and the architecture step of ``rule`` (hdnas.nas.architect),
     in the search's order (darts1: architecture first), timed as two parts. Inputs rotate over
     a few random (LR, HR) batches; each part ends with the loss read back to the host, as the
     search does."""
-    from hdnas.architect import Architect
-    from hdnas.losses import SRLoss
-    from hdnas.network import SuperNet
+    from hdnas.nas.architect import Architect
+    from hdnas.nas.losses import SRLoss
+    from hdnas.model.network import SuperNet
 
     def build(backend, shape, device, dtype):
         N, C, H, W = shape
         torch.manual_seed(0)
-        model = SuperNet(C, cells, 2, DLSR_PRIMITIVES, backend=backend).to(device)
+        model = SuperNet(C, cells, 2, DLSR_PRIMITIVES, backend=get_backend(backend)).to(device)
         loss_fn = SRLoss(0.2)
         weights = model.weight_parameters()
         w_opt = torch.optim.Adam(weights, lr=5e-4)

@@ -8,7 +8,7 @@ Protocol (docs/method.md §6): PSNR/SSIM on Y (BT.601, MATLAB ``rgb2ycbcr``), sh
 SR output clamped and rounded to 8 bits, MATLAB-style SSIM; LR from the set's files or made by
 the MATLAB-exact ``imresize``; HR cropped to a multiple of the scale. Grey images are replicated
 to RGB for the model (EDSR's loader; the convention of the tiny checkpoint's reference scores).
-Params and Multi-Adds are counted by hooks for a 1280x720 output (``hdnas.complexity``).
+Params and Multi-Adds are counted by hooks for a 1280x720 output (``hdnas.model.complexity``).
 
 ``--bicubic`` scores bicubic upscaling instead of a model. Its default protocol ``matlab-y``
 is the one behind the published "Bicubic" rows: the Y channel of HR (``rgb2ycbcr`` on uint8, so
@@ -28,7 +28,7 @@ when it is a terminal (``--progress`` / ``--no-progress`` force it).
 
 ``--weights`` is read with torch's safe loader; a file it refuses (a pickled module, anything
 naming other Python objects) stops with an error unless ``--trust-pickle`` allows the full
-unpickler, which can run code stored in the file (``hdnas.official``).
+unpickler, which can run code stored in the file (``hdnas.io.official``).
 """
 from __future__ import annotations
 
@@ -43,93 +43,18 @@ import numpy as np
 import torch
 from tqdm import tqdm
 
-from hdnas import inference
-from hdnas.complexity import count_params_and_macs, format_count
+from hdnas.infer.run import BACKENDS, prepare_model, self_ensemble, super_resolve
+from hdnas.model.complexity import count_params_and_macs, format_count
 from hdnas.data.benchmark import MIN_LR_SIZE, BenchmarkError, BenchmarkSet
-from hdnas.data.io import ImageError, save_rgb, to_hwc_uint8
-from hdnas.genotype import Genotype, GenotypeError
-from hdnas.imresize import imresize, matlab_round
-from hdnas.metrics import psnr, quantize, rgb_to_y, ssim
-from hdnas.network import DerivedNet
-from hdnas.official import WeightsError, load_weights
+from hdnas.io.images import ImageError, save_rgb, to_hwc_uint8
+from hdnas.model.genotype import Genotype, GenotypeError
+from hdnas.data.imresize import imresize, matlab_round
+from hdnas.eval.metrics import psnr, quantize, rgb_to_y, ssim
+from hdnas.model.network import DerivedNet
+from hdnas.io.official import WeightsError, load_weights
 
 __all__ = ["main", "build_parser", "evaluate_set", "self_ensemble", "super_resolve", "prepare_model",
            "bicubic_matlab_y", "write_tables", "compare_picture"]
-
-
-# --------------------------------------------------------------------------- inference
-def _transforms():
-    """The 8 dihedral transforms as (forward, inverse) on (..., H, W)."""
-    out = []
-    for t in (False, True):
-        for k in range(4):
-            def fwd(x, k=k, t=t):
-                x = x.transpose(-1, -2) if t else x
-                return torch.rot90(x, k, (-2, -1))
-
-            def inv(x, k=k, t=t):
-                x = torch.rot90(x, -k, (-2, -1))
-                return x.transpose(-1, -2) if t else x
-            out.append((fwd, inv))
-    return out
-
-
-@torch.no_grad()
-def self_ensemble(model, lr: torch.Tensor) -> torch.Tensor:
-    """x8 geometric self-ensemble: mean of the inverse-transformed outputs (before rounding)."""
-    acc = None
-    for fwd, inv in _transforms():
-        y = inv(model(fwd(lr)))
-        acc = y if acc is None else acc + y
-    return acc / 8
-
-
-#: --backend: how the derived network runs (the same numbers up to rounding order)
-BACKENDS = {"torch": "stock PyTorch, NCHW", "native": "depthwise convs on the native kernels, NCHW",
-            "channels_last": "stock PyTorch in channels-last (NHWC) memory format",
-            "fused": "oneDNN convolutions with fused activations and residuals, channels-last, "
-                     "no concatenations (CPU; hdnas.inference)",
-            "auto": "fused on a CPU (the fastest measured there), else torch"}
-
-
-def prepare_model(model: DerivedNet, backend: str, device) -> torch.nn.Module:
-    """``model`` set up for inference with ``backend`` (see BACKENDS), on ``device``: the
-    network itself, or a ``FusedInference`` around it (which runs the network as is wherever
-    it cannot serve, e.g. under autograd)."""
-    if backend not in BACKENDS:
-        raise ValueError(f"unknown backend {backend!r}; choose one of {sorted(BACKENDS)}")
-    model = model.eval().to(device)
-    if backend == "auto":
-        backend = "torch" if torch.device(device).type != "cpu" else \
-            "fused" if inference.available() else "channels_last"
-    if backend == "fused":
-        if torch.device(device).type != "cpu" or not inference.available():
-            raise ValueError("backend 'fused' needs a CPU device and a torch build with oneDNN "
-                             f"(device {device}, oneDNN available: {inference.available()})")
-        return inference.FusedInference(
-            model.set_depthwise("torch").to(memory_format=torch.contiguous_format))
-    if backend == "channels_last":
-        return model.set_depthwise("torch").to(memory_format=torch.channels_last)
-    return model.set_depthwise(backend).to(memory_format=torch.contiguous_format)
-
-
-def _memory_format(model) -> torch.memory_format:
-    w = next(model.parameters(), None)
-    if w is not None and w.dim() == 4 and not w.is_contiguous() \
-            and w.is_contiguous(memory_format=torch.channels_last):
-        return torch.channels_last
-    return torch.contiguous_format
-
-
-@torch.no_grad()
-def super_resolve(model, lr_uint8: torch.Tensor, ensemble: bool = False,
-                  device: str = "cpu") -> torch.Tensor:
-    """uint8 (3, h, w) LR -> float (3, H, W) SR in 0..255 (not yet rounded). The input takes
-    the model's memory format (channels-last after ``prepare_model(..., "channels_last")``)."""
-    x = lr_uint8.to(device=device, dtype=torch.float32)[None]
-    x = x.contiguous(memory_format=_memory_format(model))
-    y = self_ensemble(model, x) if ensemble else model(x)
-    return y[0].float().cpu()
 
 
 def bicubic_matlab_y(hr: torch.Tensor, scale: int) -> tuple[float, float]:

@@ -6,7 +6,7 @@
 Writes to ``--out`` (file stem ``--name``, default the genotype's name or ``model``):
 
 * ``NAME.safetensors``: the weights, with the genotype JSON in the header metadata
-  (``hdnas.weights_io``), and ``NAME.genotype.json`` beside it. Every ``--weights`` option reads it.
+  (``hdnas.io.weights``), and ``NAME.genotype.json`` beside it. Every ``--weights`` option reads it.
 * ``NAME.onnx``: opset ``--opset`` (default 17, at least 17), input ``lr`` (N, 3, H, W) float32
   in 0..255, output ``sr`` (N, 3, sH, sW); batch, height and width are dynamic (LR >= 15 px,
   as for the network itself). Made with torch's TorchScript-based exporter (``dynamo=False``:
@@ -34,9 +34,10 @@ from pathlib import Path
 
 import torch
 
-from hdnas.complexity import lr_size_for
-from hdnas.network import DerivedNet
-from hdnas.upscale import UpscaleError, load_model
+from hdnas.model.complexity import lr_size_for
+from hdnas.model.network import DerivedNet
+from hdnas.io import weights as weights_io
+from hdnas.io.models import ModelFileError, load_model
 
 __all__ = ["FORMATS", "export_safetensors", "export_onnx", "export_pt2", "check_onnx", "check_pt2",
            "bench", "main"]
@@ -52,8 +53,6 @@ class ExportError(ValueError):
 
 
 def export_safetensors(model: DerivedNet, out: Path, name: str) -> list[Path]:
-    from hdnas import weights_io
-
     st = weights_io.save_weights(model, model.genotype, out / f"{name}.safetensors")
     js = out / f"{name}.genotype.json"
     model.genotype.save(js)
@@ -196,7 +195,7 @@ def main(argv=None) -> int:
         torch.set_num_threads(args.threads)
     try:
         model = load_model(args.genotype, args.weights, trust_pickle=args.trust_pickle)
-    except UpscaleError as e:
+    except ModelFileError as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
     name = args.name or model.genotype.name or "model"

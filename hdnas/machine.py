@@ -11,6 +11,8 @@ import os
 import platform
 from pathlib import Path
 
+from hdnas.native_build import cpu_features
+
 #: Widest first: (name, the /proc/cpuinfo flags that must all be present).
 _ISAS = (("AVX-512 (F/BW/VL/DQ)", {"avx512f", "avx512bw", "avx512vl", "avx512dq"}),
          ("AVX2+FMA", {"avx2", "fma"}), ("AVX", {"avx"}), ("SSE2", {"sse2"}),
@@ -35,7 +37,6 @@ def cpu_model() -> str:
 
 def cpu_flags() -> frozenset[str]:
     """The CPU's feature flags (``flags`` on x86, ``Features`` on ARM); empty if unknown."""
-    from hdnas.native_build import cpu_features
     return cpu_features()
 
 

@@ -16,16 +16,19 @@ from pathlib import Path
 
 import torch
 
-from hdnas.architect import RULES, Architect
+from hdnas.nas.architect import RULES, Architect
 from hdnas.data.train import DEFAULT_DIR, PatchSampler, split
-from hdnas.genotype import check_scale
-from hdnas.losses import ComplexityPenalty, SRLoss
+from hdnas.model.genotype import check_scale
+from hdnas.nas.losses import ComplexityPenalty, LatencyPenalty, SRLoss
 from hdnas.mixed import available_backends, resolve_backend
-from hdnas.network import SuperNet
-from hdnas.runs import (VAL_COLUMNS, History, Loop, RunOptions, check_amp, cli_main,
+from hdnas.model.network import SuperNet
+from hdnas.engine.loop import (VAL_COLUMNS, History, Loop, RunOptions, check_amp, cli_main,
                         step_schedule)
-from hdnas.space import DLSR_PRIMITIVES, check_op_set
-from hdnas.visualize import plot_run
+from hdnas.model.space import DLSR_PRIMITIVES, check_op_set
+from hdnas.engine.plots import plot_run
+from hdnas.io import weights as weights_io
+from hdnas.nas.budget import fixed_cost
+from hdnas import native_build
 
 log = logging.getLogger("hdnas")
 
@@ -192,12 +195,10 @@ class Search(Loop):
     def _penalty(self):
         cfg = self.cfg
         if cfg.penalty_kind == "latency":
-            from hdnas.losses import LatencyPenalty
             return LatencyPenalty(cfg.latency_table, cfg.ops, cfg.penalty, cfg.budget_ms,
                                   cfg.channels)
         fixed, pixels = 0.0, 1.0
         if cfg.budget is not None:
-            from hdnas.budget import fixed_cost
             fixed, pixels = fixed_cost(cfg.channels, cfg.cells, cfg.scale, cfg.budget_kind)
         return ComplexityPenalty(cfg.ops, cfg.channels, cfg.penalty, cfg.budget, cfg.budget_kind,
                                  fixed, pixels)
@@ -224,7 +225,6 @@ class Search(Loop):
     def save(self) -> None:
         super().save()
         if self.dist.is_main:
-            from hdnas import weights_io
             self.model.genotype(name=self.run_dir.name).save(self.run_dir / "genotype.json")
             # the supernet's weights (no genotype: they do not fit the derived network)
             weights_io.save_weights(self.model, None, self.run_dir / "supernet.safetensors")
@@ -260,7 +260,6 @@ class Search(Loop):
                if self.val_data else "")
         kern = ""
         if self.backend.name == "native" and self.device.type == "cpu":
-            from hdnas import native_build
             kern = f" (CPU kernels {native_build.isa()})"
         return (f"backend {self.backend.name}{kern} on {self.device}{amp}; {len(self.train_data)} "
                 f"train / {len(self.arch_data)} arch{val} images; supernet "

@@ -17,13 +17,15 @@ from pathlib import Path
 
 import torch
 
-from hdnas import checkpoint, inference, weights_io
+from hdnas.io import checkpoint
+from hdnas.infer import fused as inference
+from hdnas.io import weights as weights_io
 from hdnas.data.train import DEFAULT_DIR, PatchSampler
-from hdnas.genotype import Genotype
-from hdnas.losses import SRLoss
-from hdnas.complexity import count_params
-from hdnas.network import DerivedNet
-from hdnas.runs import (VAL_COLUMNS, History, Loop, RunOptions, check_amp, cli_main,
+from hdnas.model.genotype import Genotype
+from hdnas.nas.losses import SRLoss
+from hdnas.model.complexity import count_params
+from hdnas.model.network import DerivedNet
+from hdnas.engine.loop import (VAL_COLUMNS, History, Loop, RunOptions, check_amp, cli_main,
                         step_schedule)
 
 log = logging.getLogger("hdnas")
@@ -98,7 +100,7 @@ class Train(Loop):
                                ["step", "lr", "loss_train", "sec_per_step"] + VAL_COLUMNS)
 
     def inference_model(self) -> torch.nn.Module:
-        """Validation on a CPU runs the fused oneDNN path (hdnas.inference; the same numbers up
+        """Validation on a CPU runs the fused oneDNN path (hdnas.infer.fused; the same numbers up
         to summation order; it keeps its packed weights between validations); where that
         cannot serve (another device, no oneDNN) it runs the network itself."""
         return self.fused

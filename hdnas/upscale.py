@@ -47,13 +47,13 @@ import torch.nn.functional as F
 from torch import nn
 from tqdm import tqdm
 
-from hdnas.cell import PLAIN
-from hdnas.data.io import IMAGE_EXTENSIONS
-from hdnas.genotype import NAMED, Genotype, GenotypeError
-from hdnas.inference import FusedInference
-from hdnas.network import DerivedNet
-from hdnas.official import WeightsError, load_weights
-from hdnas.space import get_op
+from hdnas.model.cell import PLAIN
+from hdnas.io.images import IMAGE_EXTENSIONS
+from hdnas.model.genotype import Genotype
+from hdnas.infer.fused import FusedInference
+from hdnas.io.models import ModelFileError, load_model
+from hdnas.model.network import DerivedNet
+from hdnas.model.space import get_op
 
 __all__ = ["UpscaleError", "TileError", "ESA_RADIUS", "ALIGN", "MIN_LR", "TILE_TOLERANCE",
            "op_radius", "receptive_radius", "FramedESA", "tile_spans", "upscale_tensor",
@@ -146,7 +146,7 @@ def _global_bilinear(c3: torch.Tensor, frame: Frame, h: int, w: int) -> torch.Te
 
 
 class FramedESA(nn.Module):
-    """``hdnas.cell.ESA`` evaluated on a tile as it is on the whole image: the same layers and
+    """``hdnas.model.cell.ESA`` evaluated on a tile as it is on the whole image: the same layers and
     the same arithmetic, except that the final bilinear upsampling uses the whole image's scale
     and the tile's place in it (``frame``). With the frame of the whole image it equals ESA up
     to float reassociation (tested). It runs ``ESA.forward`` itself with that resize."""
@@ -155,7 +155,7 @@ class FramedESA(nn.Module):
         super().__init__()
         self.esa, self.frame = esa, frame
 
-    accepts_layers = True  # the cell passes its layer executor on (hdnas.cell.Layers)
+    accepts_layers = True  # the cell passes its layer executor on (hdnas.model.cell.Layers)
 
     def forward(self, x, layers=PLAIN):
         e = self.esa
@@ -220,7 +220,7 @@ def upscale_tensor(model: DerivedNet, x: torch.Tensor, tile: int = 0, overlap: i
     """(N, 3, h, w) float LR in 0..255 on the model's device -> (N, 3, s h, s w) float32 SR
     (not clamped). ``tile`` 0: one pass; otherwise tiles as in the module docstring, with
     ``overlap`` defaulting to the receptive radius. ``fused``: on a CPU, run the network through
-    ``hdnas.inference.FusedInference`` (oneDNN convs with fused epilogues; the same numbers up
+    ``hdnas.infer.fused.FusedInference`` (oneDNN convs with fused epilogues; the same numbers up
     to summation order; it runs the plain network where it cannot serve, e.g. under --amp)."""
     run = FusedInference(model) if fused else model  # it runs ``model`` itself off the CPU
     s = model.scale
@@ -350,48 +350,6 @@ def _bicubic_alpha(alpha: np.ndarray, scale: int) -> np.ndarray:
 
 
 # --------------------------------------------------------------------------- model and CLI
-def load_model(genotype=None, weights=None, scale: int | None = None,
-               trust_pickle: bool = False) -> DerivedNet:
-    """The derived network of ``genotype`` (a name, a JSON path, a Genotype, or None: the one
-    stored in a safetensors ``weights`` file) with ``weights``, in eval mode on CPU."""
-    from hdnas import weights_io
-
-    if weights is None:
-        raise UpscaleError("--weights is required (the named networks need their weights too)")
-    stored = None
-    if Path(weights).is_file() and weights_io.is_safetensors(weights):
-        try:
-            stored = weights_io.read_genotype(weights)
-        except weights_io.SafetensorsError as e:
-            raise UpscaleError(str(e)) from None
-    if genotype is None:
-        if stored is None:
-            raise UpscaleError(f"{weights} holds no genotype; give --genotype (a JSON file or "
-                               f"one of {', '.join(NAMED)})")
-        genotype = stored
-    elif not isinstance(genotype, Genotype):
-        try:
-            genotype = Genotype.load(genotype)
-        except GenotypeError as e:
-            raise UpscaleError(str(e)) from None
-    if stored is not None and _arch(stored) != _arch(genotype):
-        raise UpscaleError(f"--genotype {genotype.name or ''} differs from the genotype stored in "
-                           f"{weights} ({stored.to_dict()})")
-    if scale is not None and scale != genotype.scale:
-        raise UpscaleError(f"--scale {scale} does not match the network: the genotype and its "
-                           f"weights are for x{genotype.scale}")
-    try:
-        return load_weights(DerivedNet(genotype), weights, trust_pickle=trust_pickle).eval()
-    except WeightsError as e:
-        raise UpscaleError(str(e)) from None
-
-
-def _arch(g: Genotype) -> dict:
-    d = g.to_dict()
-    d.pop("name"), d.pop("notes")
-    return d
-
-
 def collect_inputs(inputs) -> tuple[list[Path], list[str]]:
     """Image files given directly or found in given folders (sorted), and errors for the rest."""
     files, errors = [], []
@@ -416,7 +374,7 @@ def upscale_file(model: DerivedNet, src: Path, dst: Path, device: torch.device, 
     x = torch.from_numpy(img.rgb).permute(2, 0, 1)[None].to(device)
     try:
         y = upscale_tensor(model, x, tile, overlap, amp, progress, fused)
-    except UpscaleError as e:
+    except (UpscaleError, ModelFileError) as e:
         raise UpscaleError(f"{src}: {e}") from None
     rgb = y[0].permute(1, 2, 0).cpu().numpy()
     alpha = _bicubic_alpha(img.alpha, model.scale) if img.alpha is not None else None
@@ -445,7 +403,7 @@ def build_parser() -> argparse.ArgumentParser:
                    help="run the network under torch.autocast in this precision")
     p.add_argument("--fused", action=argparse.BooleanOptionalAction, default=True,
                    help="on a CPU, run the convolutions through oneDNN with fused activations "
-                        "and residuals (hdnas.inference; the same numbers up to summation order; "
+                        "and residuals (hdnas.infer.fused; the same numbers up to summation order; "
                         "default on)")
     p.add_argument("--tile", type=int, default=0, help="LR tile size in pixels (0: whole image)")
     p.add_argument("--tile-overlap", type=int, default=None,
@@ -476,7 +434,7 @@ def main(argv=None) -> int:
                 warnings.warn(f"--tile-overlap {overlap} is below the receptive radius ({radius} LR "
                               "pixels): tiles will differ slightly from the untiled result "
                               "(docs/deploy.md)", stacklevel=1)
-    except UpscaleError as e:
+    except (UpscaleError, ModelFileError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
     files, errors = collect_inputs(args.inputs)
@@ -493,7 +451,7 @@ def main(argv=None) -> int:
             taken[dst] = src
             upscale_file(model, src, dst, device, args.tile, overlap, args.amp, progress,
                          args.fused)
-        except UpscaleError as e:
+        except (UpscaleError, ModelFileError) as e:
             failed += 1
             tqdm.write(f"error: {e}", file=sys.stderr)
     print(f"wrote {len(files) + len(errors) - failed} image(s) to {out}"

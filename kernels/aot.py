@@ -44,8 +44,8 @@ import time
 from concurrent.futures import ProcessPoolExecutor
 from dataclasses import dataclass, field
 
-#: The depthwise candidates of a DARTS search space (at stride 1, where the Triton kernels run).
-DARTS_DW_OPS = ("sep_conv_3x3", "sep_conv_5x5", "dil_conv_3x3", "dil_conv_5x5")
+from hdnas.kernels import ops
+
 SEARCH_DTYPES = ("fp32", "fp16", "bf16")
 CHECK_DTYPES = ("fp64",)
 #: Bump when the record format or the compile procedure changes (invalidates the cache).
@@ -119,24 +119,6 @@ class Config:
 
 
 # ----------------------------------------------------------------------------- the matrix
-def dw_launch_sites() -> list[tuple[str, int, bool, bool]]:
-    """(use, KMAX, relu_input, shared_input) of every depthwise launch of a DLSR or DARTS
-    search, with the slot sizes computed by the code that launches them."""
-    from hdnas.kernels.ops import union_layout
-    from hdnas.mixed.merged import plan_of
-    from hdnas.space import DLSR_PRIMITIVES
-
-    sites = []
-    for name, ops in (("DLSR", DLSR_PRIMITIVES), ("DARTS", DARTS_DW_OPS)):
-        plan = plan_of(ops)
-        sites.append((f"{name} stage 1 (grouped_dw)", plan.st1_kmax, True, True))
-        sites.append((f"{name} stage 2 (grouped_dw)", plan.st2_kmax, True, False))
-    plan = plan_of(DARTS_DW_OPS)
-    S = union_layout(plan.st1_ksizes, plan.st1_dils, plan.st1_kmax, False)[0]
-    sites.append(("DARTS mixed_dw", S, True, True))
-    return sites
-
-
 def epilogue_variants(dtype: str) -> list[tuple[str, dict]]:
     """(use, flags) of the pw_epilogue forward launches in ``dtype``: one or two terms (HAS2:
     sep and dil candidates both present), with or without the dense-conv output (HAS_ADD).
@@ -154,12 +136,13 @@ def epilogue_variants(dtype: str) -> list[tuple[str, dict]]:
     return out
 
 
-def configs(scope: str = "search") -> list[Config]:
-    """The compile matrix: ``scope`` 'search' (what a search launches, fp32/fp16/bf16: spills
-    fail) or 'all' (plus the same launches in fp64, for checks only)."""
+def configs(sites, scope: str = "search") -> list[Config]:
+    """The compile matrix of the depthwise launch ``sites`` ((use, KMAX, relu_input,
+    shared_input) tuples: what the search code launches, ``hdnas.mixed.launches``) and every
+    epilogue variant: ``scope`` 'search' (what a search launches, fp32/fp16/bf16: spills fail)
+    or 'all' (plus the same launches in fp64, for checks only)."""
     if scope not in ("search", "all"):
         raise ValueError(f"scope must be 'search' or 'all', got {scope!r}")
-    from hdnas.kernels import ops
 
     def split(cfg):
         launch = ("num_warps", "num_stages")
@@ -167,8 +150,8 @@ def configs(scope: str = "search") -> list[Config]:
                 tuple(sorted((k, v) for k, v in cfg.items() if k in launch)))
 
     dtypes = SEARCH_DTYPES + (CHECK_DTYPES if scope == "all" else ())
-    sites: dict = {}
-    for use, K, relu, shared in dw_launch_sites():
+    launch_sites, sites = list(sites), {}
+    for use, K, relu, shared in launch_sites:
         sites.setdefault((K, relu, shared), []).append(use)
     out = []
     for dt in dtypes:
@@ -318,9 +301,9 @@ def compile_one(cfg: Config, arch: int, cuobjdump: str) -> dict:
     return rec
 
 
-def compile_all(cfgs: list[Config] | None = None, arch: int = 90, jobs: int | None = None,
+def compile_all(cfgs: list[Config], arch: int = 90, jobs: int | None = None,
                 use_cache: bool = True, on_record=None) -> list[dict]:
-    """Compile ``cfgs`` (default: ``configs('all')``) for sm_<arch> in ``jobs`` worker
+    """Compile ``cfgs`` (``configs(...)``) for sm_<arch> in ``jobs`` worker
     processes, cached; returns one record per config, in order (see the module docstring),
     calling ``on_record(rec)`` as each arrives. Raises RuntimeError when the toolchain cannot
     run here. ``format_table(records)`` renders them."""
@@ -330,7 +313,7 @@ def compile_all(cfgs: list[Config] | None = None, arch: int = 90, jobs: int | No
     version, cuobjdump = tc
     # triton 3.9's default, made explicit: silences its warning and keeps the cache key stable
     os.environ.setdefault("TRITON_DEFAULT_FP_FUSION", "1")
-    cfgs = configs("all") if cfgs is None else list(cfgs)
+    cfgs = list(cfgs)
     recs: list = [None] * len(cfgs)
     todo = []
     cdir = cache_dir()
@@ -418,7 +401,8 @@ def format_table(recs: list[dict], arch: int = 90, triton_version: str | None = 
     return "\n".join(lines) + "\n"
 
 
-def main(argv=None):
+def main(argv, sites):
+    """The command line over the launch ``sites`` (see ``configs``)."""
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--arch", type=int, default=90)
     p.add_argument("--all", action="store_true", help="also the fp64 (check-only) configs")
@@ -434,7 +418,7 @@ def main(argv=None):
     if isinstance(tc, str):
         print(json.dumps({"error": tc}))
         return 2
-    cfgs = configs("all" if (a.all or a.table) else "search")
+    cfgs = configs(sites, "all" if (a.all or a.table) else "search")
     if a.rotate is not None and not a.table:
         key = a.rotate or rotation_key()
         chosen = set(rotation(cfgs, key))
@@ -457,4 +441,8 @@ def main(argv=None):
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    # run as a program, this module is a command: the launch sites come from the search code
+    # above it (importing hdnas.kernels.aot as a library imports nothing of hdnas)
+    from hdnas.mixed.launches import dw_launch_sites
+
+    sys.exit(main(sys.argv[1:], dw_launch_sites()))

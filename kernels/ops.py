@@ -30,6 +30,8 @@ import torch
 import triton
 
 from hdnas.kernels import dw as _dw
+from hdnas.kernels.checks import check_dw_args
+from hdnas.kernels.stencil import square_taps, union_layout
 
 NS = "hdnas_triton"
 
@@ -277,50 +279,15 @@ dw_taps.register_autograd(_backward, setup_context=_setup)
 
 
 # ----------------------------------------------------------------------------- primitives
-def square_taps(ksizes, kmax):
-    """Tap flags of centred k x k kernels in kmax x kmax slots, flattened (G*kmax*kmax)."""
-    out = []
-    c = kmax // 2
-    for k in ksizes:
-        r = k // 2
-        out += [int(abs(i - c) <= r and abs(j - c) <= r) for i in range(kmax) for j in range(kmax)]
-    return out
-
-
 def grouped_dw(x, kernels, ksizes, dilations, relu_input, shared_input):
-    from hdnas.mixed.primitives import check_dw_args
     check_dw_args(x, kernels, ksizes, dilations, shared_input)
     return dw_taps(x, kernels, square_taps(ksizes, kernels.shape[-1]), list(dilations),
                    bool(relu_input), bool(shared_input))
 
 
-@lru_cache(maxsize=128)
-def union_layout(ksizes: tuple, dilations: tuple, kmax: int, skip_center: bool):
-    """(S, taps, scatter) for merging dilated kernels into one S x S union kernel:
-    scatter[g] is a (kmax*kmax, S*S) 0/1 matrix placing group g's taps at their dilated offsets."""
-    R = max(d * (k // 2) for k, d in zip(ksizes, dilations))
-    S = 2 * R + 1
-    scat = torch.zeros(len(ksizes), kmax * kmax, S * S, dtype=torch.float64)
-    active = [0] * (S * S)
-    c = kmax // 2
-    for g, (k, d) in enumerate(zip(ksizes, dilations)):
-        r = k // 2
-        for i in range(c - r, c + r + 1):
-            for j in range(c - r, c + r + 1):
-                u = (R + (i - c) * d) * S + (R + (j - c) * d)
-                scat[g, i * kmax + j, u] = 1.0
-                active[u] = 1
-    if skip_center:
-        active[R * S + R] = 1
-    return S, tuple(active), scat
-
-
 def mixed_dw(x, weights, kernels, ksizes, dilations, relu_input, skip_weight=None):
-    from hdnas.mixed.primitives import check_dw_args
-    check_dw_args(x, kernels, ksizes, dilations, True)
+    check_dw_args(x, kernels, ksizes, dilations, True, weights)
     G, C, kmax, _ = kernels.shape
-    if weights.dim() != 1 or weights.numel() != G:
-        raise ValueError(f"weights must be a vector of {G}, got {tuple(weights.shape)}")
     fold_skip = skip_weight is not None and not relu_input  # skip = centre tap of W_eff
     S, active, scat = union_layout(tuple(ksizes), tuple(dilations), kmax, fold_skip)
     scat = scat.to(device=x.device, dtype=x.dtype)

@@ -47,3 +47,21 @@ def nat():
             pytest.fail(msg)
         pytest.skip(msg)
     return native
+
+
+@pytest.fixture(autouse=True)
+def _fresh_hdnas_logger():
+    """A run sets up the "hdnas" logger (file handler, no propagation, level INFO); undo that
+    after each test so that the next one's caplog sees the package's records whatever ran
+    before it."""
+    import logging
+
+    log = logging.getLogger("hdnas")
+    state = (log.level, log.propagate, list(log.handlers))
+    yield
+    for h in list(log.handlers):
+        if h not in state[2]:
+            log.removeHandler(h)
+            h.close()
+    log.setLevel(state[0])
+    log.propagate = state[1]

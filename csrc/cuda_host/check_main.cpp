@@ -1,6 +1,6 @@
 // cuda_host_check: a torch-free test program for the host emulation of CUDA (cuda_host.h) and
 // for the CUDA kernels of csrc/cuda run on it.  Built with -fsanitize=address,undefined by
-// hdnas/cuda_host_build.py and run by tests/test_cuda_host*.py.  Exit status 0: passed.
+// hdnas/testing/cuda_host.py and run by tests/test_cuda_host*.py.  Exit status 0: passed.
 //
 //   cuda_host_check emulation NAME [--ucontext]   one self-test of the emulation ("list": names)
 //   cuda_host_check crash-smem-overflow            writes past the dynamic shared memory: ASan

@@ -41,6 +41,7 @@ from torch.utils.checkpoint import checkpoint
 
 from hdnas.darts.operations import (PRIMITIVES, NotRecognised, build_candidates, channel_shuffle,
                                     check_primitives, check_stride, identify_candidate)
+from hdnas.kernels.checks import check_weight_vector
 from hdnas.mixed.primitives import TORCH_PRIMITIVES
 
 BACKENDS = ("reference", "merged", "native", "triton", "fused")
@@ -330,10 +331,8 @@ class MixedOp(nn.Module):
         if self.C is not None and x.shape[1] != self.C:
             raise DartsBackendError(f"mixed op expects {self.C} input channels, got {x.shape[1]}")
         K = len(self._ops)
-        if not isinstance(weights, torch.Tensor) or weights.dim() != 1 or weights.numel() != K:
-            raise DartsBackendError(f"mixed op weights must be a vector of {K} entries (one per "
-                                    f"candidate: {', '.join(self.primitives)}), got "
-                                    f"{tuple(getattr(weights, 'shape', ())) or type(weights).__name__}")
+        check_weight_vector(weights, K, "mixed op weights", DartsBackendError,
+                            f": {', '.join(self.primitives)}")
         if weights.device != x.device:
             raise DartsBackendError(f"weights on {weights.device} but input on {x.device}")
 

@@ -27,6 +27,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from hdnas.nas.architect import Architect
 from hdnas.darts.operations import (PRIMITIVES, FactorizedReduce, PlainMixedOp, ReLUConvBN,
                                     check_primitives)
 from hdnas.darts.weighting import (WEIGHTINGS, edge_weights, gdas_weights, sigmoid_weights,
@@ -118,7 +119,7 @@ class Network(nn.Module):
             self.betas_reduce = nn.Parameter(1e-3 * torch.randn(n_edges))
             self._arch_names += ["betas_normal", "betas_reduce"]
 
-    # -- parameters (DARTS names; hdnas.architect uses weight_parameters/alphas/num_cells) ---
+    # -- parameters (DARTS names; hdnas.nas.architect uses weight_parameters/alphas/num_cells) ---
     def arch_parameters(self):
         return [getattr(self, n) for n in self._arch_names]
 
@@ -191,12 +192,10 @@ class Network(nn.Module):
 
 def make_architect(model: Network, unrolled: bool = False, arch_learning_rate: float = 3e-4,
                    arch_weight_decay: float = 1e-3, weight_decay: float = 3e-4):
-    """DARTS' architect on ``hdnas.architect.Architect``: Adam(3e-4, betas (0.5, 0.999), wd 1e-3) on
+    """DARTS' architect on ``hdnas.nas.architect.Architect``: Adam(3e-4, betas (0.5, 0.999), wd 1e-3) on
     the architecture parameters; first order ('darts1': a step on the validation loss) or second
     order ('darts2': the unrolled hypergradient by finite differences; its virtual step is plain
     SGD with weight decay, without DARTS' momentum term)."""
-    from hdnas.architect import Architect
-
     return Architect(model, model._criterion, rule="darts2" if unrolled else "darts1",
                      lr=arch_learning_rate, betas=(0.5, 0.999), weight_decay=arch_weight_decay,
                      w_weight_decay=weight_decay)

@@ -23,8 +23,8 @@ from pathlib import Path
 
 import torch
 
-from hdnas.data.io import IMAGE_EXTENSIONS, ImageError, load_rgb
-from hdnas.imresize import imresize_uint8
+from hdnas.io.images import IMAGE_EXTENSIONS, ImageError, load_rgb
+from hdnas.data.imresize import imresize_uint8
 
 __all__ = ["BenchmarkError", "BenchmarkSet", "Pair", "find_pairs", "modcrop", "MIN_LR_SIZE"]
 

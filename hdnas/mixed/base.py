@@ -1,40 +1,23 @@
-"""The backend contract, the MixedOp module that holds the candidates, and the registry."""
+"""The backend contract, the registry of backends and the choice among them. The module that holds
+the candidates (``MixedOp``) and the plain computation a backend speeds up (``PlainSteps``) are the
+model's (``hdnas.model.mixed_op``)."""
 from __future__ import annotations
 
 import logging
 import warnings
 
 import torch
-import torch.nn.functional as F
-from torch import nn
 
-from hdnas.space import check_op_set, get_op
+from hdnas.model.mixed_op import BackendError, MixedOp, PlainSteps, check_mixed_inputs
+from hdnas.registry import Registry
 
 log = logging.getLogger("hdnas")
 
-LRELU_SLOPE = 0.05
 
-
-class BackendError(ValueError):
-    """An unknown backend, or bad input given to one."""
-
-
-class MixedOp(nn.Module):
-    """The candidates of one searchable op (the release's ``MixedLayer``)."""
-
-    def __init__(self, C: int, op_names):
-        super().__init__()
-        self.C = C
-        self.op_names = check_op_set(op_names)
-        self.ops = nn.ModuleList(get_op(n).build(C) for n in self.op_names)
-
-    def forward(self, x, weights, backend: "Backend | None" = None):
-        return (backend or get_backend("reference")).mixed_op(x, weights, self)
-
-
-class Backend:
-    """Base backend. Subclasses override ``mixed_op`` and may override ``distill_step`` to share
-    the read of ``x`` between the distilled 1x1 branch and the mixed op."""
+class Backend(PlainSteps):
+    """Base backend: the model's plain steps (``PlainSteps``) plus a name, a priority and what it
+    can serve. Subclasses override ``mixed_op`` and may override ``distill_step`` to share the
+    read of ``x`` between the distilled 1x1 branch and the mixed op."""
 
     name = "base"
     #: higher is preferred by ``--fused`` / "auto"
@@ -60,42 +43,28 @@ class Backend:
         if why is not None:
             raise BackendError(f"backend {self.name!r} cannot compute this mixed op: {why}")
 
-    def mixed_op(self, x, weights, mixed: MixedOp):
-        raise NotImplementedError
-
-    def distill_step(self, x, weights, mixed: MixedOp, distill: nn.Conv2d):
-        """One distillation step: (lrelu(c_d(x)), lrelu(mixed(x) + x))."""
-        d = F.leaky_relu(distill(x), LRELU_SLOPE)
-        r = F.leaky_relu(self.mixed_op(x, weights, mixed) + x, LRELU_SLOPE)
-        return d, r
-
-    def fuse_concat(self, parts, fuse: nn.Conv2d):
-        """``fuse(cat(parts, 1))``: the cell's 1x1 fuse over its distilled parts and r4."""
-        return fuse(torch.cat(parts, dim=1))
-
     def __repr__(self):
         return f"<backend {self.name}>"
 
 
-_REGISTRY: dict[str, Backend] = {}
+#: Every backend by name (one ``Registry``: a second backend of the same name is an error).
+BACKENDS: Registry[Backend] = Registry("backend", BackendError)
 
 
 def register_backend(backend: Backend) -> Backend:
-    _REGISTRY[backend.name] = backend
-    return backend
+    return BACKENDS.register(backend.name, backend)
 
 
 def available_backends() -> list[str]:
-    return sorted(_REGISTRY, key=lambda n: -_REGISTRY[n].priority)
+    return sorted(BACKENDS, key=lambda n: -BACKENDS[n].priority)
 
 
 def get_backend(name: str) -> Backend:
     _load_optional_backends()
-    try:
-        return _REGISTRY[name]
-    except KeyError:
+    if name not in BACKENDS:
         raise BackendError(f"unknown backend {name!r}; available: {', '.join(available_backends())}"
-                           " (or 'fused' for the fastest fused one)") from None
+                           " (or 'fused' for the fastest fused one)")
+    return BACKENDS[name]
 
 
 def _load_optional_backends():
@@ -114,7 +83,7 @@ def resolve_backend(name: str, device, dtype, op_names) -> Backend:
     device = torch.device(device)
     op_names = tuple(op_names)
     if name == "fused":
-        candidates = [b for b in sorted(_REGISTRY.values(), key=lambda b: -b.priority) if b.fused]
+        candidates = [b for b in sorted(BACKENDS.values(), key=lambda b: -b.priority) if b.fused]
     else:
         candidates = [get_backend(name)]
     reasons = []
@@ -123,7 +92,7 @@ def resolve_backend(name: str, device, dtype, op_names) -> Backend:
         if why is None:
             return b
         reasons.append(f"{b.name}: {why}")
-    ref = _REGISTRY["reference"]
+    ref = BACKENDS["reference"]
     warnings.warn(f"backend {name!r} cannot serve {device.type}/{dtype}: {'; '.join(reasons)}; "
                   f"falling back to {ref.name!r}", RuntimeWarning, stacklevel=2)
     return ref
@@ -140,22 +109,3 @@ def amp_dtype(x: torch.Tensor) -> torch.dtype | None:
     if x.dtype == torch.float64 or not torch.is_autocast_enabled(dev):
         return None
     return torch.get_autocast_dtype(dev)
-
-
-def check_mixed_inputs(x, weights, mixed: MixedOp):
-    """Clear errors for bad input, before anything reaches a kernel."""
-    if not isinstance(x, torch.Tensor) or x.dim() != 4:
-        raise BackendError(f"mixed op input must be a 4-D tensor (N, C, H, W), got "
-                           f"{tuple(x.shape) if isinstance(x, torch.Tensor) else type(x).__name__}")
-    if not x.is_floating_point():
-        raise BackendError(f"mixed op input must be floating point, got {x.dtype}")
-    if x.shape[1] != mixed.C:
-        raise BackendError(f"mixed op expects {mixed.C} channels, got {x.shape[1]}")
-    if not isinstance(weights, torch.Tensor) or weights.dim() != 1 or weights.numel() != len(mixed.ops):
-        raise BackendError(f"mixed op weights must be a vector of {len(mixed.ops)} entries (one per "
-                           f"candidate), got shape {tuple(getattr(weights, 'shape', ()))}")
-    if weights.device != x.device:
-        raise BackendError(f"weights on {weights.device} but input on {x.device}")
-    p = next(mixed.parameters(), None)
-    if p is not None and p.device != x.device:
-        raise BackendError(f"op parameters on {p.device} but input on {x.device}")

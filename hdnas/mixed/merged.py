@@ -43,10 +43,10 @@ import contextlib
 import torch
 import torch.nn.functional as F
 
-from hdnas.mixed.base import (LRELU_SLOPE, Backend, BackendError, MixedOp, amp_dtype,
+from hdnas.mixed.base import (Backend, BackendError, MixedOp, amp_dtype,
                               check_mixed_inputs, register_backend)
 from hdnas.mixed.primitives import TORCH_PRIMITIVES, Primitives
-from hdnas.space import get_op
+from hdnas.model.space import LRELU_SLOPE, get_op
 
 FAMILIES = ("conv", "sep", "dil", "skip")
 

@@ -22,7 +22,7 @@ module costs nothing; when it cannot be built, the backend says why (``unsupport
 from __future__ import annotations
 
 import functools
-from dataclasses import dataclass
+import sys
 
 import torch
 from torch._subclasses.fake_tensor import is_fake
@@ -31,7 +31,10 @@ from hdnas import native_build
 from hdnas.mixed import dense
 from hdnas.mixed.base import BackendError, register_backend
 from hdnas.mixed.merged import DecomposedBackend, plan_of
-from hdnas.mixed.primitives import Primitives, check_dw_args
+from hdnas.kernels.checks import check_dw_args
+from hdnas.kernels.stencil import Table as _Table, grouped_table as _grouped_table, union_table as _union_table
+from hdnas.mixed.primitives import Primitives
+from hdnas.model.ops import set_native_depthwise
 
 # Limits of the CUDA kernels (csrc/hdnas_dw.h); the CPU kernels have none.
 CUDA_MAX_GROUPS, CUDA_MAX_TAPS, CUDA_MAX_RADIUS = 8, 96, 8
@@ -155,66 +158,6 @@ def _reason(device_type: str, dtype, G: int, T: int, radius: int) -> str | None:
 # ---------------------------------------------------------------------------------------------
 # Tap tables (cached per kernel-size/dilation set)
 
-@dataclass(frozen=True)
-class _Table:
-    """A tap table as Python data: the 0/1 gather ``[G, KMAX*KMAX, T]`` (its shape and the
-    indices of its ones), the tap offsets, the taps per group and the radius. ``key`` is the
-    value it is built from, so caches keyed by it never confuse two tables (an ``id()`` can be
-    reused once a table is dropped). No tensor is made here, so a first call under
-    FakeTensorMode caches nothing fake."""
-
-    key: tuple  # (kind, ksizes, dilations, kmax)
-    shape: tuple
-    nz: tuple  # (g, k, t) of each one
-    offs: tuple  # (dy, dx) per tap, flattened
-    ntaps: tuple
-    radius: int
-
-
-@functools.lru_cache(maxsize=256)
-def _grouped_table(ksizes: tuple, dilations: tuple, kmax: int) -> _Table:
-    """Each group's k x k (dilated) taps, padded to T = max k*k taps per group."""
-    G = len(ksizes)
-    T = max(k * k for k in ksizes)
-    nz, offs, ntaps, radius = [], [], [], 0
-    for g, (k, d) in enumerate(zip(ksizes, dilations)):
-        o, r = (kmax - k) // 2, k // 2
-        t = 0
-        for i in range(k):
-            for j in range(k):
-                nz.append((g, (o + i) * kmax + o + j, t))
-                offs += [(i - r) * d, (j - r) * d]
-                t += 1
-        offs += [0, 0] * (T - t)
-        ntaps.append(t)
-        radius = max(radius, r * d)
-    return _Table(("grouped", ksizes, dilations, kmax), (G, kmax * kmax, T), tuple(nz),
-                  tuple(offs), tuple(ntaps), radius)
-
-
-@functools.lru_cache(maxsize=256)
-def _union_table(ksizes: tuple, dilations: tuple, kmax: int) -> _Table:
-    """The union stencil of all groups: one group of U distinct taps."""
-    taps = {}
-    for k, d in zip(ksizes, dilations):
-        r = k // 2
-        for i in range(k):
-            for j in range(k):
-                taps.setdefault(((i - r) * d, (j - r) * d), len(taps))
-    nz = []
-    for g, (k, d) in enumerate(zip(ksizes, dilations)):
-        o, r = (kmax - k) // 2, k // 2
-        for i in range(k):
-            for j in range(k):
-                nz.append((g, (o + i) * kmax + o + j, taps[((i - r) * d, (j - r) * d)]))
-    offs = []
-    for (dy, dx), _ in sorted(taps.items(), key=lambda kv: kv[1]):
-        offs += [dy, dx]
-    radius = max(max(abs(dy), abs(dx)) for dy, dx in taps)
-    return _Table(("union", ksizes, dilations, kmax), (len(ksizes), kmax * kmax, len(taps)),
-                  tuple(nz), tuple(offs), (len(taps),), radius)
-
-
 #: The one-hot tables as tensors, keyed by (table.key, device, dtype); at most
 #: ONEHOT_CACHE_SIZE of them (the oldest is dropped first).
 ONEHOT_CACHE_SIZE = 256
@@ -262,9 +205,7 @@ def grouped_dw(x, kernels, ksizes, dilations, relu_input: bool, shared_input: bo
 
 def mixed_dw(x, weights, kernels, ksizes, dilations, relu_input: bool, skip_weight=None):
     """Native ``mixed_dw`` (same contract as ``primitives.mixed_dw_ref``)."""
-    check_dw_args(x, kernels, ksizes, dilations, True)
-    if weights.dim() != 1 or weights.numel() != kernels.shape[0]:
-        raise ValueError(f"weights must be a vector of {kernels.shape[0]}, got {tuple(weights.shape)}")
+    check_dw_args(x, kernels, ksizes, dilations, True, weights)
     ksizes, dilations = tuple(int(k) for k in ksizes), tuple(int(d) for d in dilations)
     G, C, kmax = kernels.shape[0], kernels.shape[1], kernels.shape[-1]
     table = _union_table(ksizes, dilations, kmax)
@@ -300,3 +241,7 @@ class NativeBackend(DecomposedBackend):
 
 NATIVE = register_backend(NativeBackend("native", NATIVE_PRIMITIVES, priority=30,
                                         split_stage1=True))
+
+# the derived network's ops run their depthwise convs on these kernels ("auto"/"native" modes):
+# the model imports no backend, so the backend plugs itself in
+set_native_depthwise(sys.modules[__name__])

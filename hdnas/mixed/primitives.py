@@ -21,6 +21,7 @@ from typing import Callable
 import torch
 import torch.nn.functional as F
 
+from hdnas.kernels.checks import check_dw_args
 from hdnas.mixed.dense import conv_same
 
 
@@ -28,28 +29,6 @@ def _kernel(kernels, g, k):
     kmax = kernels.shape[-1]
     o = (kmax - k) // 2
     return kernels[g, :, o:o + k, o:o + k].unsqueeze(1)  # (C, 1, k, k)
-
-
-def check_dw_args(x, kernels, ksizes, dilations, shared_input):
-    """Clear errors before a kernel sees bad arguments."""
-    if x.dim() != 4:
-        raise ValueError(f"input must be (N, C, H, W), got shape {tuple(x.shape)}")
-    if not x.is_floating_point():
-        raise ValueError(f"input must be floating point, got {x.dtype}")
-    if kernels.dim() != 4 or kernels.shape[-1] != kernels.shape[-2]:
-        raise ValueError(f"kernels must be (G, C, KMAX, KMAX), got {tuple(kernels.shape)}")
-    G, C = kernels.shape[:2]
-    if len(ksizes) != G or len(dilations) != G:
-        raise ValueError(f"{G} kernel groups but {len(ksizes)} ksizes and {len(dilations)} dilations")
-    for k, d in zip(ksizes, dilations):
-        if k % 2 == 0 or not 1 <= k <= kernels.shape[-1] or d < 1:
-            raise ValueError(f"kernel size {k} (must be odd, <= {kernels.shape[-1]}), dilation {d}")
-    want = C if shared_input else G * C
-    if x.shape[1] != want:
-        raise ValueError(f"input has {x.shape[1]} channels, expected {want}")
-    if kernels.device != x.device or kernels.dtype != x.dtype:
-        raise ValueError(f"kernels ({kernels.device}, {kernels.dtype}) and input ({x.device}, "
-                         f"{x.dtype}) differ in device or dtype")
 
 
 def grouped_dw_ref(x, kernels, ksizes, dilations, relu_input: bool, shared_input: bool):
@@ -64,9 +43,7 @@ def grouped_dw_ref(x, kernels, ksizes, dilations, relu_input: bool, shared_input
 
 
 def mixed_dw_ref(x, weights, kernels, ksizes, dilations, relu_input: bool, skip_weight=None):
-    check_dw_args(x, kernels, ksizes, dilations, True)
-    if weights.dim() != 1 or weights.numel() != kernels.shape[0]:
-        raise ValueError(f"weights must be a vector of {kernels.shape[0]}, got {tuple(weights.shape)}")
+    check_dw_args(x, kernels, ksizes, dilations, True, weights)
     y = grouped_dw_ref(x, kernels, ksizes, dilations, relu_input, True)
     N, _, H, W = y.shape
     G, C = kernels.shape[:2]

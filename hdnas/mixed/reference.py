@@ -2,12 +2,13 @@
 from __future__ import annotations
 
 from hdnas.mixed.base import Backend, MixedOp, check_mixed_inputs, register_backend
+from hdnas.model.mixed_op import PLAIN_STEPS
 
 
 def mixed_op_ref(x, weights, mixed: MixedOp):
-    """sum_k w_k * op_k(x), one op at a time."""
+    """sum_k w_k * op_k(x), one op at a time (the model's plain loop, after the input checks)."""
     check_mixed_inputs(x, weights, mixed)
-    return sum(w * op(x) for w, op in zip(weights, mixed.ops))
+    return PLAIN_STEPS.mixed_op(x, weights, mixed)
 
 
 class ReferenceBackend(Backend):

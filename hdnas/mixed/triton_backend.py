@@ -19,9 +19,10 @@ import torch
 import triton  # noqa: F401  (ImportError here: backend not available)
 
 from hdnas.kernels import ops as _ops
-from hdnas.mixed.base import LRELU_SLOPE, register_backend
+from hdnas.mixed.base import register_backend
 from hdnas.mixed.merged import DecomposedBackend
 from hdnas.mixed.primitives import Primitives
+from hdnas.model.space import LRELU_SLOPE
 
 GPU_DTYPES = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
 INTERP_DTYPES = (torch.float16, torch.float32, torch.float64)

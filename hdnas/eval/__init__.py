@@ -1,0 +1,1 @@
+"""Evaluation: PSNR/SSIM on Y (MATLAB conventions) and the benchmark protocol."""

@@ -1,0 +1,1 @@
+"""Files in and out: atomic writes, run checkpoints, safetensors weights, the official DLSR checkpoints, image files."""

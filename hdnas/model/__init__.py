@@ -1,0 +1,1 @@
+"""The model: the search space as data (op specs), the candidate ops, the genotype, the distillation cell, the supernet and the derived network, and their cost counts. It imports no backend, inference, engine or command module (docs/architecture.md)."""

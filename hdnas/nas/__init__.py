@@ -1,0 +1,1 @@
+"""The search method above the model: update rules (architect), losses and complexity/latency costs, budgets."""
