@@ -94,9 +94,14 @@ class ESA(nn.Module):
         return x * layers.conv(self.conv4, layers.conv(self.conv_f, c1_, add=c3), "sigmoid")
 
 
+#: Smallest H (and W) of a network input: the ESA branch runs a conv 3 stride 2 then a max-pool
+#: 7 stride 3, which need at least 15 LR pixels. Every check of an LR size uses this one number.
+MIN_LR_SIZE = 15
+
+
 def esa_min_size() -> int:
-    """Smallest H (and W) the ESA branch accepts: conv 3 stride 2 then max-pool 7 stride 3."""
-    return 15
+    """Smallest H (and W) the ESA branch accepts (``MIN_LR_SIZE``)."""
+    return MIN_LR_SIZE
 
 
 class DistillCell(nn.Module):

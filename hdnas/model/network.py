@@ -6,7 +6,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from hdnas.model.cell import DistillCell, conv_layer
+from hdnas.model.cell import MIN_LR_SIZE, DistillCell, conv_layer
 from hdnas.model.genotype import Genotype, check_scale, derive
 from hdnas.model.mixed_op import MixedOp, PlainSteps
 from hdnas.model.ops import _OpModule, check_depthwise_mode
@@ -46,9 +46,9 @@ class _SRNet(nn.Module):
         if not isinstance(x, torch.Tensor) or x.dim() != 4 or x.shape[1] != 3:
             raise ValueError(f"expected an RGB batch (N, 3, H, W), got "
                              f"{tuple(x.shape) if isinstance(x, torch.Tensor) else type(x).__name__}")
-        if min(x.shape[-2:]) < 15:
+        if min(x.shape[-2:]) < MIN_LR_SIZE:
             raise ValueError(f"input {tuple(x.shape[-2:])} is too small: the ESA attention needs LR "
-                             "images of at least 15x15")
+                             f"images of at least {MIN_LR_SIZE}x{MIN_LR_SIZE}")
 
     def forward(self, x):
         self.check_input(x)
