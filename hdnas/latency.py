@@ -9,6 +9,7 @@ from pathlib import Path
 
 import torch
 
+from hdnas.model.cell import MIN_LR_SIZE
 from hdnas.model.space import DLSR_PRIMITIVES
 from hdnas.nas.latency import measure_table, validate
 
@@ -18,8 +19,9 @@ def _size(text: str) -> tuple[int, int]:
         w, h = (int(v) for v in text.lower().split("x"))
     except ValueError:
         raise argparse.ArgumentTypeError(f"size must be WxH, e.g. 640x360, got {text!r}") from None
-    if min(w, h) < 15:
-        raise argparse.ArgumentTypeError(f"size {text}: the network needs at least 15x15")
+    if min(w, h) < MIN_LR_SIZE:
+        raise argparse.ArgumentTypeError(f"size {text}: the network needs at least "
+                                         f"{MIN_LR_SIZE}x{MIN_LR_SIZE}")
     return h, w
 
 

@@ -9,7 +9,7 @@ default), on a machine without a GPU, and report each config's resource usage.
 The matrix (``configs``) is every (kernel, dtype, constexprs, launch options) tuple that the
 Triton backend launches in a DLSR search (hdnas.mixed.merged's composition over
 ``DLSR_PRIMITIVES``: stage 1 shared-input depthwise, stage 2 per-group depthwise, the fused
-pointwise epilogue) or a DARTS search (``grouped_dw`` and ``mixed_dw`` over ``DARTS_DW_OPS``),
+pointwise epilogue) or a DARTS search (``grouped_dw`` and ``mixed_dw`` over ``hdnas.darts.launches.DARTS_DW_OPS``),
 in fp32 and, under autocast, fp16 and bf16. The slot sizes come from the same code the
 launches use (``plan_of``, ``union_layout``): dilation is applied inside the kernel, so a
 dilated 5x5 sits in a 5-wide slot of ``grouped_dw``, while ``mixed_dw``'s union kernel spans
@@ -138,7 +138,7 @@ def epilogue_variants(dtype: str) -> list[tuple[str, dict]]:
 
 def configs(sites, scope: str = "search") -> list[Config]:
     """The compile matrix of the depthwise launch ``sites`` ((use, KMAX, relu_input,
-    shared_input) tuples: what the search code launches, ``hdnas.mixed.launches``) and every
+    shared_input) tuples: what the search code launches, ``hdnas.darts.launches``) and every
     epilogue variant: ``scope`` 'search' (what a search launches, fp32/fp16/bf16: spills fail)
     or 'all' (plus the same launches in fp64, for checks only)."""
     if scope not in ("search", "all"):
@@ -443,6 +443,6 @@ def main(argv, sites):
 if __name__ == "__main__":
     # run as a program, this module is a command: the launch sites come from the search code
     # above it (importing hdnas.kernels.aot as a library imports nothing of hdnas)
-    from hdnas.mixed.launches import dw_launch_sites
+    from hdnas.darts.launches import dw_launch_sites
 
     sys.exit(main(sys.argv[1:], dw_launch_sites()))

@@ -47,6 +47,18 @@ def _row_pixel_blocks(H, W, BLOCK_S: tl.constexpr):
 
 
 @triton.jit
+def _plane_pixel_block(N, C, H, W, BLOCK_R: tl.constexpr, BLOCK_S: tl.constexpr):
+    """The (n, c) planes and pixels of this forward or dx program: (rmask, n, c, pix, smask,
+    h, w). Rows past N*C are clamped (loads need no row mask; stores use ``rmask``)."""
+    pid_r, pid_s = _row_pixel_blocks(H, W, BLOCK_S)
+    rows = pid_r * BLOCK_R + tl.arange(0, BLOCK_R)      # (n, c) planes
+    rmask = rows < N * C
+    rows = tl.minimum(rows, N * C - 1)
+    pix = pid_s * BLOCK_S + tl.arange(0, BLOCK_S)
+    return rmask, rows // C, rows % C, pix, pix < H * W, pix // W, pix % W
+
+
+@triton.jit
 def _dw_taps_fwd(x_ptr, k_ptr, taps_ptr, dil_ptr, y_ptr,
                  N, C, H, W,
                  sxn, sxc, sxh, sxw,
@@ -56,17 +68,8 @@ def _dw_taps_fwd(x_ptr, k_ptr, taps_ptr, dil_ptr, y_ptr,
     """One program: BLOCK_R (n, c) planes x BLOCK_S pixels. With SHARED, the program computes
     every group from the same input tile (grid axis 1 is 1), so the tile and its halo are
     fetched from DRAM once and re-read from L1 by the other groups' taps."""
-    pid_r, pid_s = _row_pixel_blocks(H, W, BLOCK_S)
+    rmask, n, c, pix, smask, h, w = _plane_pixel_block(N, C, H, W, BLOCK_R, BLOCK_S)
     pid_g = tl.program_id(1)
-    rows = pid_r * BLOCK_R + tl.arange(0, BLOCK_R)      # (n, c) planes
-    rmask = rows < N * C
-    rows = tl.minimum(rows, N * C - 1)                   # clamped: loads need no row mask
-    n = rows // C
-    c = rows % C
-    pix = pid_s * BLOCK_S + tl.arange(0, BLOCK_S)
-    smask = pix < H * W
-    h = pix // W
-    w = pix % W
     KK: tl.constexpr = KMAX * KMAX
     hw_off = (h * sxh + w * sxw)[None, :]
     omask = rmask[:, None] & smask[None, :]
@@ -112,17 +115,8 @@ def _dw_taps_bwd_dx(gy_ptr, x_ptr, k_ptr, taps_ptr, dil_ptr, dx_ptr,
                     ACC: tl.constexpr, BLOCK_R: tl.constexpr, BLOCK_S: tl.constexpr):
     """dx for the input planes of this program: sum over the groups that read them of the
     correlation of gy with the group's kernel (negated tap offsets), times relu'(x)."""
-    pid_r, pid_s = _row_pixel_blocks(H, W, BLOCK_S)
+    rmask, n, c, pix, smask, h, w = _plane_pixel_block(N, C, H, W, BLOCK_R, BLOCK_S)
     pid_g = tl.program_id(1)
-    rows = pid_r * BLOCK_R + tl.arange(0, BLOCK_R)
-    rmask = rows < N * C
-    rows = tl.minimum(rows, N * C - 1)
-    n = rows // C
-    c = rows % C
-    pix = pid_s * BLOCK_S + tl.arange(0, BLOCK_S)
-    smask = pix < H * W
-    h = pix // W
-    w = pix % W
     KK: tl.constexpr = KMAX * KMAX
     if SHARED:
         g_lo = 0

@@ -21,6 +21,22 @@ import triton.language as tl
 
 
 @triton.jit
+def _gemm_term(acc, w_ptr, zp, szc, K, co, comask, pmask, IP: tl.constexpr, ACC: tl.constexpr,
+               BLOCK_K: tl.constexpr):
+    """``acc + W[co, :] @ Z[:, p]`` for one term: W (C, K) row-major, Z's pixel pointers ``zp``
+    (1, BLOCK_P) with channel stride ``szc``; K in blocks of BLOCK_K."""
+    kk = tl.arange(0, BLOCK_K)
+    for k0 in range(0, K, BLOCK_K):
+        k = k0 + kk
+        wt = tl.load(w_ptr + co[:, None] * K + k[None, :], mask=comask[:, None] & (k < K)[None, :],
+                     other=0.)
+        zt = tl.load(zp + k.to(tl.int64)[:, None] * szc, mask=(k < K)[:, None] & pmask[None, :],
+                     other=0.)
+        acc += tl.dot(wt, zt, input_precision=IP, out_dtype=ACC)
+    return acc
+
+
+@triton.jit
 def _epi_fwd(z1_ptr, w1_ptr, z2_ptr, w2_ptr, add_ptr, res_ptr, out_ptr,
              C, K1, K2, H, W,
              sz1n, sz1c, sz1h, sz1w, sz2n, sz2c, sz2h, sz2w,
@@ -36,21 +52,12 @@ def _epi_fwd(z1_ptr, w1_ptr, z2_ptr, w2_ptr, add_ptr, res_ptr, out_ptr,
     pmask = p < H * W
     h = p // W
     w = p % W
-    kk = tl.arange(0, BLOCK_K)
     acc = tl.zeros([BLOCK_CO, BLOCK_P], dtype=ACC)
-    zp = z1_ptr + n * sz1n + (h * sz1h + w * sz1w)[None, :]
-    for k0 in range(0, K1, BLOCK_K):
-        k = k0 + kk
-        wt = tl.load(w1_ptr + co[:, None] * K1 + k[None, :], mask=comask[:, None] & (k < K1)[None, :], other=0.)
-        zt = tl.load(zp + k.to(tl.int64)[:, None] * sz1c, mask=(k < K1)[:, None] & pmask[None, :], other=0.)
-        acc += tl.dot(wt, zt, input_precision=IP, out_dtype=ACC)
+    acc = _gemm_term(acc, w1_ptr, z1_ptr + n * sz1n + (h * sz1h + w * sz1w)[None, :], sz1c, K1,
+                     co, comask, pmask, IP, ACC, BLOCK_K)
     if HAS2:
-        zp2 = z2_ptr + n * sz2n + (h * sz2h + w * sz2w)[None, :]
-        for k0 in range(0, K2, BLOCK_K):
-            k = k0 + kk
-            wt = tl.load(w2_ptr + co[:, None] * K2 + k[None, :], mask=comask[:, None] & (k < K2)[None, :], other=0.)
-            zt = tl.load(zp2 + k.to(tl.int64)[:, None] * sz2c, mask=(k < K2)[:, None] & pmask[None, :], other=0.)
-            acc += tl.dot(wt, zt, input_precision=IP, out_dtype=ACC)
+        acc = _gemm_term(acc, w2_ptr, z2_ptr + n * sz2n + (h * sz2h + w * sz2w)[None, :], sz2c, K2,
+                         co, comask, pmask, IP, ACC, BLOCK_K)
     m = comask[:, None] & pmask[None, :]
     if HAS_ADD:
         acc += tl.load(add_ptr + n * san + co.to(tl.int64)[:, None] * sac + (h * sah + w * saw)[None, :],

@@ -30,7 +30,7 @@ import torch
 import triton
 
 from hdnas.kernels import dw as _dw
-from hdnas.kernels.checks import check_dw_args
+from hdnas.kernels.checks import check_dw_args, check_input, check_input_matches
 from hdnas.kernels.stencil import square_taps, union_layout
 
 NS = "hdnas_triton"
@@ -163,10 +163,7 @@ def _tables(taps, dilations, device):
 
 def check_taps_args(x, kernels, taps, dilations, shared_input):
     """Clear errors before a launch."""
-    if x.dim() != 4:
-        raise ValueError(f"dw_taps: input must be (N, C, H, W), got shape {tuple(x.shape)}")
-    if not x.is_floating_point():
-        raise ValueError(f"dw_taps: input must be floating point, got {x.dtype}")
+    check_input(x, "dw_taps: ")
     if kernels.dim() != 4 or kernels.shape[-1] != kernels.shape[-2] or kernels.shape[-1] % 2 == 0:
         raise ValueError(f"dw_taps: kernels must be (G, C, KMAX, KMAX) with odd KMAX, got "
                          f"{tuple(kernels.shape)}")
@@ -176,12 +173,7 @@ def check_taps_args(x, kernels, taps, dilations, shared_input):
                          f"dilations, got {len(taps)} and {len(dilations)}")
     if any(d < 1 for d in dilations):
         raise ValueError(f"dw_taps: dilations must be >= 1, got {tuple(dilations)}")
-    want = C if shared_input else G * C
-    if x.shape[1] != want:
-        raise ValueError(f"dw_taps: input has {x.shape[1]} channels, expected {want}")
-    if kernels.device != x.device or kernels.dtype != x.dtype:
-        raise ValueError(f"dw_taps: kernels ({kernels.device}, {kernels.dtype}) and input "
-                         f"({x.device}, {x.dtype}) differ in device or dtype")
+    check_input_matches(x, kernels, shared_input, "dw_taps: ")
     if x.device.type == "cpu" and not interpreting():
         raise ValueError("dw_taps: CPU tensors need TRITON_INTERPRET=1 set before hdnas.kernels "
                          "is imported")

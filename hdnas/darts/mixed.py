@@ -39,10 +39,13 @@ import torch.nn.functional as F
 from torch import nn
 from torch.utils.checkpoint import checkpoint
 
-from hdnas.darts.operations import (PRIMITIVES, NotRecognised, build_candidates, channel_shuffle,
-                                    check_primitives, check_stride, identify_candidate)
+from hdnas.darts.operations import (DARTS_FAMILIES, OPS, PRIMITIVES, NotRecognised,
+                                    build_candidates, channel_shuffle, check_primitives,
+                                    check_stride, identify_candidate)
 from hdnas.kernels.checks import check_weight_vector
-from hdnas.mixed.primitives import TORCH_PRIMITIVES
+from hdnas.mixed.base import BackendError, get_backend, resolve
+from hdnas.mixed.merged import DecomposedBackend
+from hdnas.mixed.plan import Plan, pad_to
 
 BACKENDS = ("reference", "merged", "native", "triton", "fused")
 
@@ -52,68 +55,37 @@ class DartsBackendError(ValueError):
 
 
 # ---------------------------------------------------------------------------------------------
-# Primitive sets
+# Primitive sets: the backends of hdnas.mixed, resolved by its one resolver
 
 _resolved: dict = {}
 
 
-def _native_reason(device, dtype, plan):
-    try:
-        from hdnas.mixed import native
-    except ImportError as e:
-        return f"native module not importable: {e}"
-    G = max(len(plan.st1), 1)
-    T = max((k * k for k in plan.st1_ks), default=1)
-    radius = max((d * (k // 2) for k, d in zip(plan.st1_ks, plan.st1_ds)), default=0)
-    return native.unavailable_reason(device, dtype, G, T, radius)
-
-
-def _triton_reason(device, dtype):
-    try:
-        from hdnas.mixed import triton_backend
-    except ImportError as e:
-        return f"triton not importable: {e}"
-    return triton_backend.triton_unsupported_reason(device, dtype)
-
-
-def _primitives_of(name):
-    if name == "merged":
-        return TORCH_PRIMITIVES
-    if name == "native":
-        from hdnas.mixed.native import NATIVE_PRIMITIVES
-        return NATIVE_PRIMITIVES
-    from hdnas.mixed.triton_backend import TRITON_PRIMITIVES
-    return TRITON_PRIMITIVES
+def _reason(backend, device, dtype, plan):
+    """Why ``backend`` cannot run the fused DARTS path of ``plan`` on (device, dtype), or None."""
+    if not isinstance(backend, DecomposedBackend):
+        return "not a composition over depthwise primitives"
+    return backend.plan_unsupported_reason(plan, device, dtype)
 
 
 def resolve_primitives(name: str, device: torch.device, dtype: torch.dtype, plan):
     """The ``Primitives`` set that backend ``name`` uses on (device, dtype), or None for
-    'reference'. Resolved once per (name, device type, dtype, stage-1 stencil)."""
-    key = (name, device.type, dtype, plan.st1_ks, plan.st1_ds)
+    'reference'. Resolved once per (name, device type, dtype, stage-1 stencil) by
+    ``hdnas.mixed.base.resolve``; a named backend that cannot serve falls back to 'merged'
+    (always served) with one warning."""
+    key = (name, device.type, dtype, plan.st1_ksizes, plan.st1_dils)
     if key in _resolved:
         return _resolved[key]
     if name == "reference":
         prims = None
-    elif name == "merged":
-        prims = TORCH_PRIMITIVES
     else:
-        if name == "fused":
-            order = ["triton", "native"] if device.type == "cuda" else ["native"]
-        else:
-            order = [name]
-        reasons = []
-        prims = None
-        for cand in order:
-            why = _triton_reason(device, dtype) if cand == "triton" else _native_reason(device, dtype, plan)
-            if why is None:
-                prims = _primitives_of(cand)
-                break
-            reasons.append(f"{cand}: {why}")
-        if prims is None:
-            prims = TORCH_PRIMITIVES
-            if name != "fused":
-                warnings.warn(f"DARTS backend {name!r} cannot serve {device.type}/{dtype} "
-                              f"({'; '.join(reasons)}); using 'merged'", RuntimeWarning, stacklevel=3)
+        try:
+            backend = resolve(name, device, dtype, lambda b, dev: _reason(b, dev, dtype, plan),
+                              fallback="merged", stacklevel=5)
+        except BackendError as e:  # a backend whose optional module did not load
+            warnings.warn(f"DARTS backend {name!r} is not available ({e}); using 'merged'",
+                          RuntimeWarning, stacklevel=4)
+            backend = get_backend("merged")
+        prims = backend.primitives
     _resolved[key] = prims
     return prims
 
@@ -215,34 +187,10 @@ def group_batch_norm(u, bns, scales, state: _RunState):
     return y
 
 
-# ---------------------------------------------------------------------------------------------
-# The plan of a candidate set
-
-class Plan:
-    """Candidate indices by kind, and the stage-1/stage-2 stencils."""
-
-    def __init__(self, names, stride):
-        self.names = tuple(names)
-        self.stride = stride
-        idx = lambda pred: [i for i, n in enumerate(self.names) if pred(n)]  # noqa: E731
-        self.sep = idx(lambda n: n.startswith("sep_conv_"))
-        self.dil = idx(lambda n: n.startswith("dil_conv_"))
-        self.max_pool = idx(lambda n: n == "max_pool_3x3")
-        self.avg_pool = idx(lambda n: n == "avg_pool_3x3")
-        self.skip = idx(lambda n: n == "skip_connect")
-        self.none = idx(lambda n: n == "none")
-        k = lambda n: int(n.split("_")[-1].split("x")[0])  # noqa: E731
-        self.st1 = self.sep + self.dil
-        self.st1_ks = tuple(k(self.names[i]) for i in self.st1)
-        self.st1_ds = tuple(1 if i in self.sep else 2 for i in self.st1)
-        self.st1_kmax = max(self.st1_ks, default=0)
-        self.st2_ks = tuple(k(self.names[i]) for i in self.sep)
-        self.st2_kmax = max(self.st2_ks, default=0)
-
-
-def _pad_to(k: torch.Tensor, size: int) -> torch.Tensor:
-    p = (size - k.shape[-1]) // 2
-    return F.pad(k, (p, p, p, p)) if p else k
+def darts_plan(names) -> Plan:
+    """The plan of a DARTS candidate set (``hdnas.mixed.plan.Plan`` over the DARTS specs)."""
+    names = tuple(names)
+    return Plan(names, [OPS[n] for n in names], DARTS_FAMILIES)
 
 
 def _grouped_pw(z, w):
@@ -292,7 +240,7 @@ class MixedOp(nn.Module):
         self._ops = ops
         if partial_k > 1:
             self.mp = nn.MaxPool2d(2, 2)
-        self.plan = Plan(names, self.stride)
+        self.plan = darts_plan(names)
 
     @classmethod
     def from_module(cls, module: nn.Module, backend: str = "fused", recompute: bool = True,
@@ -380,12 +328,12 @@ class MixedOp(nn.Module):
             xr = F.relu(x) if (s == 2) else None
         if P.st1:
             if s == 1:
-                k1 = torch.stack([_pad_to(ops[i].op[1].weight[:, 0], P.st1_kmax) for i in P.st1])
-                z1 = prims.grouped_dw(x, k1, P.st1_ks, P.st1_ds, True, True)
+                k1 = torch.stack([pad_to(ops[i].op[1].weight[:, 0], P.st1_kmax) for i in P.st1])
+                z1 = prims.grouped_dw(x, k1, P.st1_ksizes, P.st1_dils, True, True)
             else:
                 z1 = torch.cat([F.conv2d(xr, ops[i].op[1].weight, stride=2, padding=d * (k // 2),
                                          dilation=d, groups=C)
-                                for i, k, d in zip(P.st1, P.st1_ks, P.st1_ds)], 1)
+                                for i, k, d in zip(P.st1, P.st1_ksizes, P.st1_dils)], 1)
             pw1 = torch.stack([ops[i].op[2].weight[:, :, 0, 0] for i in P.st1])
             u1 = _grouped_pw(z1, pw1)
             v1 = group_batch_norm(u1, [ops[i].op[3] for i in P.st1],
@@ -396,8 +344,8 @@ class MixedOp(nn.Module):
             # zero-fills and copies a whole v1-sized gradient)
             v_sep, vd = v1.split([Gs * C, Gd * C], dim=1)
             if Gs:
-                k2 = torch.stack([_pad_to(ops[i].op[5].weight[:, 0], P.st2_kmax) for i in P.sep])
-                z2 = prims.grouped_dw(v_sep, k2, P.st2_ks, (1,) * Gs, True, False)
+                k2 = torch.stack([pad_to(ops[i].op[5].weight[:, 0], P.st2_kmax) for i in P.sep])
+                z2 = prims.grouped_dw(v_sep, k2, P.st2_ksizes, (1,) * Gs, True, False)
                 pw2 = torch.stack([ops[i].op[6].weight[:, :, 0, 0] for i in P.sep])
                 v2 = group_batch_norm(_grouped_pw(z2, pw2), [ops[i].op[7] for i in P.sep],
                                       [w[i] for i in P.sep], state)

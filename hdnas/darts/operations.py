@@ -17,8 +17,13 @@ Every convolution has no bias, every ReLU is out of place (as in DARTS).
 """
 from __future__ import annotations
 
+from dataclasses import dataclass
+from typing import Callable
+
 import torch
 from torch import nn
+
+from hdnas.registry import Registry
 
 #: The DARTS search space (``cnn/genotypes.py``).
 PRIMITIVES = ("none", "max_pool_3x3", "avg_pool_3x3", "skip_connect", "sep_conv_3x3",
@@ -101,19 +106,46 @@ class FactorizedReduce(nn.Module):
         return self.bn(out)
 
 
-OPS = {
-    "none": lambda C, stride, affine: Zero(stride),
-    "avg_pool_3x3": lambda C, stride, affine: nn.AvgPool2d(3, stride=stride, padding=1,
-                                                           count_include_pad=False),
-    "max_pool_3x3": lambda C, stride, affine: nn.MaxPool2d(3, stride=stride, padding=1),
-    "skip_connect": lambda C, stride, affine: (Identity() if stride == 1
-                                               else FactorizedReduce(C, C, affine=affine)),
-    "sep_conv_3x3": lambda C, stride, affine: SepConv(C, C, 3, stride, 1, affine=affine),
-    "sep_conv_5x5": lambda C, stride, affine: SepConv(C, C, 5, stride, 2, affine=affine),
-    "sep_conv_7x7": lambda C, stride, affine: SepConv(C, C, 7, stride, 3, affine=affine),
-    "dil_conv_3x3": lambda C, stride, affine: DilConv(C, C, 3, stride, 2, 2, affine=affine),
-    "dil_conv_5x5": lambda C, stride, affine: DilConv(C, C, 5, stride, 4, 2, affine=affine),
-}
+@dataclass(frozen=True)
+class DartsOpSpec:
+    """One DARTS candidate: its constructor ``build(C, stride, affine)`` (calling the spec calls
+    it, as DARTS' ``OPS[name](C, stride, affine)``) and the structure the fused path plans by
+    (``hdnas.mixed.plan.Plan``): ``family`` 'sep', 'dil', 'skip', 'max_pool', 'avg_pool' or
+    'none', depthwise ``kernel`` and ``dilation``."""
+
+    name: str
+    family: str
+    kernel: int
+    dilation: int
+    build: Callable
+
+    def __call__(self, C, stride, affine):
+        return self.build(C, stride, affine)
+
+
+#: The DARTS candidates by name (one ``Registry``: a name registered twice is an error).
+OPS: Registry[DartsOpSpec] = Registry("DARTS primitive", ValueError)
+
+
+def _op(name, family, kernel, dilation, build):
+    OPS.register(name, DartsOpSpec(name, family, kernel, dilation, build))
+
+
+_op("none", "none", 0, 1, lambda C, stride, affine: Zero(stride))
+_op("avg_pool_3x3", "avg_pool", 3, 1,
+    lambda C, stride, affine: nn.AvgPool2d(3, stride=stride, padding=1, count_include_pad=False))
+_op("max_pool_3x3", "max_pool", 3, 1,
+    lambda C, stride, affine: nn.MaxPool2d(3, stride=stride, padding=1))
+_op("skip_connect", "skip", 0, 1, lambda C, stride, affine: (
+    Identity() if stride == 1 else FactorizedReduce(C, C, affine=affine)))
+for _k in (3, 5, 7):
+    _op(f"sep_conv_{_k}x{_k}", "sep", _k, 1,
+        lambda C, stride, affine, k=_k: SepConv(C, C, k, stride, k // 2, affine=affine))
+for _k in (3, 5):
+    _op(f"dil_conv_{_k}x{_k}", "dil", _k, 2,
+        lambda C, stride, affine, k=_k: DilConv(C, C, k, stride, 2 * (k // 2), 2, affine=affine))
+#: The families the fused DARTS path computes.
+DARTS_FAMILIES = ("sep", "dil", "skip", "max_pool", "avg_pool", "none")
 
 
 def check_primitives(primitives) -> tuple:

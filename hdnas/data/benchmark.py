@@ -23,13 +23,12 @@ from pathlib import Path
 
 import torch
 
-from hdnas.io.images import IMAGE_EXTENSIONS, ImageError, load_rgb
 from hdnas.data.imresize import imresize_uint8
+from hdnas.io.images import IMAGE_EXTENSIONS, ImageError, load_rgb
+from hdnas.model.cell import MIN_LR_SIZE  # re-exported: the default smallest LR side of a set
 
 __all__ = ["BenchmarkError", "BenchmarkSet", "Pair", "find_pairs", "modcrop", "MIN_LR_SIZE"]
 
-#: the ESA branch needs an LR image of at least 15x15 (conv 3 stride 2, then max-pool 7 stride 3)
-MIN_LR_SIZE = 15
 _SRF = re.compile(r"^(?P<name>.+)_SRF_(?P<s>\d+)_(?P<kind>HR|LR)$", re.IGNORECASE)
 
 

@@ -33,7 +33,7 @@ import numpy as np
 import torch
 from tqdm import tqdm
 
-from hdnas.data.benchmark import MIN_LR_SIZE, BenchmarkError, BenchmarkSet
+from hdnas.data.benchmark import BenchmarkError, BenchmarkSet
 from hdnas.io.images import ImageError
 
 __all__ = ["ImageCache", "cache_root", "cache_path", "build", "open_cache", "CACHE_VERSION"]

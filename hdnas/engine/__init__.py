@@ -1,1 +1,5 @@
-"""The run engine shared by search and train: configs, run folder, history, the loop, resume, distributed, allocator."""
+"""The run engine shared by search and train, one module per concept: ``config`` (the shared
+settings and their flags), ``schema`` (versions of the run files), ``errors``, ``runtime``
+(device, mixed precision, step timer), ``rundir`` (the run folder, config.json, log),
+``history`` (history.csv), ``loop`` (the step loop), ``search`` and ``train`` (the two loops),
+``cli`` (the command line: new run, resume, torchrun), ``distributed``, ``allocator``, ``plots``."""

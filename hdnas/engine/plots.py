@@ -10,7 +10,7 @@ from pathlib import Path
 import torch
 from PIL import Image, ImageDraw
 
-from hdnas.engine.loop import History
+from hdnas.engine.history import History
 
 PALETTE = ["#1f77b4", "#ff7f0e", "#2ca02c", "#d62728", "#9467bd", "#8c564b", "#e377c2",
            "#7f7f7f", "#bcbd22", "#17becf"]

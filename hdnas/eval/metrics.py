@@ -13,7 +13,7 @@ Why each choice:
   (docs/method.md §7c) score Set14's grey image on its own values (replicating it to RGB instead raises
   bicubic Set14 x2 by about 0.09 dB, out of tolerance), while the released tiny checkpoint's reference scores (§7b)
   come from a loader that replicates grey images to RGB, so Y = 16 + 0.859 v for both SR and HR.
-  ``load_rgb(gray=...)`` picks the convention; see ``hdnas.evaluate``.
+  ``load_rgb(gray=...)`` picks the convention; see ``hdnas.eval.protocol``.
 * ``shave`` pixels (= scale) are cut from every border before scoring.
 * SSIM is Wang et al.'s ``ssim_index.m``: 11x11 Gaussian window (sigma 1.5, normalised), 'valid'
   filtering, K1 = 0.01, K2 = 0.03, L = 255, mean of the SSIM map, in float64.

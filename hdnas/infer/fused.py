@@ -17,7 +17,7 @@ The numbers are those of ``net(x)`` up to the order of floating-point summation 
 the fp64 plain network with a bound of a few times the plain fp32 network's own error;
 measurements in bench/results/cpu_step.md). The cells and ESA keep their one description of
 their structure: they run their fixed layers through this object's ``conv`` / ``step`` /
-``conv_cat`` (``hdnas.model.cell.Layers`` is the plain twin), and so does ``hdnas.upscale``'s
+``conv_cat`` (``hdnas.model.cell.Layers`` is the plain twin), and so does ``hdnas.infer.tiling``'s
 tile-aware ESA. What it does not recognise (an op module that is not one of hdnas.model.ops' conv /
 separable / dilated / identity ops, a module put in place of a cell or of an ESA) it calls as a
 module, so any derived network runs.

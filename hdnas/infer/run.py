@@ -1,11 +1,20 @@
-"""How a derived network runs for inference: the one place that chooses its execution
-(``prepare_model``: plain modules, native depthwise kernels, channels-last, or the fused oneDNN
-runner), and super-resolving one image with it (optionally with the x8 self-ensemble)."""
+"""How a derived network runs for inference: the one place that chooses its execution, and
+super-resolving one image with it (optionally with the x8 self-ensemble).
+
+* ``prepare_model(model, backend, device)``: evaluation's ``--backend`` (``BACKENDS``: plain
+  modules, native depthwise kernels, channels-last, or the fused oneDNN runner), the model set up
+  for it and moved to ``device``;
+* ``inference_runner(model, fused)``: the model as it is (device, depthwise kernels, memory
+  format untouched), run through the fused oneDNN path where that serves (fp32 CPU inputs, no
+  autograd, no autocast) and as itself elsewhere; upscaling (``--fused`` / ``--no-fused``) and
+  retraining's validation use it;
+* ``pick_device(name)``: a torch device from a ``--device`` value (``auto``: cuda if available).
+"""
 from __future__ import annotations
 
 import torch
 
-from hdnas.infer import fused
+from hdnas.infer.fused import FusedInference, available
 from hdnas.model.network import DerivedNet
 
 
@@ -43,6 +52,21 @@ BACKENDS = {"torch": "stock PyTorch, NCHW", "native": "depthwise convs on the na
             "auto": "fused on a CPU (the fastest measured there), else torch"}
 
 
+def pick_device(name: str = "auto") -> torch.device:
+    """``name`` as a torch device; ``auto``: cuda if this torch has a CUDA device, else cpu."""
+    if name == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    return torch.device(name)
+
+
+def inference_runner(model: DerivedNet, fused: bool = True) -> torch.nn.Module:
+    """The module that runs ``model`` for inference, the model left as it is: with ``fused``, a
+    ``FusedInference`` around it (the fused oneDNN path for fp32 CPU inputs without autograd or
+    autocast, ``model`` itself elsewhere; it keeps its packed weights between calls, re-made when
+    a parameter changes); without, ``model``."""
+    return FusedInference(model) if fused else model
+
+
 def prepare_model(model: DerivedNet, backend: str, device) -> torch.nn.Module:
     """``model`` set up for inference with ``backend`` (see BACKENDS), on ``device``: the
     network itself, or a ``FusedInference`` around it (which runs the network as is wherever
@@ -52,12 +76,12 @@ def prepare_model(model: DerivedNet, backend: str, device) -> torch.nn.Module:
     model = model.eval().to(device)
     if backend == "auto":
         backend = "torch" if torch.device(device).type != "cpu" else \
-            "fused" if fused.available() else "channels_last"
+            "fused" if available() else "channels_last"
     if backend == "fused":
-        if torch.device(device).type != "cpu" or not fused.available():
+        if torch.device(device).type != "cpu" or not available():
             raise ValueError("backend 'fused' needs a CPU device and a torch build with oneDNN "
-                             f"(device {device}, oneDNN available: {fused.available()})")
-        return fused.FusedInference(
+                             f"(device {device}, oneDNN available: {available()})")
+        return inference_runner(
             model.set_depthwise("torch").to(memory_format=torch.contiguous_format))
     if backend == "channels_last":
         return model.set_depthwise("torch").to(memory_format=torch.channels_last)

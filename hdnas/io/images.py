@@ -1,6 +1,8 @@
-"""Image I/O with Pillow: 8-bit RGB in, clear errors naming the file for anything else.
+"""Image files: 8-bit RGB for scoring (``load_rgb``), any image for upscaling (``read_image`` /
+``write_image``), clear errors naming the file.
 
-Choices for unusual images (why: benchmark sets contain some, and silent conversions change the
+``load_rgb`` (benchmarks, training data) reads 8-bit RGB with Pillow. Its choices for unusual
+images (why: benchmark sets contain some, and silent conversions change the
 scores):
 
 * 8-bit grey ('L'): replicated to three equal channels by default (``gray='replicate'``), as
@@ -13,19 +15,37 @@ scores):
 * Palette ('P') without transparency: converted to RGB (lossless).
 * 16-bit, 32-bit, float, bilevel, CMYK and other modes: an error naming the file and its mode.
 * Unreadable, corrupt or truncated files: an error naming the file (Pillow's message appended).
+
+``read_image`` (upscaling your own images) takes every common kind and ``write_image`` writes
+the result back in kind, losslessly as PNG:
+
+* RGB: as is. Greyscale: replicated to RGB for the network (``LoadedImage.grey``) and written
+  back as grey, the mean of the three output channels.
+* Alpha (RGBA, grey+alpha, palette with transparency): kept apart (``LoadedImage.alpha``), for
+  the caller to upscale and pass back.
+* 16-bit PNG: read as uint16 with pypng (Pillow reads 16-bit colour PNGs as 8-bit), scaled to the
+  network's 0..255 float range (v * 255 / 65535) and written back as 16-bit (no rounding to 8
+  bits in between). Other images are 8-bit.
+
+``collect_inputs`` finds the image files given directly or in given folders (not recursive).
 """
 from __future__ import annotations
 
+import os
+import struct
+from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
 import torch
 from PIL import Image, UnidentifiedImageError
 
-__all__ = ["IMAGE_EXTENSIONS", "ImageError", "load_rgb", "save_rgb", "to_hwc_uint8"]
+__all__ = ["IMAGE_EXTENSIONS", "ImageError", "load_rgb", "save_rgb", "to_hwc_uint8", "LoadedImage",
+           "read_image", "write_image", "collect_inputs"]
 
 IMAGE_EXTENSIONS = frozenset({".png", ".bmp", ".jpg", ".jpeg", ".tif", ".tiff", ".ppm", ".webp"})
 GRAY_MODES = ("replicate", "keep", "error")
+_MAX16 = 65535.0
 
 
 class ImageError(ValueError):
@@ -105,3 +125,112 @@ def save_rgb(path, img) -> Path:
     path.parent.mkdir(parents=True, exist_ok=True)
     Image.fromarray(to_hwc_uint8(img)).save(path)
     return path
+
+
+# --------------------------------------------------------------------- any image, for upscaling
+@dataclass
+class LoadedImage:
+    rgb: np.ndarray  # (H, W, 3) float32, 0..255
+    alpha: np.ndarray | None  # (H, W) float32, 0..255
+    grey: bool
+    bits: int  # 8 or 16
+
+
+def _png_bit_depth(path: Path) -> int | None:
+    with path.open("rb") as f:
+        head = f.read(25)
+    if len(head) == 25 and head[:8] == b"\x89PNG\r\n\x1a\n" and head[12:16] == b"IHDR":
+        return head[24]
+    return None
+
+
+def _from_planes(arr: np.ndarray, planes: int, bits: int) -> LoadedImage:
+    arr = arr.astype(np.float32)
+    if bits == 16:
+        arr *= np.float32(255.0 / _MAX16)
+    grey = planes in (1, 2)
+    colour = np.repeat(arr[..., :1], 3, axis=2) if grey else arr[..., :3]
+    alpha = arr[..., -1] if planes in (2, 4) else None
+    return LoadedImage(np.ascontiguousarray(colour), alpha, grey, bits)
+
+
+def read_image(path) -> LoadedImage:
+    """Read an image of any kind for the network (see the module docstring: colour, grey, alpha,
+    16-bit PNG); ImageError names the file."""
+    path = Path(path)
+    if not path.is_file():
+        raise ImageError(f"{path}: no such image file")
+    try:
+        if _png_bit_depth(path) == 16:
+            import png  # pypng: Pillow reads 16-bit colour PNGs as 8-bit
+
+            w, h, rows, info = png.Reader(filename=str(path)).asDirect()
+            planes = info["planes"]
+            arr = np.vstack([np.asarray(r, dtype=np.uint16) for r in rows]).reshape(h, w, planes)
+            return _from_planes(arr, planes, 16)
+        with Image.open(path) as im:
+            im.load()
+            if im.mode == "P":
+                im = im.convert("RGBA" if "transparency" in im.info else "RGB")
+            elif im.mode in ("1", "CMYK", "YCbCr", "LAB", "HSV"):
+                im = im.convert("L" if im.mode == "1" else "RGB")
+            if im.mode in ("I;16", "I;16L", "I;16B", "I;16N"):
+                return _from_planes(np.asarray(im, dtype=np.uint16)[..., None], 1, 16)
+            planes = {"L": 1, "LA": 2, "RGB": 3, "RGBA": 4}.get(im.mode)
+            if planes is None:
+                raise ImageError(f"{path}: unsupported image mode {im.mode!r}")
+            arr = np.asarray(im, dtype=np.uint8).reshape(im.height, im.width, planes)
+            return _from_planes(arr, planes, 8)
+    except ImageError:
+        raise
+    except (UnidentifiedImageError, OSError, SyntaxError, ValueError, struct.error) as e:
+        raise ImageError(f"{path}: cannot read image ({type(e).__name__}: {e})") from None
+    except Exception as e:  # noqa: BLE001 - pypng's own FormatError and friends
+        raise ImageError(f"{path}: cannot read image ({type(e).__name__}: {e})") from None
+
+
+def _quantize(x: np.ndarray, bits: int) -> np.ndarray:
+    """0..255 float -> uint8, or uint16 on 0..65535 (rounded half up, clamped)."""
+    x = np.clip(x.astype(np.float64), 0, 255)
+    if bits == 16:
+        return np.floor(x * (_MAX16 / 255.0) + 0.5).astype(np.uint16)
+    return np.floor(x + 0.5).astype(np.uint8)
+
+
+def write_image(path, rgb: np.ndarray, alpha: np.ndarray | None, grey: bool, bits: int) -> Path:
+    """Write (H, W, 3) float 0..255 colour (grey: the channel mean) and optional alpha as PNG
+    (16-bit with ``bits`` 16), atomically."""
+    colour = rgb.mean(axis=2, keepdims=True) if grey else rgb
+    planes = [colour] + ([alpha[..., None]] if alpha is not None else [])
+    arr = _quantize(np.concatenate(planes, axis=2), bits)
+    mode = {1: "L", 2: "LA", 3: "RGB", 4: "RGBA"}[arr.shape[2]]
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(path.name + ".tmp")
+    if bits == 16:
+        import png
+
+        h, w, c = arr.shape
+        png.from_array(arr.reshape(h, w * c), f"{mode};16").save(str(tmp))
+    else:
+        Image.fromarray(arr[..., 0] if arr.shape[2] == 1 else arr, mode).save(tmp, format="PNG")
+    os.replace(tmp, path)
+    return path
+
+
+def collect_inputs(inputs) -> tuple[list[Path], list[str]]:
+    """Image files given directly or found in given folders (sorted), and errors for the rest."""
+    files, errors = [], []
+    for item in inputs:
+        p = Path(item)
+        if p.is_dir():
+            found = sorted(f for f in p.iterdir() if f.is_file() and f.suffix.lower() in
+                           IMAGE_EXTENSIONS)
+            if not found:
+                errors.append(f"{p}: no images in this folder")
+            files += found
+        elif p.is_file():
+            files.append(p)
+        else:
+            errors.append(f"{p}: no such file or folder")
+    return files, errors

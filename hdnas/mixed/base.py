@@ -77,25 +77,34 @@ def _load_optional_backends():
 
 
 def resolve_backend(name: str, device, dtype, op_names) -> Backend:
-    """The backend to use. ``name`` is a backend name or 'fused' (fastest fused one that serves
-    this device/dtype/op set). A named backend that cannot serve falls back with one warning."""
+    """The backend to use for a DLSR op set. ``name`` is a backend name or 'fused' (fastest
+    fused one that serves this device/dtype/op set). A named backend that cannot serve falls
+    back to 'reference' with one warning."""
+    op_names = tuple(op_names)
+    return resolve(name, device, dtype, lambda b, dev: b.unsupported_reason(op_names, dev, dtype))
+
+
+def resolve(name: str, device, dtype, reason, fallback: str = "reference",
+            stacklevel: int = 3) -> Backend:
+    """The one resolver: backend ``name``, or for 'fused' the highest-priority fused backend,
+    for which ``reason(backend, device)`` is None (it says why a backend cannot serve the
+    caller's case); otherwise the ``fallback`` backend, with one warning naming every reason."""
     _load_optional_backends()
     device = torch.device(device)
-    op_names = tuple(op_names)
     if name == "fused":
         candidates = [b for b in sorted(BACKENDS.values(), key=lambda b: -b.priority) if b.fused]
     else:
         candidates = [get_backend(name)]
     reasons = []
     for b in candidates:
-        why = b.unsupported_reason(op_names, device, dtype)
+        why = reason(b, device)
         if why is None:
             return b
         reasons.append(f"{b.name}: {why}")
-    ref = BACKENDS["reference"]
+    fb = BACKENDS[fallback]
     warnings.warn(f"backend {name!r} cannot serve {device.type}/{dtype}: {'; '.join(reasons)}; "
-                  f"falling back to {ref.name!r}", RuntimeWarning, stacklevel=2)
-    return ref
+                  f"falling back to {fb.name!r}", RuntimeWarning, stacklevel=stacklevel)
+    return fb
 
 
 def amp_dtype(x: torch.Tensor) -> torch.dtype | None:

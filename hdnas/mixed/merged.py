@@ -45,17 +45,9 @@ import torch.nn.functional as F
 
 from hdnas.mixed.base import (Backend, BackendError, MixedOp, amp_dtype,
                               check_mixed_inputs, register_backend)
+from hdnas.mixed.plan import Plan, pad_to, plan_of
 from hdnas.mixed.primitives import TORCH_PRIMITIVES, Primitives
-from hdnas.model.space import LRELU_SLOPE, get_op
-
-FAMILIES = ("conv", "sep", "dil", "skip")
-
-
-def _pad_to(k: torch.Tensor, size: int) -> torch.Tensor:
-    """Zero-pad the last two dims of a centred odd kernel to ``size`` x ``size``."""
-    p = (size - k.shape[-1]) // 2
-    return F.pad(k, (p, p, p, p)) if p else k
-
+from hdnas.model.space import LRELU_SLOPE
 
 def _pw(x: torch.Tensor, w: torch.Tensor, acc: torch.Tensor | None = None) -> torch.Tensor:
     """1x1 conv as a batched GEMM: (N, Cin, H, W) x (Cout, Cin) -> (N, Cout, H, W), plus ``acc``
@@ -68,38 +60,6 @@ def _pw(x: torch.Tensor, w: torch.Tensor, acc: torch.Tensor | None = None) -> to
     if acc is None:
         return torch.bmm(wb, x.flatten(2)).view(N, w.shape[0], H, W)
     return torch.baddbmm(acc.flatten(2), wb, x.flatten(2)).view(N, w.shape[0], H, W)
-
-
-class Plan:
-    """The op indices of a mixed op, by family, in the order the composition uses them."""
-
-    def __init__(self, op_names):
-        self.op_names = tuple(op_names)
-        specs = [get_op(n) for n in self.op_names]
-        self.conv = [i for i, s in enumerate(specs) if s.family == "conv"]
-        self.sep = [i for i, s in enumerate(specs) if s.family == "sep"]
-        self.dil = [i for i, s in enumerate(specs) if s.family == "dil"]
-        self.skip = [i for i, s in enumerate(specs) if s.family == "skip"]
-        self.unknown = [s.name for s in specs if s.family not in FAMILIES]
-        self.specs = specs
-        self.conv_k = max((specs[i].kernel for i in self.conv), default=0)
-        # stage 1: sep groups first, then dil
-        st1 = self.sep + self.dil
-        self.st1_ksizes = tuple(specs[i].kernel for i in st1)
-        self.st1_dils = tuple(specs[i].dilation for i in st1)
-        self.st1_kmax = max(self.st1_ksizes, default=0)
-        self.st2_ksizes = tuple(specs[i].kernel for i in self.sep)
-        self.st2_kmax = max(self.st2_ksizes, default=0)
-
-
-_PLANS: dict[tuple, Plan] = {}
-
-
-def plan_of(op_names) -> Plan:
-    key = tuple(op_names)
-    if key not in _PLANS:
-        _PLANS[key] = Plan(key)
-    return _PLANS[key]
 
 
 class DecomposedBackend(Backend):
@@ -117,15 +77,20 @@ class DecomposedBackend(Backend):
 
     # -- contract ---------------------------------------------------------------------------
     def unsupported_reason(self, op_names, device, dtype):
-        plan = plan_of(op_names)
+        return self.plan_unsupported_reason(plan_of(op_names), device, dtype)
+
+    def plan_unsupported_reason(self, plan: Plan, device, dtype):
+        """Why this backend cannot compute ``plan`` (a composition's plan: its ``unknown``
+        families are the ones that composition does not compute) on (device, dtype), or None."""
         if plan.unknown:
             return f"op families of {plan.unknown} are not handled by the merged composition"
         if not dtype.is_floating_point:
             return f"dtype {dtype} is not floating point"
-        return self.primitives_unsupported_reason(torch.device(device), dtype)
+        return self.primitives_unsupported_reason(torch.device(device), dtype, plan)
 
-    def primitives_unsupported_reason(self, device, dtype):
-        """Hook for primitives that cannot serve a device/dtype (None: fine)."""
+    def primitives_unsupported_reason(self, device, dtype, plan: Plan | None = None):
+        """Hook for primitives that cannot serve a device/dtype (and ``plan``'s stencil, when
+        given) (None: fine)."""
         return None
 
     def mixed_op(self, x, weights, mixed: MixedOp):
@@ -220,7 +185,7 @@ class DecomposedBackend(Backend):
         # 1. dense convs (+ the distillation 1x1 as extra output channels)
         if plan.conv:
             K = plan.conv_k
-            Wd = sum(w[i] * _pad_to(ops[i].op[0].weight, K) for i in plan.conv)
+            Wd = sum(w[i] * pad_to(ops[i].op[0].weight, K) for i in plan.conv)
             if distill is not None and K == 1:
                 Wcat = torch.cat([Wd, distill.weight.to(Wd.dtype)], 0)  # K == 1: no padding
                 bias = None
@@ -245,7 +210,7 @@ class DecomposedBackend(Backend):
         terms = []
         if plan.sep or plan.dil:
             st1 = plan.sep + plan.dil
-            k1 = torch.stack([_pad_to(ops[i].op[1].weight[:, 0], plan.st1_kmax) for i in st1]).to(cdt)
+            k1 = torch.stack([pad_to(ops[i].op[1].weight[:, 0], plan.st1_kmax) for i in st1]).to(cdt)
             Gs = len(plan.sep)
             if self.split_stage1 and plan.sep and plan.dil:
                 # two calls: z_sep is a whole tensor, so step 3's batched GEMM reads it as a
@@ -264,7 +229,7 @@ class DecomposedBackend(Backend):
                 N, _, H, W_ = x.shape
                 pw1 = torch.stack([ops[i].op[2].weight[:, :, 0, 0] for i in plan.sep])  # (Gs,C,C)
                 p1 = torch.matmul(pw1.to(cdt), z_sep.reshape(N, Gs, C, H * W_)).view(N, Gs * C, H, W_)
-                k2 = torch.stack([_pad_to(ops[i].op[4].weight[:, 0], plan.st2_kmax) for i in plan.sep])
+                k2 = torch.stack([pad_to(ops[i].op[4].weight[:, 0], plan.st2_kmax) for i in plan.sep])
                 s2 = self.primitives.grouped_dw(p1, k2.to(cdt), plan.st2_ksizes, (1,) * Gs, True, False)
                 Wsep = torch.cat([w[i] * ops[i].op[5].weight[:, :, 0, 0] for i in plan.sep], 1)
                 terms.append((s2, Wsep.to(cdt)))

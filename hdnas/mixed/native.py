@@ -30,7 +30,7 @@ from torch._subclasses.fake_tensor import is_fake
 from hdnas import native_build
 from hdnas.mixed import dense
 from hdnas.mixed.base import BackendError, register_backend
-from hdnas.mixed.merged import DecomposedBackend, plan_of
+from hdnas.mixed.merged import DecomposedBackend
 from hdnas.kernels.checks import check_dw_args
 from hdnas.kernels.stencil import Table as _Table, grouped_table as _grouped_table, union_table as _union_table
 from hdnas.mixed.primitives import Primitives
@@ -228,15 +228,8 @@ NATIVE_PRIMITIVES = Primitives("native", grouped_dw, mixed_dw, dense.dense_conv)
 class NativeBackend(DecomposedBackend):
     """The merged composition (hdnas.mixed.merged) over the native primitives."""
 
-    def unsupported_reason(self, op_names, device, dtype):
-        why = super().unsupported_reason(op_names, device, dtype)
-        if why is not None:
-            return why
-        plan = plan_of(op_names)
-        G = max(len(plan.sep) + len(plan.dil), 1)
-        T = max((k * k for k in plan.st1_ksizes), default=1)
-        radius = max((d * (k // 2) for k, d in zip(plan.st1_ksizes, plan.st1_dils)), default=0)
-        return unavailable_reason(device, dtype, G, T, radius)
+    def primitives_unsupported_reason(self, device, dtype, plan=None):
+        return unavailable_reason(device, dtype, *(plan.stage1_extent() if plan else (1, 1, 0)))
 
 
 NATIVE = register_backend(NativeBackend("native", NATIVE_PRIMITIVES, priority=30,

@@ -57,7 +57,7 @@ class TritonBackend(DecomposedBackend):
     (``hdnas_triton::pw_epilogue``: final pointwise convs of every sep/dil op + dense-conv output
     + residual + LeakyReLU in one pass)."""
 
-    def primitives_unsupported_reason(self, device, dtype):
+    def primitives_unsupported_reason(self, device, dtype, plan=None):
         return triton_unsupported_reason(device, dtype)
 
     def epilogue(self, terms, add, res, lrelu, out_dtype):

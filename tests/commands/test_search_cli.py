@@ -11,8 +11,9 @@ from PIL import Image
 
 from hdnas.io import checkpoint
 from hdnas.model.genotype import Genotype
-from hdnas.engine.loop import setup_logging
-from hdnas.search import PRESETS, Search, SearchConfig, main
+from hdnas.engine.rundir import setup_logging
+from hdnas.engine.search import PRESETS, Search, SearchConfig
+from hdnas.search import main
 
 OPS = ["conv_1x1", "sep_conv_3x3", "dil_conv_3x3"]  # a small space keeps these tests fast
 
@@ -42,6 +43,7 @@ def test_few_steps_on_embedded_data(tmp_path, capsys):
     assert len(rows) == 3 and rows[0].startswith("step,lr,loss_train")
     cfg = json.loads((out / "config.json").read_text())
     assert cfg["resolved"]["rule"] == "darts1" and cfg["given"]["steps"] == 4
+    assert (cfg["schema"], cfg["kind"]) == (2, "hdnas-search")  # tests/engine/test_schema.py
     assert "backend reference" in (out / "log.txt").read_text()
     from hdnas.io.official import read_state_dict
     sd = read_state_dict(out / "supernet.safetensors")  # the supernet's weights, alphas included
@@ -316,7 +318,7 @@ def test_retrain_and_resume(tmp_path, capsys):
 
 
 def test_retrain_with_fp16_saves_and_restores_the_scaler(tmp_path):
-    from hdnas.train import Train, TrainConfig
+    from hdnas.engine.train import Train, TrainConfig
     cfg = TrainConfig(genotype="tiny18", batch=2, patch=32, steps=2, ckpt_every=2, amp="fp16",
                       out=str(tmp_path))
     t = Train(cfg, tmp_path)
@@ -330,7 +332,7 @@ def test_retrain_with_fp16_saves_and_restores_the_scaler(tmp_path):
 
 
 def test_amp_refuses_an_autocast_torch_would_silently_disable(monkeypatch):
-    from hdnas.engine.loop import Amp
+    from hdnas.engine.runtime import Amp
     Amp("fp16", torch.device("cpu"))  # torch 2.13 autocasts to fp16 on CPU
     monkeypatch.setattr(torch, "is_autocast_enabled", lambda *a: False)
     with pytest.raises(ValueError, match="cannot autocast to torch.float16 on cpu"):

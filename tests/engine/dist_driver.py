@@ -15,15 +15,17 @@ import torch
 
 from hdnas import search, train
 from hdnas.engine import loop as runs
+from hdnas.engine.search import Search
+from hdnas.engine.train import Train
 
 fault = os.environ.get("DRIVER_FAULT", "")
 rank = int(os.environ.get("RANK", "0"))
-cmd = {"search": search, "train": train}[sys.argv[1]]
+cmd, loop_cls = {"search": (search, Search), "train": (train, Train)}[sys.argv[1]]
 
 if fault.startswith("stop="):
     runs.Loop.run = functools.partialmethod(runs.Loop.run, stop_after=int(fault[5:]))
 elif fault in ("hang", "die") and rank == 1:
-    original = cmd.Search.train_step if cmd is search else cmd.Train.train_step
+    original = loop_cls.train_step
 
     def faulty(self):
         if self.step == 1:
@@ -31,15 +33,15 @@ elif fault in ("hang", "die") and rank == 1:
                 os._exit(3)
             time.sleep(600)
         return original(self)
-    setattr(cmd.Search if cmd is search else cmd.Train, "train_step", faulty)
+    loop_cls.train_step = faulty
 elif fault == "desync" and rank == 1:
-    step = search.Search.train_step
+    step = Search.train_step
 
     def perturbed(self):
         out = step(self)
         with torch.no_grad():
             self.model.alphas.add_(1e-3)
         return out
-    search.Search.train_step = perturbed
+    Search.train_step = perturbed
 
 sys.exit(cmd.main(sys.argv[2:]))

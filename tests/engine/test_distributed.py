@@ -176,7 +176,7 @@ def test_single_process_collectives_are_no_ops():
 
 
 def test_odd_global_batch_is_refused(tmp_path, monkeypatch, capsys):
-    from hdnas.engine import loop as runs
-    monkeypatch.setattr(runs, "init_from_env", lambda device: Dist(0, 2))  # refused before
+    from hdnas.engine import cli
+    monkeypatch.setattr(cli, "init_from_env", lambda device: Dist(0, 2))  # refused before
     assert search_main(SEARCH + ["--batch", "3", "--out", str(tmp_path / "r")]) == 2  # any message
     assert "--batch 3 (the global batch) is not divisible by the 2 ranks" in capsys.readouterr().err

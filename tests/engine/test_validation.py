@@ -10,12 +10,13 @@ from PIL import Image
 
 from hdnas.io import checkpoint
 from hdnas.data.benchmark import BenchmarkSet
-from hdnas.evaluate import evaluate_set, prepare_model
+from hdnas.eval.protocol import evaluate_set
+from hdnas.infer.run import prepare_model
 from hdnas.infer.fused import FusedInference
 from hdnas.model.genotype import Genotype
 from hdnas.model.network import DerivedNet
-from hdnas.search import Search, SearchConfig
-from hdnas.train import Train, TrainConfig
+from hdnas.engine.search import Search, SearchConfig
+from hdnas.engine.train import Train, TrainConfig
 from hdnas.train import main as train_main
 
 

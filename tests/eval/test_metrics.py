@@ -90,7 +90,7 @@ PUBLISHED = {
 def test_bicubic_baselines_match_published(scale):
     """x2 within 0.01 dB / 0.0005 SSIM; x3, x4 within 0.03 dB (their SSIM within 0.001)."""
     from hdnas.data.benchmark import BenchmarkSet
-    from hdnas.evaluate import bicubic_matlab_y
+    from hdnas.eval.protocol import bicubic_matlab_y
 
     root = shared_dir() / "data"
     if not (root / "Set5").is_dir() or not (root / "Set14").is_dir():

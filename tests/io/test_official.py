@@ -95,7 +95,7 @@ def test_official_checkpoint_loads_strictly():
 
 def _score(name):
     from hdnas.data.benchmark import BenchmarkSet
-    from hdnas.evaluate import evaluate_set
+    from hdnas.eval.protocol import evaluate_set
 
     data = shared_dir() / "data" / name
     if not data.is_dir():

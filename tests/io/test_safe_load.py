@@ -142,10 +142,12 @@ def test_resume_refuses_payload(tmp_path, capsys, command):
     run = tmp_path / "run"
     run.mkdir()
     if command == "search":
-        from hdnas.search import SearchConfig as Config, main
+        from hdnas.engine.search import SearchConfig as Config
+        from hdnas.search import main
         cfg = Config(channels=8, cells=3, batch=2, patch=32, steps=2, warmup=1, out=str(run))
     else:
-        from hdnas.train import TrainConfig as Config, main
+        from hdnas.engine.train import TrainConfig as Config
+        from hdnas.train import main
         cfg = Config(genotype="tiny18", batch=2, patch=32, steps=2, out=str(run))
     (run / "config.json").write_text(json.dumps({"resolved": dataclasses.asdict(cfg)}))
     torch.save({"step": 1, "model": {}, "x": Payload(marker)}, run / "checkpoint.pt")

@@ -47,9 +47,7 @@ MODEL_FOR_BACKENDS = ("hdnas.model.space", "hdnas.model.ops", "hdnas.model.mixed
 #: Function-level imports of hdnas modules that load an optional dependency (Triton, the
 #: compiled extension), as (importing module, imported module).
 OPTIONAL = {
-    ("hdnas.darts.mixed", "hdnas.mixed.native"),
-    ("hdnas.darts.mixed", "hdnas.mixed.triton_backend"),
-    ("hdnas.mixed.launches", "hdnas.kernels.aot"),
+    ("hdnas.darts.launches", "hdnas.kernels.aot"),
 }
 KERNEL_THIRD_PARTY = {"torch", "triton", "numpy"}
 

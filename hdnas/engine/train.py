@@ -1,0 +1,158 @@
+"""Retraining a derived genotype from scratch (``python -m hdnas.train``): its settings, its
+preset and its loop."""
+from __future__ import annotations
+
+import dataclasses
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import torch
+
+from hdnas.data.train import DEFAULT_DIR, PatchSampler
+from hdnas.engine.config import RunConfig
+from hdnas.engine.history import VAL_COLUMNS, History
+from hdnas.engine.loop import Loop
+from hdnas.engine.runtime import step_schedule
+from hdnas.infer import run
+from hdnas.io import checkpoint
+from hdnas.io import weights as weights_io
+from hdnas.model.complexity import count_params
+from hdnas.model.genotype import Genotype
+from hdnas.model.network import DerivedNet
+from hdnas.nas.losses import SRLoss
+
+
+@dataclass
+class TrainConfig(RunConfig):
+    """The retraining's settings: the genotype, and the shared fields of ``RunConfig`` with the
+    retraining's own defaults (plain L1, clipping at norm 50, a longer schedule)."""
+
+    genotype: str = "BETA21"  # a genotype.json, or BETA21 / PARA_LOSS / TINY18
+    scale: int = 0  # 0: the genotype's own scale
+    batch: int = 8  # the global batch: split over the ranks of a distributed run
+    steps: int = 200
+    lr: float = 3e-4
+    lr_milestones: list = field(default_factory=lambda: [0.2, 0.4, 0.6, 0.8])
+    grad_clip: float = 50.0
+    hfen: float = 0.0
+    seed: int = 1
+    ckpt_every: int = 50
+
+    def validate(self):
+        super().validate()
+        self.load_genotype()
+
+    def load_genotype(self) -> Genotype:
+        g = Genotype.load(self.genotype)
+        if self.scale and self.scale != g.scale:
+            g = dataclasses.replace(g, scale=self.scale)
+        self.check_patch(g.scale)
+        return g
+
+
+PRESETS = {"paper": dict(batch=32, patch=128, lr=3e-4, grad_clip=50.0, steps=1_941_000,
+                         log_every=1000, ckpt_every=10_000)}
+
+
+class Train(Loop):
+    """The retraining state: model, optimizer, schedule, sampler, RNG. ``run`` advances it."""
+
+    name, kind = "train", "hdnas-train"
+
+    def __init__(self, cfg: TrainConfig, run_dir: Path, dist=None):
+        super().__init__(cfg, run_dir, dist)
+        self.genotype = cfg.load_genotype()
+        if self.dist.is_main:
+            self.genotype.save(run_dir / "genotype.json")
+        s = self.genotype.scale
+        cache = self.open_cache(cfg.train_dir or DEFAULT_DIR / "train", s)
+        indices, _ = self.hold_out(cache, range(len(cache)), s)
+        self.data = PatchSampler(cache, s, cfg.patch, indices, seed=cfg.seed,
+                                 skip_bad=cfg.skip_bad_images)
+        self.model = DerivedNet(self.genotype).to(self.device)
+        self.fused = run.inference_runner(self.model)  # validation's path on a CPU
+        self.loss_fn = SRLoss(cfg.hfen)
+        self.opt = torch.optim.Adam(self.model.parameters(), lr=cfg.lr, betas=(0.9, 0.999),
+                                    weight_decay=cfg.weight_decay)
+        milestones = sorted({max(1, int(m * cfg.steps)) for m in cfg.lr_milestones})
+        self.sched = torch.optim.lr_scheduler.MultiStepLR(self.opt, milestones, cfg.lr_gamma)
+        self.scaler = self.amp.scaler()
+        self.history = History(run_dir / "history.csv",
+                               ["step", "lr", "loss_train", "sec_per_step"] + VAL_COLUMNS)
+
+    def inference_model(self) -> torch.nn.Module:
+        """Validation on a CPU runs the fused oneDNN path (hdnas.infer.fused; the same numbers up
+        to summation order; it keeps its packed weights between validations); where that
+        cannot serve (another device, no oneDNN) it runs the network itself."""
+        return self.fused
+
+    def start_data(self, start: int, end: int) -> None:
+        self.batches = self.loader(self.data, range(start, end))
+
+    def train_step(self) -> dict:
+        self.model.train()
+        lr_img, hr_img = self.to_device(next(self.batches))
+        self.opt.zero_grad(set_to_none=True)
+        with self.amp.autocast():
+            loss = self.loss_fn(self.model(lr_img), hr_img)
+        self.scaler.scale(loss).backward()
+        # the mean over the ranks: the gradient (and loss) of the global batch
+        loss_mean, = self.dist.average_grads(self.model.parameters(), (loss,))
+        if self.cfg.grad_clip:
+            self.scaler.unscale_(self.opt)
+            torch.nn.utils.clip_grad_norm_(self.model.parameters(), self.cfg.grad_clip)
+        eta = self.sched.get_last_lr()[0]
+        self.scaler.step(self.opt)  # with fp16, skipped when a gradient is inf/nan
+        self.scaler.update()
+        step_schedule(self.sched)
+        self.step += 1
+        return {"loss_train": loss_mean, "lr": eta}
+
+    def log_row(self, out, timer):
+        return {"step": self.step, "lr": out["lr"], "loss_train": f"{out['loss_train']:.6f}",
+                "sec_per_step": f"{timer.mean('step'):.4f}"}
+
+    def describe(self, out) -> str:
+        return f"lr {out['lr']:.2e}"
+
+    def state_dict(self) -> dict:
+        return {"step": self.step, "model": self.model.state_dict(), "opt": self.opt.state_dict(),
+                "sched": self.sched.state_dict(), "scaler": self.scaler.state_dict(),
+                "torch_rng": torch.get_rng_state(), "genotype": self.genotype.to_dict()}
+
+    def load_state_dict(self, s: dict) -> None:
+        self.model.load_state_dict(s["model"])
+        self.opt.load_state_dict(s["opt"])
+        self.sched.load_state_dict(s["sched"])
+        self.scaler.load_state_dict(s.get("scaler", {}))  # {}: disabled, or from before --amp
+        torch.set_rng_state(s["torch_rng"] if "torch_rng" in s else s["rng"]["torch"])
+        self.step = s["step"]
+
+    def save_best(self) -> None:
+        """``best.pt``: the weights of the best validation PSNR so far (weights only, read by
+        ``hdnas.evaluate --weights`` and the safe loader), written atomically."""
+        checkpoint.save_atomic({"model": self.model.state_dict(), "genotype": self.genotype.to_dict(),
+                                "step": self.step, "val_psnr": self.best_val["psnr"],
+                                "val_ssim": self.best_val["ssim"]}, self.run_dir / "best.pt")
+        weights_io.save_weights(self.model, self.genotype, self.run_dir / "best.safetensors")
+
+    def save(self) -> None:
+        """The checkpoint, and the weights with their genotype as ``model.safetensors`` (what
+        ``hdnas.evaluate``, ``hdnas.upscale`` and ``hdnas.export`` read without a genotype flag)."""
+        super().save()
+        if self.dist.is_main:
+            weights_io.save_weights(self.model, self.genotype, self.run_dir / "model.safetensors")
+
+    def result(self):
+        return self.run_dir / "checkpoint.pt"
+
+    def summary(self) -> str:
+        amp = f" (amp {self.cfg.amp})" if self.cfg.amp != "off" else ""
+        return (f"retraining {self.genotype.name or 'genotype'} x{self.genotype.scale} "
+                f"({count_params(self.model)} params) on {self.device}{amp}, "
+                f"{len(self.data)} images"
+                + (f", {len(self.val_data[1])} validation images (every {self.val_every} steps)"
+                   if self.val_data else ""))
+
+    def finish(self, path) -> str:
+        return str(path)
