@@ -17,7 +17,8 @@ and computes ``sum_k w_k op_k(x)`` as:
 4. the sep candidates' second stage: ``primitives.grouped_dw`` (ReLU on read, per-group input),
    one grouped GEMM, one ``F.batch_norm`` with ``w_k`` folded in;
 5. pools (on a channels-last copy of x on CPU: the same result, several times faster) with
-   their BN (``w_k`` folded in; the BN reads the channels-last pool output directly), ``skip_connect`` (``w x``, or FactorizedReduce from the
+   their BN (``w_k`` folded in; the BN reads an NCHW copy of the pool output, as accurate as the
+   plain loop), ``skip_connect`` (``w x``, or FactorizedReduce from the
    shared ``relu(x)`` with its BN), ``none`` (contributes exactly 0) with stock ops; the sum.
 
 ``recompute=True`` (default) runs this under ``torch.utils.checkpoint``: only the op's input is
@@ -134,7 +135,9 @@ def _group_affine(bns, scales, like, kind):
     if kind == "w" and all(s is None and not bn.affine for bn, s in zip(bns, scales)):
         return None
     parts = [like.new_zeros(C) if p is None else p for p in parts]
-    return parts[0].to(like.dtype) if len(parts) == 1 else torch.cat(parts).to(like.dtype)
+    # contiguous: torch's CPU batch_norm backward computes a wrong input gradient from a stride-0
+    # (expanded) weight when each channel has one pixel per image (H = W = 1; torch 2.13)
+    return (parts[0] if len(parts) == 1 else torch.cat(parts)).to(like.dtype).contiguous()
 
 
 def group_batch_norm(u, bns, scales, state: _RunState):
@@ -356,11 +359,13 @@ class MixedOp(nn.Module):
             # PyTorch's CPU pools are several times faster on channels-last tensors, with the same
             # windows, scan order and tie rule (the first maximum in row-major order)
             xp = x.contiguous(memory_format=torch.channels_last) if x.device.type == "cpu" else x
+            # the BN reads an NCHW copy: torch's channels-last training-mode batch_norm on CPU
+            # accumulates its statistics far less accurately (5e-5 vs 3e-7 relative, fp32)
             for i in P.max_pool:
-                mp = F.max_pool2d(xp, 3, s, 1)
+                mp = F.max_pool2d(xp, 3, s, 1).contiguous()
                 terms.append(group_batch_norm(mp, [ops[i][1]], [w[i]], state))
             for i in P.avg_pool:
-                ap = F.avg_pool2d(xp, 3, s, 1, count_include_pad=False)
+                ap = F.avg_pool2d(xp, 3, s, 1, count_include_pad=False).contiguous()
                 terms.append(group_batch_norm(ap, [ops[i][1]], [w[i]], state))
         for i in P.skip:
             if s == 1:
