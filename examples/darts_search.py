@@ -5,8 +5,12 @@
 
 Each variant runs in its own process (so that its peak memory is its own) from the same seed:
 first-order DARTS steps (architecture step on a validation batch, then the weight step). It
-prints seconds per step, the process's peak resident memory (peak GPU memory on CUDA) and the
-derived genotype; both variants should derive the same genotype.
+prints seconds per step, the process's peak resident memory (peak GPU memory on CUDA), the
+largest difference between the two runs' architecture parameters and the derived genotypes.
+In fp32 the two runs differ by round-off (fused and plain sums are ordered differently), which a
+few DARTS steps amplify, so their genotypes may differ, as two fp32 runs of DARTS itself on two
+machines may; ``--dtype float64`` removes the round-off, and the two runs then agree to 1e-8
+(checked: the script exits 1 otherwise).
 
 The swap is the two lines in ``run()``::
 
@@ -30,7 +34,8 @@ def run(a) -> dict:
 
     device = torch.device(a.device)
     torch.manual_seed(2)
-    model = Network(a.C, 10, a.layers, weighting=a.weighting).to(device)
+    dtype = getattr(torch, a.dtype)
+    model = Network(a.C, 10, a.layers, weighting=a.weighting).to(device=device, dtype=dtype)
     if a.variant == "swapped":
         import hdnas.darts
         print(hdnas.darts.patch(model, backend=a.backend), file=sys.stderr)
@@ -39,7 +44,7 @@ def run(a) -> dict:
     g = torch.Generator().manual_seed(0)
 
     def batch():
-        return (torch.randn(a.batch, 3, a.size, a.size, generator=g).to(device),
+        return (torch.randn(a.batch, 3, a.size, a.size, generator=g).to(device=device, dtype=dtype),
                 torch.randint(0, 10, (a.batch,), generator=g).to(device))
 
     times = []
@@ -53,7 +58,8 @@ def run(a) -> dict:
     peak = (torch.cuda.max_memory_allocated() / 2**20 if device.type == "cuda"
             else resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024)
     return {"variant": a.variant, "sec_per_step": sum(times[1:] or times) / len(times[1:] or times),
-            "peak_mb": peak, "loss": loss, "genotype": str(model.genotype())}
+            "peak_mb": peak, "loss": loss, "genotype": str(model.genotype()),
+            "alphas": [v for p in model.arch_parameters() for v in p.detach().flatten().tolist()]}
 
 
 def main():
@@ -66,6 +72,8 @@ def main():
     ap.add_argument("--weighting", default="softmax", choices=["softmax", "sigmoid", "gdas", "pcdarts"])
     ap.add_argument("--unrolled", action="store_true", help="second-order DARTS")
     ap.add_argument("--backend", default="fused")
+    ap.add_argument("--dtype", default="float32", choices=["float32", "float64"],
+                    help="float64: no round-off, the two runs must agree")
     ap.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     ap.add_argument("--variant", default=None, help=argparse.SUPPRESS)
     a = ap.parse_args()
@@ -86,8 +94,13 @@ def main():
     o, s = results
     print(f"swapped vs original: {o['sec_per_step'] / s['sec_per_step']:.2f}x speed, "
           f"{o['peak_mb'] / s['peak_mb']:.2f}x less peak memory")
-    print("same genotype:", o["genotype"] == s["genotype"])
+    diff = max(abs(x - y) for x, y in zip(o["alphas"], s["alphas"]))
+    print(f"largest architecture-parameter difference after {a.steps} steps: {diff:.2e} ({a.dtype})")
+    print("same genotype:", o["genotype"] == s["genotype"],
+          "" if a.dtype == "float64" else "(fp32: round-off may change it; --dtype float64 checks)")
     print(s["genotype"])
+    if a.dtype == "float64" and (diff > 1e-8 or o["genotype"] != s["genotype"]):
+        sys.exit("error: in fp64 the two runs should agree to 1e-8")
 
 
 if __name__ == "__main__":

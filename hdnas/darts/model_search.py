@@ -79,6 +79,10 @@ class Network(nn.Module):
                  primitives=PRIMITIVES, weighting: str = "softmax", tau: float = 10.0,
                  partial_k: int = 4):
         super().__init__()
+        self._init_args = dict(C=C, num_classes=num_classes, layers=layers, criterion=criterion,
+                               steps=steps, multiplier=multiplier,
+                               stem_multiplier=stem_multiplier, primitives=primitives,
+                               weighting=weighting, tau=tau, partial_k=partial_k)
         if weighting not in WEIGHTINGS:
             raise ValueError(f"unknown weighting {weighting!r}; choose one of {WEIGHTINGS}")
         if layers < 1 or steps < 1 or not 1 <= multiplier <= steps:
@@ -119,12 +123,49 @@ class Network(nn.Module):
             self.betas_reduce = nn.Parameter(1e-3 * torch.randn(n_edges))
             self._arch_names += ["betas_normal", "betas_reduce"]
 
-    # -- parameters (DARTS names; hdnas.nas.architect uses weight_parameters/alphas/num_cells) ---
+    # -- DARTS' model contract: arch_parameters(), weights-only parameters(), _loss(), new() ----
+    # (hdnas.nas.architect uses weight_parameters/alphas/num_cells.) The alphas are registered
+    # parameters, so .to()/.double()/state_dict() carry them, but ``parameters()`` and
+    # ``named_parameters()`` list the weights only, as in DARTS (whose alphas are plain tensors):
+    # a weight optimizer built over ``model.parameters()`` never updates them, and DARTS'
+    # Architect flattens the same tensors it unrolls. ``all_parameters()`` gives both.
     def arch_parameters(self):
         return [getattr(self, n) for n in self._arch_names]
 
+    def named_parameters(self, prefix: str = "", recurse: bool = True,
+                         remove_duplicate: bool = True):
+        arch = {f"{prefix}.{n}" if prefix else n for n in self._arch_names}
+        for name, p in super().named_parameters(prefix, recurse, remove_duplicate):
+            if name not in arch:
+                yield name, p
+
     def weight_parameters(self):
-        return [p for n, p in self.named_parameters() if n not in self._arch_names]
+        return list(self.parameters())
+
+    def all_parameters(self):
+        """The weights and the architecture parameters."""
+        return self.weight_parameters() + self.arch_parameters()
+
+    def new(self) -> "Network":
+        """A fresh network of the same configuration holding a copy of the architecture
+        parameters (DARTS' ``new()``, which its second-order Architect unrolls into)."""
+        fresh = type(self)(**self._init_args)
+        a = self.arch_parameters()[0]
+        fresh.to(device=a.device, dtype=a.dtype)
+        with torch.no_grad():
+            for x, y in zip(fresh.arch_parameters(), self.arch_parameters()):
+                x.copy_(y)
+        return fresh
+
+    def zero_grad(self, set_to_none: bool = True) -> None:
+        """Zeroes the gradients of the weights and of the architecture parameters."""
+        super().zero_grad(set_to_none)
+        for p in self.arch_parameters():
+            if p.grad is not None:
+                if set_to_none:
+                    p.grad = None
+                else:
+                    p.grad.detach_().zero_()
 
     @property
     def alphas(self):

@@ -1,6 +1,7 @@
 """``hdnas.darts.patch(model)``: swap every DARTS-style MixedOp of a model for ours, in place."""
 from __future__ import annotations
 
+import types
 from dataclasses import dataclass, field
 
 from torch import nn
@@ -17,6 +18,9 @@ class PatchReport:
     backend: str
     swapped: dict = field(default_factory=dict)
     skipped: dict = field(default_factory=dict)
+    #: whether ``model.new()`` now returns patched copies (DARTS' second-order architect builds
+    #: its unrolled model with it)
+    wraps_new: bool = False
 
     def __str__(self):
         lines = [f"hdnas.darts.patch: swapped {len(self.swapped)} mixed op(s) for the "
@@ -25,6 +29,8 @@ class PatchReport:
         for desc in self.swapped.values():
             kinds[desc] = kinds.get(desc, 0) + 1
         lines += [f"  {n} x {d}" for d, n in kinds.items()]
+        if self.wraps_new:
+            lines.append("  model.new() returns patched copies")
         lines += [f"  left {name}: {why}" for name, why in self.skipped.items()]
         return "\n".join(lines)
 
@@ -37,8 +43,16 @@ def _looks_like_mixed_op(m: nn.Module) -> bool:
             and not any(isinstance(getattr(o, "_ops", None), nn.ModuleList) for o in ops))
 
 
+def _patched_new(self):
+    """``model.new()`` of a patched model: the class's own ``new()``, then the same patch."""
+    fresh = type(self).new(self)
+    patch(fresh, **self._hdnas_patch)
+    return fresh
+
+
 def patch(model: nn.Module, backend: str = "fused", recompute: bool = True,
-          partial_k: int | None = None, verbose: bool = False) -> PatchReport:
+          partial_k: int | None = None, verbose: bool = False,
+          copies: bool = True) -> PatchReport:
     """Replace, in place, every submodule that holds a ``_ops`` ModuleList of DARTS candidate
     layouts (quark0/darts' ``model_search.MixedOp``; PC-DARTS' when it has the ``mp`` pool) by a
     ``hdnas.darts.MixedOp`` that adopts those very candidate modules: parameters (the same
@@ -47,7 +61,13 @@ def patch(model: nn.Module, backend: str = "fused", recompute: bool = True,
     and listed in ``report.skipped`` with the reason. The swapped op keeps the call signature
     ``op(x, weights)`` (and ``forward_gdas(x, weights, index)``). ``partial_k`` overrides
     PC-DARTS' K (default 4 when the ``mp`` pool is there). Returns the report (printed when
-    ``verbose``)."""
+    ``verbose``).
+
+    Copies a search makes are patched too (``copies=True``): when the model has DARTS' ``new()``
+    (which builds a fresh, unpatched network: DARTS' second-order architect makes its unrolled
+    model with it), ``model.new`` is replaced, on this instance, by a method that calls the
+    class's ``new()`` and patches the result the same way; ``copy.deepcopy(model)`` copies the
+    swapped ops and rebinds that method to the copy."""
     check_backend(backend)
     report = PatchReport(backend)
     targets = [(name, m) for name, m in model.named_modules() if _looks_like_mixed_op(m)]
@@ -68,6 +88,11 @@ def patch(model: nn.Module, backend: str = "fused", recompute: bool = True,
             setattr(parent, attr, new)
         k = f", K={new.partial_k}" if new.partial_k > 1 else ""
         report.swapped[name] = f"{type(m).__name__}(stride {new.stride}{k}: {', '.join(new.primitives)})"
+    if copies and callable(getattr(type(model), "new", None)):
+        object.__setattr__(model, "_hdnas_patch", dict(backend=backend, recompute=recompute,
+                                                       partial_k=partial_k, copies=True))
+        object.__setattr__(model, "new", types.MethodType(_patched_new, model))
+        report.wraps_new = True
     if verbose:
         print(report)
     return report
