@@ -6,8 +6,10 @@
 
 The protocol (Y channel, shave = scale, SR rounded to 8 bits; ``--bicubic``: bicubic upscaling)
 is ``hdnas.eval.protocol``'s. Writes ``results.md``, ``results.csv`` and ``per_image.csv`` to
-``--out`` (``--save-images``, ``--compare``: SR images, crop pictures). ``--weights`` is read with
-torch's safe loader; ``--trust-pickle`` allows the full unpickler (``hdnas.io.official``).
+``--out`` (``--save-images``, ``--compare``: SR images, crop pictures), replacing existing files
+only with ``--overwrite`` (checked before any image is scored) and the inputs never. ``--weights``
+is read with torch's safe loader; ``--trust-pickle`` allows the full unpickler
+(``hdnas.io.official``). Bad input: ``error: ...``, exit status 2 (``--debug``: the traceback).
 """
 from __future__ import annotations
 
@@ -19,11 +21,10 @@ import time
 import torch
 from tqdm import tqdm
 
-from hdnas.data.benchmark import BenchmarkError
-from hdnas.eval.protocol import evaluate_sets, load_scored_model, table_note, write_tables
+from hdnas.cliargs import add_common, int_range, run
+from hdnas.eval.protocol import TABLES, evaluate_sets, load_scored_model, table_note, write_tables
 from hdnas.infer.run import BACKENDS
-from hdnas.io.images import ImageError
-from hdnas.io.official import WeightsError
+from hdnas.io.atomic import OutputDir
 from hdnas.model.genotype import GenotypeError
 
 
@@ -43,7 +44,8 @@ def build_parser() -> argparse.ArgumentParser:
         "matlab-y: Y channel down/up in double (the published Bicubic rows); rgb: upscale the "
         "set's 8-bit RGB LR images"))
     add("--data", nargs="+", required=True, metavar="DIR", help="benchmark folders")
-    add("--scales", nargs="+", type=int, help="default: the genotype's scale (bicubic: 2 3 4)")
+    add("--scales", nargs="+", type=int_range(2, 4),
+        help="default: the genotype's scale (bicubic: 2 3 4)")
     add("--make-lr", action="store_true",
         help="ignore shipped LR images; always make LR from HR with our resize")
     add("--self-ensemble", action="store_true", help="x8 geometric self-ensemble")
@@ -51,24 +53,29 @@ def build_parser() -> argparse.ArgumentParser:
     add("--save-images", action="store_true", help="save SR images under OUT/images")
     add("--compare", action="store_true",
         help="save bicubic / model / HR crop pictures under OUT/compare")
-    add("--crop", nargs=3, type=int, metavar=("Y", "X", "SIZE"),
+    add("--crop", nargs=3, type=int_range(0, 1 << 20), metavar=("Y", "X", "SIZE"),
         help="HR crop for --compare (default: a centred 96 px square)")
     add("--backend", choices=sorted(BACKENDS), default="auto", help=(
         "how the network runs, the same numbers up to rounding order: "
         + "; ".join(f"{k}: {v}" for k, v in BACKENDS.items()) + " (default %(default)s)"))
     add("--device", default="cpu")
-    add("--threads", type=int, default=min(4, os.cpu_count() or 1))
+    add("--threads", type=int_range(1, 4096), default=min(4, os.cpu_count() or 1))
     add("--quiet", action="store_true",
         help="no per-image lines (and no progress bar unless --progress)")
     add("--progress", action=argparse.BooleanOptionalAction, default=None, help=(
         "a progress bar per data set on stderr (default: when stderr is a terminal and not "
         "--quiet)"))
+    add_common(p, overwrite=True)
     return p
 
 
 def main(argv=None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
+    return run(lambda: _main(parser, args), args.debug)
+
+
+def _main(parser, args) -> int:
     torch.set_num_threads(max(1, args.threads))
     log = (lambda m: None) if args.quiet else (lambda m: tqdm.write(m, file=sys.stderr))
     progress = (not args.quiet and sys.stderr.isatty()) if args.progress is None else args.progress
@@ -86,25 +93,15 @@ def main(argv=None) -> int:
                 args.trust_pickle, args.self_ensemble)
         except GenotypeError as e:
             parser.error(str(e))
-        except (WeightsError, ValueError) as e:  # ValueError: a backend the device lacks
-            print(f"error: {e}", file=sys.stderr)
-            return 2
-    for s in scales:
-        if s < 1:
-            parser.error(f"bad scale {s}")
+    out = OutputDir(args.out, args.overwrite, inputs=[args.weights, args.genotype])
+    out.claim_all(out.root / name for name in TABLES)
     t0 = time.time()
-    try:
-        rows, per_image = evaluate_sets(
-            args.data, scales, model, method, cost, args.self_ensemble, args.device,
-            args.bicubic_protocol, args.make_lr, args.out, args.save_images, args.compare,
-            args.crop, log, progress)
-    except ValueError as e:  # a bad set or image; --backend native where its kernels cannot serve
-        if not isinstance(e, (BenchmarkError, ImageError)) and "depthwise mode" not in str(e):
-            raise
-        print(f"error: {e}", file=sys.stderr)
-        return 2
+    rows, per_image = evaluate_sets(
+        args.data, scales, model, method, cost, args.self_ensemble, args.device,
+        args.bicubic_protocol, args.make_lr, out, args.save_images, args.compare,
+        args.crop, log, progress)
     note = table_note(args.bicubic_protocol if args.bicubic else None)
-    md_path, csv_path, md = write_tables(rows, args.out, per_image, note)
+    md_path, csv_path, md = write_tables(rows, out, per_image, note)
     print(md)
     print(f"wrote {md_path} and {csv_path} ({time.time() - t0:.1f} s)")
     return 0

@@ -11,6 +11,10 @@ sizes from 21 px). ``--check`` compares ONNX Runtime and the ``.pt2`` program wi
 random inputs; ``--bench`` times one 1280x720-output image with PyTorch eager and ONNX Runtime on
 the CPU (minimum of ``--repeats`` runs after a warm-up) and prints the file sizes. The formats,
 tolerances and checks: ``hdnas.io.export``.
+
+Nothing is written outside ``--out``: a genotype name that is not a plain file name (``../x``)
+is made one, ``--name`` must be one. Existing files are replaced only with ``--overwrite``, the
+input files never. Bad input: ``error: ...`` and exit status 2 (``--debug``: the traceback).
 """
 from __future__ import annotations
 
@@ -20,8 +24,11 @@ import sys
 
 import torch
 
-from hdnas.io.export import FORMATS, MIN_OPSET, ExportError, export
-from hdnas.io.models import ModelFileError, load_model
+from hdnas.cliargs import add_common, int_range, run
+from hdnas.io.atomic import OutputDir
+from hdnas.io.export import FORMATS, MAX_OPSET, MIN_OPSET, export
+from hdnas.io.models import load_model
+from hdnas.safeio import check_plain_name, plain_name
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -36,30 +43,39 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--out", required=True, help="output folder")
     p.add_argument("--name", help="file stem (default: the genotype's name, else 'model')")
     p.add_argument("--formats", nargs="+", choices=FORMATS, default=list(FORMATS))
-    p.add_argument("--opset", type=int, default=MIN_OPSET)
+    p.add_argument("--opset", type=int_range(MIN_OPSET, MAX_OPSET), default=MIN_OPSET,
+                   help=f"ONNX opset, {MIN_OPSET}..{MAX_OPSET} (default %(default)s)")
     p.add_argument("--check", action="store_true",
                    help="compare ONNX Runtime and the .pt2 program with PyTorch")
     p.add_argument("--bench", action="store_true",
                    help="CPU latency for a 1280x720 output: PyTorch vs ONNX Runtime")
-    p.add_argument("--repeats", type=int, default=3)
-    p.add_argument("--threads", type=int, default=0, help="CPU threads (0: the default)")
+    p.add_argument("--repeats", type=int_range(1, 1000), default=3)
+    p.add_argument("--threads", type=int_range(0, 4096), default=0,
+                   help="CPU threads (0: the default)")
+    add_common(p, overwrite=True)
     return p
 
 
 def main(argv=None) -> int:
     args = build_parser().parse_args(argv)
+    return run(lambda: _main(args), args.debug)
+
+
+def _main(args) -> int:
     if args.threads:
         torch.set_num_threads(args.threads)
+    if args.name is not None:
+        check_plain_name(args.name, "--name")
+    model = load_model(args.genotype, args.weights, trust_pickle=args.trust_pickle)
+    name = args.name or plain_name(model.genotype.name)
+    if args.name is None and model.genotype.name and name != model.genotype.name:
+        print(f"note: the genotype's name {model.genotype.name[:80]!r} is not a plain file name; "
+              f"the files are named {name!r}", file=sys.stderr)
+    out = OutputDir(args.out, args.overwrite, inputs=[args.weights, args.genotype])
     try:
-        model = load_model(args.genotype, args.weights, trust_pickle=args.trust_pickle)
-    except ModelFileError as e:
-        print(f"error: {e}", file=sys.stderr)
-        return 2
-    try:
-        written, report = export(model, args.out, args.name or model.genotype.name or "model",
-                                 args.formats, args.opset, args.check, args.bench, args.repeats,
-                                 args.threads)
-    except (ExportError, ImportError) as e:
+        written, report = export(model, out, name, args.formats, args.opset, args.check,
+                                 args.bench, args.repeats, args.threads)
+    except ImportError as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
     for p in written:

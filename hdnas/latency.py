@@ -1,17 +1,24 @@
 """``python -m hdnas.latency``: measure a latency table for latency-aware search
-(``hdnas.nas.latency`` holds the measurement, the table format and the prediction)."""
+(``hdnas.nas.latency`` holds the measurement, the table format and the prediction).
+
+Every number is checked at parse time (``--channels`` 4..1024, ``--repeats`` >= 1, ...); the
+table is checked before it is written (finite times > 0) and replaces an existing ``--out`` only
+with ``--overwrite``. Bad input: ``error: ...``, exit status 2 (``--debug``: the traceback)."""
 from __future__ import annotations
 
 import argparse
-import json
 import sys
 from pathlib import Path
 
 import torch
 
+from hdnas.cliargs import add_common, int_range, run
+from hdnas.io.atomic import OutputDir
+from hdnas.io.images import max_pixels
 from hdnas.model.cell import MIN_LR_SIZE
+from hdnas.model.genotype import MAX_CELLS, MAX_CHANNELS
 from hdnas.model.space import DLSR_PRIMITIVES
-from hdnas.nas.latency import measure_table, validate
+from hdnas.nas.latency import measure_table, save_table, validate
 
 
 def _size(text: str) -> tuple[int, int]:
@@ -22,6 +29,9 @@ def _size(text: str) -> tuple[int, int]:
     if min(w, h) < MIN_LR_SIZE:
         raise argparse.ArgumentTypeError(f"size {text}: the network needs at least "
                                          f"{MIN_LR_SIZE}x{MIN_LR_SIZE}")
+    if w * h > max_pixels():
+        raise argparse.ArgumentTypeError(f"size {text}: more than {max_pixels():,} pixels "
+                                         "(HDNAS_MAX_PIXELS)")
     return h, w
 
 
@@ -29,42 +39,43 @@ def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="python -m hdnas.latency",
                                 description="Measure the latency table for latency-aware search.")
     p.add_argument("--device", default="cpu", help="cpu or cuda (cuda:N)")
-    p.add_argument("--channels", type=int, default=48)
+    p.add_argument("--channels", type=int_range(4, MAX_CHANNELS), default=48)
     p.add_argument("--size", type=_size, default=(360, 640), help="LR size WxH (default 640x360, "
                                                                    "a 1280x720 output at x2)")
-    p.add_argument("--cells", type=int, default=6)
-    p.add_argument("--scale", type=int, default=2)
+    p.add_argument("--cells", type=int_range(2, MAX_CELLS), default=6)
+    p.add_argument("--scale", type=int_range(2, 4), default=2)
     p.add_argument("--ops", nargs="+", default=list(DLSR_PRIMITIVES))
-    p.add_argument("--warmup", type=int, default=2)
-    p.add_argument("--repeats", type=int, default=5)
-    p.add_argument("--threads", type=int, default=0, help="CPU threads (0: torch's default)")
-    p.add_argument("--validate", type=int, default=0, metavar="N",
+    p.add_argument("--warmup", type=int_range(0, 10**6), default=2)
+    p.add_argument("--repeats", type=int_range(1, 10**6), default=5)
+    p.add_argument("--threads", type=int_range(0, 4096), default=0,
+                   help="CPU threads (0: torch's default)")
+    p.add_argument("--validate", type=int_range(0, 10**4), default=0, metavar="N",
                    help="also measure N random derived networks against the prediction")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--out", required=True, help="the JSON table to write")
+    add_common(p, overwrite=True)
     return p
 
 
 def main(argv=None) -> int:
     args = build_parser().parse_args(argv)
+    return run(lambda: _main(args), args.debug)
+
+
+def _main(args) -> int:
     if args.threads:
         torch.set_num_threads(args.threads)
     if args.device.startswith("cuda") and not torch.cuda.is_available():
         print("error: --device cuda but this torch has no CUDA device", file=sys.stderr)
         return 2
-    try:
-        table = measure_table(args.device, args.channels, args.size, args.ops, args.cells,
-                              args.scale, args.warmup, args.repeats,
-                              log=lambda m: print(m, file=sys.stderr))
-        if args.validate:
-            table["validation"] = validate(table, args.validate, args.seed, args.device,
-                                           args.warmup, args.repeats)
-    except ValueError as e:
-        print(f"error: {e}", file=sys.stderr)
-        return 2
-    out = Path(args.out)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    out.write_text(json.dumps(table, indent=2) + "\n")
+    OutputDir(Path(args.out).parent, args.overwrite).claim(args.out)  # before measuring
+    table = measure_table(args.device, args.channels, args.size, args.ops, args.cells,
+                          args.scale, args.warmup, args.repeats,
+                          log=lambda m: print(m, file=sys.stderr))
+    if args.validate:
+        table["validation"] = validate(table, args.validate, args.seed, args.device,
+                                       args.warmup, args.repeats)
+    out = save_table(table, args.out, overwrite=args.overwrite)
     print(f"wrote {out}")
     if args.validate:
         v = table["validation"]

@@ -19,14 +19,17 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.epilog = "backends: " + ", ".join(available_backends()) + ", fused."
 
 
-def adjust_config(cfg: SearchConfig, args) -> None:
+def adjust_args(args) -> None:
+    """``--fused``: ``--backend fused``."""
     if args.fused:
-        cfg.backend = "fused"
+        if args.backend not in (None, "fused"):
+            raise ValueError(f"--fused and --backend {args.backend}: give one of them")
+        args.backend = "fused"
 
 
 def main(argv=None) -> int:
     return cli_main(argv, Search, SearchConfig, PRESETS, "python -m hdnas.search", __doc__,
-                    add_arguments, adjust_config)
+                    add_arguments, adjust_args)
 
 
 if __name__ == "__main__":

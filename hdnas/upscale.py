@@ -16,8 +16,10 @@ receptive radius (the default) tiled equals untiled up to float reassociation
 
 Errors about one image (unreadable, too small, output name taken) are reported and the other
 files are still processed; the exit status is then 1. Errors about the setup (genotype, weights
-that do not fit it, ``--scale`` different from the weights', a tile too small for its overlap)
-stop before any image, with status 2.
+that do not fit it, ``--scale`` different from the weights', a tile too small for its overlap,
+``--out`` an input folder, outputs that exist without ``--overwrite``) stop before any image,
+with status 2 (``--debug``: the traceback). Nothing is written outside ``--out``; an input is
+never replaced.
 """
 from __future__ import annotations
 
@@ -27,11 +29,13 @@ from pathlib import Path
 
 import torch
 
+from hdnas.cliargs import add_common, int_range, run
 from hdnas.infer.run import pick_device
-from hdnas.infer.tiling import UpscaleError, check_tile_sizes, tile_overlap
+from hdnas.infer.tiling import check_tile_sizes, tile_overlap
+from hdnas.io.atomic import OutputDir
 from hdnas.io.images import collect_inputs
-from hdnas.io.models import ModelFileError, load_model
-from hdnas.io.upscale_files import upscale_files
+from hdnas.io.models import load_model
+from hdnas.io.upscale_files import check_outputs, upscale_files
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -49,7 +53,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--trust-pickle", action="store_true",
                    help="read --weights with the full unpickler if the safe loader refuses it "
                         "(can run code stored in the file: only for files you trust)")
-    p.add_argument("--scale", type=int, help="check that the network upscales by this factor")
+    p.add_argument("--scale", type=int_range(2, 4),
+                   help="check that the network upscales by this factor")
     p.add_argument("--device", default="auto", help="cpu, cuda, cuda:1, ... (default: cuda if "
                                                     "available)")
     p.add_argument("--amp", choices=("off", "bf16", "fp16"), default="off",
@@ -58,33 +63,38 @@ def build_parser() -> argparse.ArgumentParser:
                    help="on a CPU, run the convolutions through oneDNN with fused activations "
                         "and residuals (hdnas.infer.fused; the same numbers up to summation order; "
                         "default on)")
-    p.add_argument("--tile", type=int, default=0, help="LR tile size in pixels (0: whole image)")
-    p.add_argument("--tile-overlap", type=int, default=None,
+    p.add_argument("--tile", type=int_range(0), default=0,
+                   help="LR tile size in pixels (0: whole image)")
+    p.add_argument("--tile-overlap", type=int_range(0), default=None,
                    help="LR context pixels on each inner side of a tile (default: the receptive "
                         "radius, which makes tiling exact)")
-    p.add_argument("--threads", type=int, default=0, help="CPU threads (0: torch's default)")
+    p.add_argument("--threads", type=int_range(0, 4096), default=0,
+                   help="CPU threads (0: torch's default)")
     p.add_argument("--progress", action=argparse.BooleanOptionalAction, default=None,
                    help="progress bars on stderr (default: when stderr is a terminal)")
+    add_common(p, overwrite=True)
     return p
 
 
 def main(argv=None) -> int:
     args = build_parser().parse_args(argv)
+    return run(lambda: _main(args), args.debug)
+
+
+def _main(args) -> int:
     if args.threads:
         torch.set_num_threads(args.threads)
     progress = args.progress if args.progress is not None else sys.stderr.isatty()
     device = pick_device(args.device)
-    try:
-        check_tile_sizes(args.tile, args.tile_overlap)
-        model = load_model(args.genotype, args.weights, args.scale, args.trust_pickle).to(device)
-        overlap = tile_overlap(model.genotype, args.tile, args.tile_overlap)
-    except (UpscaleError, ModelFileError) as e:
-        print(f"error: {e}", file=sys.stderr)
-        return 2
+    check_tile_sizes(args.tile, args.tile_overlap)
+    model = load_model(args.genotype, args.weights, args.scale, args.trust_pickle).to(device)
+    overlap = tile_overlap(model.genotype, args.tile, args.tile_overlap)
     files, errors = collect_inputs(args.inputs)
+    out = OutputDir(args.out, args.overwrite, inputs=[args.weights, args.genotype])
+    check_outputs(args.inputs, files, out)
     for e in errors:
         print(f"error: {e}", file=sys.stderr)
-    failed = len(errors) + upscale_files(model, files, args.out, device, args.tile, overlap,
+    failed = len(errors) + upscale_files(model, files, out, device, args.tile, overlap,
                                          args.amp, progress, args.fused)
     print(f"wrote {len(files) + len(errors) - failed} image(s) to {Path(args.out)}"
           + (f"; {failed} input(s) failed" if failed else ""))

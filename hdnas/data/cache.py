@@ -15,11 +15,17 @@ the cache is rebuilt, and the old one of that folder is deleted. A build writes 
 folder and renames it into place when complete, so a killed build leaves no half cache (its
 temporary folder is removed by the next build on the same machine). ``python -m
 hdnas.data.cache FOLDER --scale 2`` builds one ahead of a long (distributed) run.
+
+Every file of the build goes through the one atomic writer (``hdnas.safeio.write_atomic``) into
+the build's own ``mkdtemp`` folder. An image beyond the pixel limit (``hdnas.io.images``:
+``HDNAS_MAX_PIXELS``) is an unreadable image like any other: named in the error, or left out
+under ``--skip-bad-images``.
 """
 from __future__ import annotations
 
 import argparse
 import hashlib
+import io
 import json
 import logging
 import os
@@ -33,8 +39,10 @@ import numpy as np
 import torch
 from tqdm import tqdm
 
+from hdnas.cliargs import add_common, int_range, run
 from hdnas.data.benchmark import BenchmarkError, BenchmarkSet
 from hdnas.io.images import ImageError
+from hdnas.safeio import read_json, write_atomic
 
 __all__ = ["ImageCache", "cache_root", "cache_path", "build", "open_cache", "CACHE_VERSION"]
 
@@ -155,7 +163,8 @@ def build(folder, scale: int, root=None, skip_bad: bool = False, workers: int = 
         offsets = [0, 0]
         if progress is None:
             progress = sys.stderr.isatty()
-        with open(tmp / "hr.u8", "wb") as fh, open(tmp / "lr.u8", "wb") as fl:
+
+        def pixels(fh, fl):
             for item in tqdm(loader, total=len(bench), desc=f"caching {folder.name} x{scale}",
                              unit="img", disable=not progress, file=sys.stderr):
                 p = bench.pairs[item["i"]]
@@ -172,17 +181,19 @@ def build(folder, scale: int, root=None, skip_bad: bool = False, workers: int = 
                 fl.write(lr.tobytes())
                 offsets[0] += hr.nbytes
                 offsets[1] += lr.nbytes
-            for f in (fh, fl):
-                f.flush()
-                os.fsync(f.fileno())
+
+        write_atomic(tmp / "hr.u8", lambda fh: write_atomic(tmp / "lr.u8",
+                                                            lambda fl: pixels(fh, fl)))
         if bad and not skip_bad:
             shown = "\n  ".join(bad[:20]) + (f"\n  ... and {len(bad) - 20} more" if len(bad) > 20 else "")
             raise ImageError(f"{folder}: {len(bad)} of {len(bench)} images cannot be used:\n  "
                              f"{shown}\n(--skip-bad-images leaves them out with a warning)")
         if not names:
             raise BenchmarkError(f"{folder}: no usable images")
-        np.save(tmp / "index.npy", np.asarray(index, dtype=np.int64).reshape(-1, 6))
-        (tmp / "meta.json").write_text(json.dumps(
+        buf = io.BytesIO()
+        np.save(buf, np.asarray(index, dtype=np.int64).reshape(-1, 6))
+        write_atomic(tmp / "index.npy", buf.getvalue())
+        write_atomic(tmp / "meta.json", json.dumps(
             {"version": CACHE_VERSION, "folder": str(folder.resolve()), "scale": scale,
              "names": names, "files": files, "skipped": bad, "sources": sources}, indent=1))
         try:
@@ -205,14 +216,14 @@ class ImageCache:
 
     def __init__(self, path):
         self.path = Path(path)
-        meta = json.loads((self.path / "meta.json").read_text())
-        if meta.get("version") != CACHE_VERSION:
-            raise BenchmarkError(f"{self.path}: cache format {meta.get('version')}, expected "
-                                 f"{CACHE_VERSION}; delete it to rebuild")
+        meta = read_json(self.path / "meta.json", "image cache index", 1 << 30, BenchmarkError)
+        if not isinstance(meta, dict) or meta.get("version") != CACHE_VERSION:
+            raise BenchmarkError(f"{self.path}: not a cache of format {CACHE_VERSION}; delete it "
+                                 "to rebuild")
         self.names, self.skipped, self.scale = meta["names"], meta["skipped"], meta["scale"]
         self.files = meta["files"]  # the HR file names, for messages
         self.folder = meta["folder"]
-        self.index = np.load(self.path / "index.npy")
+        self.index = np.load(self.path / "index.npy", allow_pickle=False)
         self._maps = None
 
     def __len__(self):
@@ -260,21 +271,22 @@ def main(argv=None) -> int:
                                 description="Build the decoded-image cache of training folders "
                                             "ahead of a run (the run builds it otherwise).")
     p.add_argument("folders", nargs="+")
-    p.add_argument("--scale", type=int, required=True)
+    p.add_argument("--scale", type=int_range(2, 4), required=True)
     p.add_argument("--cache-dir", default="", help="default: $HDNAS_CACHE_DIR/data or "
                                                     "~/.cache/hdnas/data")
-    p.add_argument("--workers", type=int, default=min(8, os.cpu_count() or 1))
+    p.add_argument("--workers", type=int_range(0, 256), default=min(8, os.cpu_count() or 1))
     p.add_argument("--skip-bad-images", action="store_true")
+    add_common(p)
     args = p.parse_args(argv)
-    try:
+
+    def body() -> int:
         for folder in args.folders:
             c = open_cache(folder, args.scale, args.cache_dir or None, args.skip_bad_images,
                            args.workers, progress=True)
             print(f"{c.path}: {len(c)} images, {c.nbytes() / 2**30:.2f} GiB")
-    except ValueError as e:
-        print(f"error: {e}", file=sys.stderr)
-        return 2
-    return 0
+        return 0
+
+    return run(body, args.debug)
 
 
 if __name__ == "__main__":

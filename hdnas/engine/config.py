@@ -1,14 +1,58 @@
 """The settings every run shares (``RunConfig``, extended by the search's and the retraining's),
-their checks, and the command-line flags made from the fields."""
+their checks, and the command-line flags made from the fields.
+
+One validation: every numeric field has a ``Range`` (``RANGES``); a flag's value is checked
+against it when the command line is parsed (an argparse error, exit status 2, naming the flag),
+and ``validate()`` checks the same ranges on a config made otherwise (a preset, a resumed run's
+``config.json``: ``config_from_dict`` also checks the types there). Floats must be finite: NaN
+and infinity are refused everywhere."""
 from __future__ import annotations
 
 import argparse
 import dataclasses
+import math
 import typing
 from dataclasses import dataclass, field
 
-from hdnas.engine.runtime import AMP_MODES, check_amp
+from hdnas.cliargs import finite_float, int_range
+from hdnas.engine.runtime import AMP_MODES, check_amp, check_device_name
 from hdnas.model.cell import MIN_LR_SIZE
+
+
+class Range:
+    """The values a numeric field may take: ``lo``/``hi`` (None: unbounded), each closed unless
+    ``*_open``; floats must also be finite."""
+
+    def __init__(self, lo=None, hi=None, lo_open=False, hi_open=False):
+        self.lo, self.hi, self.lo_open, self.hi_open = lo, hi, lo_open, hi_open
+
+    def __contains__(self, v) -> bool:
+        if isinstance(v, float) and not math.isfinite(v):
+            return False
+        if self.lo is not None and (v <= self.lo if self.lo_open else v < self.lo):
+            return False
+        return self.hi is None or (v < self.hi if self.hi_open else v <= self.hi)
+
+    def __str__(self) -> str:
+        if self.hi is None:
+            return f"{'>' if self.lo_open else '>='} {self.lo:g}"
+        if self.lo is None:
+            return f"{'<' if self.hi_open else '<='} {self.hi:g}"
+        if self.lo_open == self.hi_open:
+            return f"{'strictly ' if self.lo_open else ''}between {self.lo:g} and {self.hi:g}"
+        return (f"{'>' if self.lo_open else '>='} {self.lo:g} and "
+                f"{'<' if self.hi_open else '<='} {self.hi:g}")
+
+
+def range_problem(v, rng: Range) -> str | None:
+    """Why ``v`` is not in ``rng`` (None if it is)."""
+    if isinstance(v, float) and not math.isfinite(v):
+        return f"must be a finite number, got {v}"
+    return None if v in rng else f"must be {rng}, got {v:g}"
+
+
+POSITIVE, NON_NEGATIVE = Range(0, lo_open=True), Range(0)
+FRACTION_OPEN, FRACTION = Range(0, 1, True, True), Range(0, 1)
 
 
 @dataclass
@@ -43,23 +87,35 @@ class RunConfig:
     skip_bad_images: bool = False
     debug_sync: int = 0  # every N steps check that all ranks hold identical parameters
 
-    #: fields that must be at least 1 (not a dataclass field: no annotation)
-    POSITIVE = ("batch", "patch", "steps", "log_every", "ckpt_every")
+    #: the values of each numeric field (a class attribute, not a field: no annotation)
+    RANGES = {
+        "batch": Range(1), "patch": Range(1), "steps": Range(1), "lr": POSITIVE,
+        "lr_milestones": FRACTION, "lr_gamma": Range(0, 1, lo_open=True),
+        "weight_decay": NON_NEGATIVE, "grad_clip": NON_NEGATIVE, "hfen": NON_NEGATIVE,
+        "seed": Range(0, 2 ** 63 - 1), "threads": Range(0, 1024), "log_every": Range(1),
+        "ckpt_every": Range(1), "val_every": Range(0), "val_fraction": FRACTION_OPEN,
+        "workers": Range(0, 256), "prefetch": Range(1, 1024), "debug_sync": Range(0),
+    }
+    #: options a resumed run may be given with other values than it started with
+    #: (``--resume``): when and how it checkpoints, logs and validates, how many steps it runs
+    #: (``--steps``: more than the step reached) and what it runs on; the rest makes the run
+    RESUMABLE = ("steps", "log_every", "ckpt_every", "val_every", "workers", "prefetch",
+                 "threads", "device", "debug_sync", "cache_dir")
 
     def validate(self) -> None:
         """Check the shared fields (``ValueError`` naming the flag)."""
-        for name in self.POSITIVE:
-            if getattr(self, name) < 1:
-                raise ValueError(f"--{name.replace('_', '-')} must be >= 1")
+        check_ranges(self)
+        try:
+            check_device_name(self.device)
+        except ValueError as e:
+            raise ValueError(f"--device {e}") from None
         check_amp(self.amp)
-        if self.val_every is not None and self.val_every < 0:
-            raise ValueError("--val-every must be >= 0 (0: no validation)")
-        if not 0 < self.val_fraction < 1:
-            raise ValueError("--val-fraction must be between 0 and 1")
-        if self.workers is not None and self.workers < 0:
-            raise ValueError("--workers must be >= 0")
-        if self.prefetch < 1 or self.debug_sync < 0:
-            raise ValueError("--prefetch must be >= 1 and --debug-sync >= 0")
+
+    def set(self, name: str, value) -> dict:
+        """Give a ``RESUMABLE`` field of a resumed run another value; returns every field that
+        changed (subclasses pin what depended on it, e.g. the search's automatic warm-up)."""
+        setattr(self, name, value)
+        return {name: value}
 
     def check_patch(self, scale: int) -> None:
         """The LR patch (``patch // scale``) must be large enough for the ESA attention."""
@@ -94,27 +150,119 @@ FIELD_HELP = {  # fields whose name and default do not say enough
 }
 
 
+def flag(name: str) -> str:
+    return "--" + name.replace("_", "-")
+
+
+def check_ranges(cfg) -> None:
+    """Every numeric field of ``cfg`` in its ``RANGES`` entry (``ValueError`` naming the flag);
+    None (unset) passes."""
+    for name, rng in cfg.RANGES.items():
+        value = getattr(cfg, name)
+        for v in value if isinstance(value, list) else [value]:
+            problem = None if v is None else range_problem(v, rng)
+            if problem:
+                raise ValueError(f"{flag(name)} {problem}")
+
+
 def _scalar_type(hint):
     """``int`` for ``int``, ``int | None`` and ``Optional[int]``."""
     args = [a for a in typing.get_args(hint) if a is not type(None)]
     return args[0] if args else hint
 
 
+def _element_type(cfg_cls, name: str, hint):
+    """The type of a field's values: the annotation's, or for a list its default's elements'."""
+    default = getattr(cfg_cls(), name)
+    if isinstance(default, list):
+        return type(default[0]) if default else str
+    return _scalar_type(hint)
+
+
+def option_type(base, rng: Range | None = None, check=None):
+    """An argparse ``type`` for a field of type ``base``: a number in ``rng`` (the shared types
+    of ``hdnas.cliargs``: floats finite), or a string passed by ``check`` (raising
+    ``ValueError``); else an argparse error naming the flag (exit status 2)."""
+    if base is float:
+        return finite_float(*((rng.lo, rng.hi, rng.lo_open, rng.hi_open) if rng else ()))
+    if base is int:
+        return int_range(*((rng.lo, rng.hi) if rng else ()))
+    if base is not str or check is None:
+        return base
+
+    def parse(text: str):
+        try:
+            check(text)
+        except ValueError as e:
+            raise argparse.ArgumentTypeError(str(e)) from None
+        return text
+    parse.__name__ = base.__name__
+    return parse
+
+
+#: checks of string fields done when the command line is parsed
+STRING_CHECKS = {"device": check_device_name}
+
+
 def add_config_arguments(p: argparse.ArgumentParser, cfg_cls, helps: dict | None = None) -> None:
-    """One flag per config field (``--field-name``), typed by the field's annotation; None
-    means 'not given'. ``helps``: extra help text per field name."""
+    """One flag per config field (``--field-name``), typed by the field's annotation and
+    checked against its range; None means 'not given'. ``helps``: extra help text per field."""
     d, hints, helps = cfg_cls(), typing.get_type_hints(cfg_cls), helps or {}
     for f in dataclasses.fields(cfg_cls):
-        flag = "--" + f.name.replace("_", "-")
         default = getattr(d, f.name)
-        text = " ".join(filter(None, [helps.get(f.name), f"(default {default!r})"]))
+        rng = cfg_cls.RANGES.get(f.name)
+        text = " ".join(filter(None, [helps.get(f.name), f"({rng})" if rng else "",
+                                      f"(default {default!r})"]))
+        typ = option_type(_element_type(cfg_cls, f.name, hints[f.name]), rng,
+                          STRING_CHECKS.get(f.name))
         if isinstance(default, bool):
-            p.add_argument(flag, action=argparse.BooleanOptionalAction, default=None, help=text)
+            p.add_argument(flag(f.name), action=argparse.BooleanOptionalAction, default=None,
+                           help=text)
         elif isinstance(default, list):
-            typ = type(default[0]) if default else str
-            p.add_argument(flag, nargs="+", type=typ, default=None, help=text)
+            p.add_argument(flag(f.name), nargs="+", type=typ, default=None, help=text)
         else:
-            p.add_argument(flag, type=_scalar_type(hints[f.name]), default=None, help=text)
+            p.add_argument(flag(f.name), type=typ, default=None, help=text)
+
+
+def _type_ok(v, typ) -> bool:
+    if typ is bool:
+        return isinstance(v, bool)
+    if typ is float:
+        return isinstance(v, (int, float)) and not isinstance(v, bool)
+    return isinstance(v, typ) and not isinstance(v, bool)
+
+
+def config_from_dict(cfg_cls, data, source: str):
+    """``cfg_cls`` from a resolved config read from ``source`` (a run's config.json): every
+    key a field, every value of the field's type (floats finite), then ``validate()``; anything
+    else is a ``ValueError`` naming ``source`` and the field. Missing fields take their
+    defaults (a run from an older version)."""
+    if not isinstance(data, dict):
+        raise ValueError(f"{source}: its resolved settings are not a JSON object")
+    hints = typing.get_type_hints(cfg_cls)
+    names = [f.name for f in dataclasses.fields(cfg_cls)]
+    unknown = sorted(set(data) - set(names))
+    if unknown:
+        raise ValueError(f"{source}: unknown settings {unknown} (not a config of this command)")
+    values, defaults = {}, cfg_cls()
+    for name, v in data.items():
+        typ = _element_type(cfg_cls, name, hints[name])
+        listed = isinstance(getattr(defaults, name), list)
+        if v is None and type(None) in typing.get_args(hints[name]):
+            values[name] = None
+        elif listed and isinstance(v, list) and all(_type_ok(x, typ) for x in v):
+            values[name] = [typ(x) for x in v]
+        elif not listed and _type_ok(v, typ):
+            values[name] = typ(v)
+        else:
+            want = f"a list of {typ.__name__}" if listed else typ.__name__
+            raise ValueError(f"{source}: setting {name!r} is {v!r}, expected {want}")
+    cfg = cfg_cls(**values)
+    try:
+        cfg.validate()
+    except ValueError as e:
+        raise ValueError(f"{source}: {e}") from None
+    return cfg
 
 
 def config_from_args(cfg_cls, preset: dict, args: argparse.Namespace):

@@ -14,11 +14,12 @@ from hdnas.data import cache
 from hdnas.data.train import DataError, batches
 from hdnas.engine.config import RunConfig
 from hdnas.engine.distributed import Dist
+from hdnas.engine.errors import DivergedError
+from hdnas.engine.rundir import save_checkpoint
 from hdnas.engine.runtime import Amp, StepTimer, pick_device
 from hdnas.engine.schema import stamp
 from hdnas.eval.metrics import psnr, ssim
 from hdnas.infer.run import super_resolve
-from hdnas.io import checkpoint
 from hdnas.model.cell import MIN_LR_SIZE
 
 log = logging.getLogger("hdnas")
@@ -32,7 +33,12 @@ class Loop:
     its own parts with ``self.timer.part(name)``. ``log_row`` gets the timer when the logged
     interval ends: its means are over the steps since the previous logged row. ``name`` prefixes
     new run folders; ``kind`` is written into ``config.json`` and ``checkpoint.pt``
-    (``hdnas.engine.schema``)."""
+    (``hdnas.engine.schema``).
+
+    Finite or stop: a ``train_step`` checks its losses and gradients (``check_finite``,
+    ``check_grads``) before it updates anything, and raises ``FloatingPointError``; ``run``
+    turns that into a ``DivergedError`` naming the step. ``save`` refuses weights that are not
+    finite, so the last checkpoint is always a good state."""
 
     name = "run"
     kind = "hdnas-run"
@@ -48,6 +54,7 @@ class Loop:
             self.device = self.dist.device  # GPU LOCAL_RANK
         torch.manual_seed(cfg.seed)  # the same initial weights on every rank
         self.step = 0
+        self.saved_step = None  # the step of the last checkpoint this process wrote
         self.amp = Amp(cfg.amp, self.device)
         self.timer = StepTimer(self.device)
         self.workers = cfg.workers if cfg.workers is not None else (
@@ -145,17 +152,48 @@ class Loop:
 
     # -- state ---------------------------------------------------------------------------
     def save(self) -> None:
-        """The whole state (``state_dict``) with its schema version and kind, atomically; rank 0
-        only."""
+        """The whole state (``state_dict``) with its schema version and kind, atomically, the
+        previous checkpoint kept as checkpoint.prev.pt; rank 0 only. Weights that are not
+        finite are not saved (``DivergedError``): every rank checks (they hold the same)."""
+        for name, t in self.model.state_dict().items():
+            if t.is_floating_point() and not bool(torch.isfinite(t).all()):
+                raise DivergedError(f"the weights ({name}) are not finite numbers", self.step)
         if self.dist.is_main:
             state = stamp(self.state_dict(), self.kind)
             state["best_val"] = dict(self.best_val)
-            checkpoint.save_atomic(state, self.run_dir / "checkpoint.pt")
+            save_checkpoint(state, self.run_dir)
+        self.saved_step = self.step
+
+    # -- finite or stop ------------------------------------------------------------------
+    @staticmethod
+    def check_finite(what: str, value) -> None:
+        """``FloatingPointError`` unless ``value`` (a float or tensor) is finite."""
+        v = float(value.detach() if torch.is_tensor(value) else value)
+        if not math.isfinite(v):
+            raise FloatingPointError(f"the {what} is {v}")
+
+    @staticmethod
+    def check_grads(what: str, params, scaler=None, clip: float = 0.0) -> None:
+        """Clip the gradients of ``params`` to norm ``clip`` (0: no clipping) and check that
+        their norm is finite (``FloatingPointError``), unless ``scaler`` is an active fp16
+        gradient scaler: it skips the update of an inf/nan gradient itself."""
+        params = [p for p in params if p.grad is not None]
+        if not params:
+            return
+        if clip:
+            norm = torch.nn.utils.clip_grad_norm_(params, clip)
+        elif scaler is not None and scaler.is_enabled():
+            return
+        else:
+            norm = torch.nn.utils.get_total_norm([p.grad for p in params])
+        if scaler is None or not scaler.is_enabled():
+            Loop.check_finite(f"gradient norm of the {what}", norm)
 
     def restore(self, state: dict) -> None:
         """``load_state_dict`` plus the loop's own state."""
         self.load_state_dict(state)
         self.best_val = dict(state.get("best_val", self.best_val))
+        self.saved_step = self.step
 
     def truncate_after(self, step: int) -> None:
         """Drop records of steps past ``step`` (a resumed run continues from it)."""
@@ -176,7 +214,10 @@ class Loop:
         timer.reset()
         while self.step < end:
             with timer.part("step"):
-                out = self.train_step()
+                try:
+                    out = self.train_step()
+                except FloatingPointError as e:  # the diverged state is never saved
+                    raise DivergedError(str(e), self.step + 1) from None
             timer.end_step()
             bar.update(1)
             bar.set_postfix(loss=f"{out['loss_train']:.3f}")

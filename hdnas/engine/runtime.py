@@ -14,14 +14,42 @@ import torch
 from hdnas.engine.errors import RunError
 
 
+#: the device types a run can use (``--device``), besides ``auto``
+DEVICE_TYPES = ("cpu", "cuda", "mps")
+
+
+def check_device_name(name: str) -> None:
+    """``auto``, ``cpu``, ``cuda``, ``cuda:N`` or ``mps``; anything else is a ``ValueError``
+    naming ``--device``. Whether the device is there is ``pick_device``'s question."""
+    if name == "auto":
+        return
+    try:
+        dev = torch.device(name)
+    except (RuntimeError, ValueError, TypeError):
+        dev = None
+    if dev is None or dev.type not in DEVICE_TYPES:
+        raise ValueError(f"{name!r} is not a device hdnas runs on (auto, cpu, cuda, cuda:N, "
+                         "mps)")
+
+
 def pick_device(name: str) -> torch.device:
     """``auto``: CUDA when torch sees a GPU, else the CPU; otherwise the named device, which
     must be there (``RunError``)."""
+    try:
+        check_device_name(name)
+    except ValueError as e:
+        raise RunError(f"--device {e}") from None
     if name == "auto":
         return torch.device("cuda" if torch.cuda.is_available() else "cpu")
     dev = torch.device(name)
-    if dev.type == "cuda" and not torch.cuda.is_available():
-        raise RunError(f"--device {name}: this torch ({torch.__version__}) sees no CUDA GPU")
+    if dev.type == "cuda":
+        if not torch.cuda.is_available():
+            raise RunError(f"--device {name}: this torch ({torch.__version__}) sees no CUDA GPU")
+        if dev.index is not None and dev.index >= torch.cuda.device_count():
+            raise RunError(f"--device {name}: this machine has {torch.cuda.device_count()} "
+                           "CUDA GPUs")
+    if dev.type == "mps" and not torch.backends.mps.is_available():
+        raise RunError(f"--device {name}: this torch ({torch.__version__}) sees no MPS device")
     return dev
 
 

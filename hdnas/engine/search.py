@@ -16,10 +16,12 @@ import torch
 
 from hdnas import native_build
 from hdnas.data.train import DEFAULT_DIR, PatchSampler, split
-from hdnas.engine.config import RunConfig
-from hdnas.engine.history import VAL_COLUMNS, History
+from hdnas.engine.config import (FRACTION, FRACTION_OPEN, NON_NEGATIVE, POSITIVE, Range,
+                                 RunConfig)
+from hdnas.engine.history import VAL_COLUMNS, History, open_append
 from hdnas.engine.loop import Loop
 from hdnas.engine.plots import plot_run
+from hdnas.engine.rundir import write_json
 from hdnas.engine.runtime import step_schedule
 from hdnas.io import weights as weights_io
 from hdnas.io.atomic import write_atomic
@@ -60,7 +62,14 @@ class SearchConfig(RunConfig):
     budget_ms: float | None = None
     backend: str = "reference"  # a backend name, or "fused"
 
-    POSITIVE = ("channels",) + RunConfig.POSITIVE
+    RANGES = RunConfig.RANGES | {
+        "arch_fraction": FRACTION_OPEN, "channels": Range(4), "cells": Range(2),
+        "warmup": Range(0), "warmup_fraction": FRACTION, "arch_lr": POSITIVE,
+        "arch_weight_decay": NON_NEGATIVE, "penalty": NON_NEGATIVE, "budget": POSITIVE,
+        "budget_ms": POSITIVE,
+    }
+    #: the backend computes the same numbers, faster or slower: it may change on resume
+    RESUMABLE = RunConfig.RESUMABLE + ("backend",)
 
     def validate(self):
         check_scale(self.scale)
@@ -68,16 +77,7 @@ class SearchConfig(RunConfig):
         if self.rule not in RULES:
             raise ValueError(f"--rule must be one of {RULES}, got {self.rule!r}")
         super().validate()
-        if self.cells < 2:
-            raise ValueError("--cells must be >= 2")
-        if self.channels < 4:
-            raise ValueError("--channels must be >= 4 (ESA uses C // 4 channels)")
         self.check_patch(self.scale)
-        if not 0 < self.arch_fraction < 1:
-            raise ValueError("--arch-fraction must be between 0 and 1")
-        if not 0 <= self.warmup_fraction <= 1:
-            raise ValueError("--warmup-fraction must be between 0 and 1, got "
-                             f"{self.warmup_fraction}")
         if self.warmup is not None and not 0 <= self.warmup <= self.steps:
             raise ValueError(f"--warmup {self.warmup} is not between 0 and --steps {self.steps}; "
                              "leave --warmup out for a warm-up of --warmup-fraction "
@@ -92,6 +92,13 @@ class SearchConfig(RunConfig):
                              "with python -m hdnas.latency)")
         if self.penalty_kind != "latency" and (self.latency_table or self.budget_ms is not None):
             raise ValueError("--latency-table and --budget-ms need --penalty-kind latency")
+
+    def set(self, name: str, value) -> dict:
+        """A resumed run given more ``--steps`` keeps its warm-up at the steps it had."""
+        pinned = {}
+        if name == "steps" and self.warmup is None:
+            self.warmup = pinned["warmup"] = self.warmup_steps()
+        return super().set(name, value) | pinned
 
     def warmup_steps(self) -> int:
         """The number of weight-only steps: ``warmup``, or when it is unset (None)
@@ -117,6 +124,16 @@ PRESETS = {
 # that had one; nan if none did). A step with an architecture update takes about
 # sec_weight_step + sec_arch_step.
 TIME_COLUMNS = {"sec_per_step": "step", "sec_weight_step": "weight", "sec_arch_step": "arch"}
+
+
+def _record_step(line: str) -> int | None:
+    """The step of a genotypes.jsonl record; None for a line that is not one (cut by a kill)."""
+    try:
+        rec = json.loads(line)
+    except ValueError:
+        return None
+    step = rec.get("step") if isinstance(rec, dict) else None
+    return step if isinstance(step, int) else None
 
 
 class Search(Loop):
@@ -205,7 +222,8 @@ class Search(Loop):
     def save(self) -> None:
         super().save()
         if self.dist.is_main:
-            self.model.genotype(name=self.run_dir.name).save(self.run_dir / "genotype.json")
+            write_json(self.run_dir / "genotype.json",
+                       self.model.genotype(name=self.run_dir.name).to_dict())
             # the supernet's weights (no genotype: they do not fit the derived network)
             weights_io.save_weights(self.model, None, self.run_dir / "supernet.safetensors")
 
@@ -215,14 +233,14 @@ class Search(Loop):
         if self.dist.is_main:
             rec = {"step": self.step, **val,
                    "genotype": self.model.genotype(name=f"{self.run_dir.name}@{self.step}").to_dict()}
-            with self.genotypes.open("a") as f:
+            with open_append(self.genotypes) as f:
                 f.write(json.dumps(rec) + "\n")
 
     def truncate_after(self, step: int) -> None:
         super().truncate_after(step)
         if self.dist.is_main and self.genotypes.exists():
             keep = "".join(ln + "\n" for ln in self.genotypes.read_text().splitlines()
-                           if ln and json.loads(ln)["step"] <= step)
+                           if _record_step(ln) is not None and _record_step(ln) <= step)
             write_atomic(self.genotypes, lambda f: f.write(keep.encode()))
 
     def result(self):
@@ -248,7 +266,11 @@ class Search(Loop):
     def finish(self, genotype) -> str:
         log.info("genotype: %s", genotype.to_dict())
         if self.dist.is_main:
-            log.info("pictures: %s", ", ".join(str(p) for p in plot_run(self.run_dir)))
+            try:  # the run is done: pictures that cannot be drawn are a warning, not a failure
+                log.info("pictures: %s", ", ".join(str(p) for p in plot_run(self.run_dir)))
+            except (ValueError, KeyError, IndexError, RuntimeError, OSError) as e:
+                log.warning("the pictures could not be drawn (%s: %s); python -m "
+                            "hdnas.visualize %s redraws them", type(e).__name__, e, self.run_dir)
         return str(self.run_dir / "genotype.json")
 
     # -- loop ----------------------------------------------------------------------------
@@ -284,9 +306,10 @@ class Search(Loop):
         self.w_scaler.scale(loss).backward(inputs=weights)
         # the mean over the ranks: the gradient (and loss) of the global batch
         loss_mean, = self.dist.average_grads(weights, (loss,))
+        self.check_finite("training loss", loss_mean)
         if cfg.grad_clip:
             self.w_scaler.unscale_(self.w_opt)
-            torch.nn.utils.clip_grad_norm_(weights, cfg.grad_clip)
+        self.check_grads("weights", weights, self.w_scaler, cfg.grad_clip)
         self.w_scaler.step(self.w_opt)  # with fp16, skipped when a gradient is inf/nan
         self.w_scaler.update()
         step_schedule(self.sched)

@@ -9,16 +9,17 @@ from pathlib import Path
 import torch
 
 from hdnas.data.train import DEFAULT_DIR, PatchSampler
-from hdnas.engine.config import RunConfig
+from hdnas.engine.config import Range, RunConfig
 from hdnas.engine.history import VAL_COLUMNS, History
 from hdnas.engine.loop import Loop
+from hdnas.engine.rundir import write_json
 from hdnas.engine.runtime import step_schedule
 from hdnas.infer import run
 from hdnas.io import checkpoint
 from hdnas.io import weights as weights_io
 from hdnas.model.complexity import count_params
 from hdnas.model.genotype import Genotype
-from hdnas.model.network import DerivedNet
+from hdnas.io.official import build_net
 from hdnas.nas.losses import SRLoss
 
 
@@ -37,6 +38,8 @@ class TrainConfig(RunConfig):
     hfen: float = 0.0
     seed: int = 1
     ckpt_every: int = 50
+
+    RANGES = RunConfig.RANGES | {"scale": Range(0)}
 
     def validate(self):
         super().validate()
@@ -62,14 +65,12 @@ class Train(Loop):
     def __init__(self, cfg: TrainConfig, run_dir: Path, dist=None):
         super().__init__(cfg, run_dir, dist)
         self.genotype = cfg.load_genotype()
-        if self.dist.is_main:
-            self.genotype.save(run_dir / "genotype.json")
         s = self.genotype.scale
         cache = self.open_cache(cfg.train_dir or DEFAULT_DIR / "train", s)
         indices, _ = self.hold_out(cache, range(len(cache)), s)
         self.data = PatchSampler(cache, s, cfg.patch, indices, seed=cfg.seed,
                                  skip_bad=cfg.skip_bad_images)
-        self.model = DerivedNet(self.genotype).to(self.device)
+        self.model = build_net(self.genotype, "--genotype").to(self.device)
         self.fused = run.inference_runner(self.model)  # validation's path on a CPU
         self.loss_fn = SRLoss(cfg.hfen)
         self.opt = torch.optim.Adam(self.model.parameters(), lr=cfg.lr, betas=(0.9, 0.999),
@@ -98,9 +99,10 @@ class Train(Loop):
         self.scaler.scale(loss).backward()
         # the mean over the ranks: the gradient (and loss) of the global batch
         loss_mean, = self.dist.average_grads(self.model.parameters(), (loss,))
+        self.check_finite("training loss", loss_mean)
         if self.cfg.grad_clip:
             self.scaler.unscale_(self.opt)
-            torch.nn.utils.clip_grad_norm_(self.model.parameters(), self.cfg.grad_clip)
+        self.check_grads("weights", self.model.parameters(), self.scaler, self.cfg.grad_clip)
         eta = self.sched.get_last_lr()[0]
         self.scaler.step(self.opt)  # with fp16, skipped when a gradient is inf/nan
         self.scaler.update()
@@ -141,6 +143,7 @@ class Train(Loop):
         ``hdnas.evaluate``, ``hdnas.upscale`` and ``hdnas.export`` read without a genotype flag)."""
         super().save()
         if self.dist.is_main:
+            write_json(self.run_dir / "genotype.json", self.genotype.to_dict())
             weights_io.save_weights(self.model, self.genotype, self.run_dir / "model.safetensors")
 
     def result(self):

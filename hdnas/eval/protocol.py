@@ -22,11 +22,17 @@ a set is the mean of per-image PSNRs.
 HR crop pictures, ``compare_picture``), ``evaluate_sets`` every folder at every scale, and
 ``write_tables`` writes ``results.md``, ``results.csv`` (one row per method, scale and set) and
 ``per_image.csv``.
+
+Files: everything goes through an ``OutputDir`` (``hdnas.io.atomic``): the set's images are its
+inputs (never replaced), and every output path (tables, SR images, pictures) is claimed before
+the first image is scored, so an existing file stops the run at once unless ``overwrite``.
 """
 from __future__ import annotations
 
 import csv
+import io
 import sys
+from collections import Counter
 from pathlib import Path
 
 import numpy as np
@@ -38,15 +44,15 @@ from hdnas.data.benchmark import BenchmarkError, BenchmarkSet
 from hdnas.data.imresize import imresize, matlab_round
 from hdnas.eval.metrics import psnr, quantize, rgb_to_y, ssim
 from hdnas.infer.run import prepare_model, super_resolve
+from hdnas.io.atomic import OutputDir, UnsafeWriteError, write_file
 from hdnas.io.images import save_rgb, to_hwc_uint8
-from hdnas.io.official import load_weights
+from hdnas.io.official import build_net, load_weights
 from hdnas.model.cell import MIN_LR_SIZE
 from hdnas.model.complexity import count_params_and_macs, format_count
 from hdnas.model.genotype import Genotype, GenotypeError
-from hdnas.model.network import DerivedNet
 
 __all__ = ["bicubic_matlab_y", "compare_picture", "evaluate_set", "evaluate_sets",
-           "load_scored_model", "COLUMNS", "write_tables", "table_note"]
+           "load_scored_model", "COLUMNS", "TABLES", "write_tables", "table_note"]
 
 
 def bicubic_matlab_y(hr: torch.Tensor, scale: int) -> tuple[float, float]:
@@ -68,7 +74,8 @@ def _crop_box(H: int, W: int, scale: int, crop) -> tuple[int, int, int]:
     return y, x, size
 
 
-def compare_picture(path, panels: list[tuple[str, np.ndarray]], box, panel_px: int = 256) -> Path:
+def compare_picture(path, panels: list[tuple[str, np.ndarray]], box, panel_px: int = 256,
+                    out: OutputDir | None = None) -> Path:
     """Side-by-side crops (HWC uint8 full images) with their labels, enlarged without smoothing."""
     y, x, size = box
     zoom = max(1, panel_px // size)
@@ -81,18 +88,26 @@ def compare_picture(path, panels: list[tuple[str, np.ndarray]], box, panel_px: i
         left = pad + i * (side + pad)
         canvas.paste(tile, (left, head))
         draw.text((left, 3), label, fill="black")
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    canvas.save(path)
-    return path
+    buf = io.BytesIO()
+    canvas.save(buf, format="PNG")
+    return write_file(Path(path), buf.getvalue(), out)
+
+
+def _image_path(save_dir, bench: BenchmarkSet, name: str) -> Path:
+    return Path(save_dir) / bench.name / f"x{bench.scale}" / f"{name}.png"
+
+
+def _compare_path(compare_dir, bench: BenchmarkSet, name: str) -> Path:
+    return Path(compare_dir) / f"{bench.name}_x{bench.scale}_{name}.png"
 
 
 # --------------------------------------------------------------------------- scoring
 def evaluate_set(bench: BenchmarkSet, model=None, method: str = "model", ensemble: bool = False,
                  device: str = "cpu", bicubic_protocol: str = "matlab-y", save_dir=None,
-                 compare_dir=None, crop=None, log=None, progress: bool = False) -> dict:
+                 compare_dir=None, crop=None, log=None, progress: bool = False,
+                 out: OutputDir | None = None) -> dict:
     """Mean PSNR/SSIM of one set at one scale, with the per-image scores; ``progress`` shows a
-    bar (one tick per image) on stderr."""
+    bar (one tick per image) on stderr; images are written through ``out`` when given."""
     s = bench.scale
     per_image = []
     for item in tqdm(bench, total=len(bench), desc=f"{bench.name} x{s}", unit="img",
@@ -108,13 +123,16 @@ def evaluate_set(bench: BenchmarkSet, model=None, method: str = "model", ensembl
                 if lr.shape[0] != 3:
                     raise BenchmarkError(f"{item['hr_path']}: the model needs RGB input")
                 sr = super_resolve(model, lr, ensemble, device)
+                if not torch.isfinite(sr).all():
+                    raise BenchmarkError(f"{item['hr_path']}: the network's output is not finite "
+                                         "(NaN or infinity); no score is reported")
             p, q = psnr(sr, hr, s), ssim(sr, hr, s)
         per_image.append({"set": bench.name, "scale": s, "image": item["name"], "psnr": p,
                           "ssim": q, "lr_made": item["lr_made"]})
         if log:
             log(f"  {bench.name} x{s} {item['name']}: {p:.4f} dB / {q:.4f}")
         if sr is not None and save_dir is not None:
-            save_rgb(Path(save_dir) / bench.name / f"x{s}" / f"{item['name']}.png", quantize(sr))
+            save_rgb(_image_path(save_dir, bench, item["name"]), quantize(sr), out)
         if sr is not None and compare_dir is not None:
             bic = quantize(imresize(lr.to(torch.float64), s))
             box = _crop_box(*hr.shape[-2:], s, crop)
@@ -122,7 +140,7 @@ def evaluate_set(bench: BenchmarkSet, model=None, method: str = "model", ensembl
             if model is not None:
                 panels.append((f"{method} {p:.2f} dB", to_hwc_uint8(quantize(sr))))
             panels.append(("HR", to_hwc_uint8(hr)))
-            compare_picture(Path(compare_dir) / f"{bench.name}_x{s}_{item['name']}.png", panels, box)
+            compare_picture(_compare_path(compare_dir, bench, item["name"]), panels, box, out=out)
     return {"set": bench.name, "scale": s, "images": len(per_image),
             "psnr": float(np.mean([r["psnr"] for r in per_image])),
             "ssim": float(np.mean([r["ssim"] for r in per_image])), "per_image": per_image}
@@ -135,23 +153,49 @@ def evaluate_sets(folders, scales, model=None, method: str = "Bicubic", cost: di
                   progress: bool = False) -> tuple[list[dict], list[dict]]:
     """``evaluate_set`` for every folder at every scale: (rows for ``write_tables``, per-image
     scores). ``cost``: the model's ``params`` and ``macs``; ``save_images`` / ``compare`` write
-    under ``out``/images and ``out``/compare."""
+    under ``out``/images and ``out``/compare (``out``: an ``OutputDir``, or a folder whose files
+    are then replaced), every path claimed before the first image is scored."""
     cost = cost or {}
-    out = Path(out) if out is not None else None
-    rows, per_image = [], []
+    if out is not None and not isinstance(out, OutputDir):
+        out = OutputDir(out, overwrite=True)
+    benches = []
     for s in scales:
         for folder in folders:
             gray = "keep" if model is None and bicubic_protocol == "matlab-y" else "replicate"
             # a model needs LR >= MIN_LR_SIZE px (ESA); bicubic only room for shave + SSIM window
             min_lr = MIN_LR_SIZE if model is not None else -(-(11 + 2 * s) // s)
-            bench = BenchmarkSet(folder, s, gray=gray, min_lr_size=min_lr, make_lr=make_lr)
-            res = evaluate_set(bench, model, method, ensemble, device, bicubic_protocol,
-                               out / "images" if save_images else None,
-                               out / "compare" if compare else None, crop, log, progress)
-            per_image += res.pop("per_image")
-            rows.append({"method": method, **res, "params": cost.get("params", 0),
-                         "multi_adds": cost.get("macs", 0)})
+            benches.append(BenchmarkSet(folder, s, gray=gray, min_lr_size=min_lr,
+                                        make_lr=make_lr))
+    images = out is not None and (model is not None or bicubic_protocol != "matlab-y")
+    save_dir = out.root / "images" if images and save_images else None
+    compare_dir = out.root / "compare" if images and compare else None
+    if out is not None:
+        _claim_images(out, benches, save_dir, compare_dir)
+    rows, per_image = [], []
+    for bench in benches:
+        res = evaluate_set(bench, model, method, ensemble, device, bicubic_protocol,
+                           save_dir, compare_dir, crop, log, progress, out)
+        per_image += res.pop("per_image")
+        rows.append({"method": method, **res, "params": cost.get("params", 0),
+                     "multi_adds": cost.get("macs", 0)})
     return rows, per_image
+
+
+def _claim_images(out: OutputDir, benches, save_dir, compare_dir) -> None:
+    """The sets' files are inputs; every image path is free, once, before any work."""
+    targets = []
+    for bench in benches:
+        out.add_inputs(f for p in bench.pairs for f in (p.hr_path, p.lr_path))
+        for p in bench.pairs:
+            if save_dir is not None:
+                targets.append(_image_path(save_dir, bench, p.name))
+            if compare_dir is not None:
+                targets.append(_compare_path(compare_dir, bench, p.name))
+    dup = sorted(str(t) for t, n in Counter(targets).items() if n > 1)
+    if dup:
+        raise UnsafeWriteError(f"two sets or images would write the same file {dup[0]} (sets "
+                               "with the same folder name?); evaluate them separately")
+    out.claim_all(targets)
 
 
 def load_scored_model(genotype, weights, scales=None, backend: str = "auto", device: str = "cpu",
@@ -167,8 +211,8 @@ def load_scored_model(genotype, weights, scales=None, backend: str = "auto", dev
     if any(s != g.scale for s in scales):
         raise GenotypeError(f"the genotype is for x{g.scale}; a model scores one scale "
                             f"(asked for {scales})")
-    model = prepare_model(load_weights(DerivedNet(g), weights, trust_pickle=trust_pickle),
-                          backend, device)
+    model = prepare_model(load_weights(build_net(g, str(genotype)), weights,
+                                       trust_pickle=trust_pickle), backend, device)
     method = (g.name or Path(genotype).stem) + (" (x8)" if ensemble else "")
     params, macs = count_params_and_macs(model, g.scale)
     return model, method, {"params": params, "macs": macs}, scales
@@ -178,24 +222,31 @@ def load_scored_model(genotype, weights, scales=None, backend: str = "auto", dev
 COLUMNS = ["method", "scale", "set", "images", "psnr", "ssim", "params", "multi_adds"]
 
 
+#: the table files ``write_tables`` writes, in ``out``
+TABLES = ("results.csv", "results.md", "per_image.csv")
+
+
+def _csv(fieldnames, rows) -> str:
+    buf = io.StringIO(newline="")
+    w = csv.DictWriter(buf, fieldnames=fieldnames)
+    w.writeheader()
+    w.writerows(rows)
+    return buf.getvalue()
+
+
 def write_tables(rows: list[dict], out_dir, per_image: list[dict] | None = None,
                  note: str = "") -> tuple[Path, Path, str]:
-    """results.csv (long: one row per method/scale/set) and results.md (wide: sets as columns).
-    Returns the two paths and the Markdown text."""
-    out = Path(out_dir)
-    out.mkdir(parents=True, exist_ok=True)
-    csv_path, md_path = out / "results.csv", out / "results.md"
-    with open(csv_path, "w", newline="") as f:
-        w = csv.DictWriter(f, fieldnames=COLUMNS)
-        w.writeheader()
-        for r in rows:
-            w.writerow({k: (f"{r[k]:.4f}" if k == "psnr" else f"{r[k]:.5f}" if k == "ssim"
-                            else r[k]) for k in COLUMNS})
+    """results.csv (long: one row per method/scale/set) and results.md (wide: sets as columns)
+    in ``out_dir`` (an ``OutputDir``, or a folder whose files are then replaced). Returns the two
+    paths and the Markdown text."""
+    out = out_dir if isinstance(out_dir, OutputDir) else OutputDir(out_dir, overwrite=True)
+    csv_path, md_path = out.root / "results.csv", out.root / "results.md"
+    out.write(csv_path, _csv(COLUMNS, [
+        {k: (f"{r[k]:.4f}" if k == "psnr" else f"{r[k]:.5f}" if k == "ssim" else r[k])
+         for k in COLUMNS} for r in rows]))
     if per_image:
-        with open(out / "per_image.csv", "w", newline="") as f:
-            w = csv.DictWriter(f, fieldnames=["set", "scale", "image", "psnr", "ssim", "lr_made"])
-            w.writeheader()
-            w.writerows(per_image)
+        out.write(out.root / "per_image.csv",
+                  _csv(["set", "scale", "image", "psnr", "ssim", "lr_made"], per_image))
     sets = list(dict.fromkeys(r["set"] for r in rows))
     groups = list(dict.fromkeys((r["method"], r["scale"]) for r in rows))
     lines = ["| Method | Scale | Params | Multi-Adds | " + " | ".join(sets) + " |",
@@ -210,7 +261,7 @@ def write_tables(rows: list[dict], out_dir, per_image: list[dict] | None = None,
     md = "\n".join(lines) + "\n"
     if note:
         md += "\n" + note.strip() + "\n"
-    md_path.write_text(md)
+    out.write(md_path, md)
     return md_path, csv_path, md
 
 

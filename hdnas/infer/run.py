@@ -53,10 +53,18 @@ BACKENDS = {"torch": "stock PyTorch, NCHW", "native": "depthwise convs on the na
 
 
 def pick_device(name: str = "auto") -> torch.device:
-    """``name`` as a torch device; ``auto``: cuda if this torch has a CUDA device, else cpu."""
+    """``name`` as a torch device; ``auto``: cuda if this torch has a CUDA device, else cpu.
+    ValueError for a name torch does not know or a CUDA device this machine lacks."""
     if name == "auto":
         return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    return torch.device(name)
+    try:
+        device = torch.device(name)
+    except (RuntimeError, TypeError):
+        raise ValueError(f"--device {name!r}: not a device (cpu, cuda, cuda:1, ...)") from None
+    if device.type == "cuda" and not (torch.cuda.is_available()
+                                      and (device.index or 0) < torch.cuda.device_count()):
+        raise ValueError(f"--device {name}: no such CUDA device here")
+    return device
 
 
 def inference_runner(model: DerivedNet, fused: bool = True) -> torch.nn.Module:

@@ -11,11 +11,16 @@ file the safe loader refuses is only handed to the full unpickler when the calle
 
 A safetensors file (``hdnas.io.weights``: weights only, no code) is recognised first and read as
 ``{'model': state_dict}`` plus ``'genotype'`` (a dict) when its metadata carries one.
+
+Bounded: a ``torch.save`` archive whose members would decompress to more than
+``max_archive_bytes()`` (4 x ``hdnas.io.weights.max_weight_bytes()``: weights, optimizer moments
+and slack) is refused before torch reads it.
 """
 from __future__ import annotations
 
 import pickle
 import re
+import zipfile
 from pathlib import Path
 
 import torch
@@ -26,6 +31,23 @@ from hdnas.io.atomic import write_atomic
 
 class CheckpointError(ValueError):
     """A checkpoint that cannot be read, or that only the (code-running) full unpickler reads."""
+
+
+def max_archive_bytes() -> int:
+    return 4 * weights_io.max_weight_bytes()
+
+
+def _check_archive(path: Path) -> None:
+    """The uncompressed size of a torch.save zip archive against ``max_archive_bytes()``."""
+    try:
+        with zipfile.ZipFile(path) as z:
+            total = sum(i.file_size for i in z.infolist())
+    except (zipfile.BadZipFile, OSError, ValueError):
+        return  # not a zip archive: torch's loader says what it is
+    limit = max_archive_bytes()
+    if total > limit:
+        raise CheckpointError(f"{path}: the archive unpacks to {total:,} bytes, more than the "
+                              f"limit of {limit:,} (HDNAS_MAX_MODEL_BYTES x 4 raises it)")
 
 
 def save_atomic(obj, path) -> None:
@@ -69,6 +91,7 @@ def load(path, map_location="cpu", trust_pickle: bool = False,
         if map_location is not None:
             sd = {k: v.to(map_location) for k, v in sd.items()}
         return {"model": sd, **({"genotype": genotype.to_dict()} if genotype else {})}
+    _check_archive(path)
     try:
         return torch.load(path, map_location=map_location, weights_only=True)
     except pickle.UnpicklingError as e:

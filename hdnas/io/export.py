@@ -18,11 +18,18 @@ on random inputs of two sizes and batches (max abs difference on the 0..255 scal
 Runtime on the CPU (minimum of ``repeats`` runs after a warm-up). ``export`` makes the asked
 formats and checks in one call.
 
+Files: every file goes through the command's ``OutputDir`` (``hdnas.io.atomic``): ``NAME`` is a
+plain file name (a genotype name from a file, such as ``../../x``, is made one by
+``hdnas.safeio.plain_name``; ``--name`` must be one), no file is replaced without
+``overwrite``, an input (the weights, the genotype file) never, and all targets are checked
+before the first is written. A non-finite difference (NaN or infinite outputs) is a mismatch.
+
 Why here, in the file layer: an export is a set of files in other formats, written next to the
 safetensors weights (``hdnas.io.weights``) that every ``--weights`` reads.
 """
 from __future__ import annotations
 
+import io
 import math
 import platform
 import time
@@ -32,15 +39,20 @@ from pathlib import Path
 import torch
 
 from hdnas.io import weights as weights_io
+from hdnas.io.atomic import OutputDir
 from hdnas.model.complexity import lr_size_for
 from hdnas.model.network import DerivedNet
 
-__all__ = ["FORMATS", "MIN_OPSET", "PT2_MIN_LR", "CHECK_TOLERANCE", "ExportError",
+__all__ = ["FORMATS", "MIN_OPSET", "MAX_OPSET", "PT2_MIN_LR", "CHECK_TOLERANCE", "ExportError",
            "export_safetensors", "export_onnx", "export_pt2", "check_onnx", "check_pt2", "bench",
            "export"]
 
 FORMATS = ("safetensors", "onnx", "pt2")
 MIN_OPSET = 17
+#: the newest opset torch's TorchScript-based exporter writes
+MAX_OPSET = getattr(getattr(torch.onnx, "_constants", None), "ONNX_TORCHSCRIPT_EXPORTER_MAX_OPSET",
+                    20)
+SUFFIXES = {"safetensors": (".safetensors", ".genotype.json"), "onnx": (".onnx",), "pt2": (".pt2",)}
 PT2_MIN_LR = 21
 CHECK_TOLERANCE = 2e-2  # 0..255 scale: float32 reassociation across runtimes (measured ~1e-4)
 
@@ -49,10 +61,14 @@ class ExportError(ValueError):
     """An export that cannot be made or that does not match PyTorch."""
 
 
-def export_safetensors(model: DerivedNet, out: Path, name: str) -> list[Path]:
-    st = weights_io.save_weights(model, model.genotype, out / f"{name}.safetensors")
-    js = out / f"{name}.genotype.json"
-    model.genotype.save(js)
+def _outdir(out) -> OutputDir:
+    return out if isinstance(out, OutputDir) else OutputDir(out, overwrite=True)
+
+
+def export_safetensors(model: DerivedNet, out, name: str) -> list[Path]:
+    out = _outdir(out)
+    st = weights_io.save_weights(model, model.genotype, out.path(f"{name}.safetensors"), out)
+    js = out.write(out.path(f"{name}.genotype.json"), model.genotype.to_json())
     return [st, js]
 
 
@@ -61,9 +77,16 @@ def _example(model: DerivedNet, batch: int = 2, size=(32, 36)) -> torch.Tensor:
     return torch.rand(batch, 3, *size, generator=g) * 255
 
 
-def export_onnx(model: DerivedNet, path: Path, opset: int = MIN_OPSET) -> Path:
-    if opset < MIN_OPSET:
-        raise ExportError(f"--opset {opset}: use {MIN_OPSET} or later")
+def check_opset(opset: int) -> int:
+    if not MIN_OPSET <= opset <= MAX_OPSET:
+        raise ExportError(f"--opset {opset}: use {MIN_OPSET} to {MAX_OPSET} (the opsets this "
+                          "torch exports)")
+    return opset
+
+
+def export_onnx(model: DerivedNet, path: Path, opset: int = MIN_OPSET,
+                out: OutputDir | None = None) -> Path:
+    check_opset(opset)
     try:
         import onnx
     except ImportError:
@@ -75,15 +98,16 @@ def export_onnx(model: DerivedNet, path: Path, opset: int = MIN_OPSET) -> Path:
         warnings.simplefilter("ignore", torch.jit.TracerWarning)
         warnings.simplefilter("ignore", DeprecationWarning)
         warnings.simplefilter("ignore", FutureWarning)
-        torch.onnx.export(model, (_example(model),), str(path), dynamo=False, opset_version=opset,
+        buf = io.BytesIO()
+        torch.onnx.export(model, (_example(model),), buf, dynamo=False, opset_version=opset,
                           input_names=["lr"], output_names=["sr"],
                           dynamic_axes={"lr": {0: "batch", 2: "height", 3: "width"},
                                         "sr": {0: "batch", 2: "out_height", 3: "out_width"}})
-    onnx.checker.check_model(str(path))
-    return path
+    onnx.checker.check_model(onnx.load_from_string(buf.getvalue()))
+    return _outdir(out if out is not None else Path(path).parent).write(path, buf.getvalue())
 
 
-def export_pt2(model: DerivedNet, path: Path) -> Path:
+def export_pt2(model: DerivedNet, path: Path, out: OutputDir | None = None) -> Path:
     from torch.export import Dim
 
     batch = Dim("batch", min=1, max=1024)
@@ -91,12 +115,22 @@ def export_pt2(model: DerivedNet, path: Path) -> Path:
     with torch.no_grad():
         program = torch.export.export(model.eval(), (_example(model),),
                                       dynamic_shapes={"x": {0: batch, 2: h, 3: w}})
-    torch.export.save(program, str(path))
-    return path
+    buf = io.BytesIO()
+    torch.export.save(program, buf)
+    return _outdir(out if out is not None else Path(path).parent).write(path, buf.getvalue())
 
 
 def _check_sizes():
     return [(1, (PT2_MIN_LR, 40)), (3, (47, 29))]
+
+
+def _worse(worst: float, got: torch.Tensor, ref: torch.Tensor) -> float:
+    """The larger of ``worst`` and max |got - ref|; NaN if either side is not finite (then no
+    tolerance passes it: ``max(0.0, nan)`` would be 0.0)."""
+    if math.isnan(worst) or not (torch.isfinite(got).all() and torch.isfinite(ref).all()):
+        return math.nan
+    d = float((got - ref).abs().max()) if got.numel() else 0.0
+    return d if not d <= worst else worst
 
 
 def check_onnx(model: DerivedNet, path: Path, inputs=None) -> float:
@@ -115,10 +149,10 @@ def check_onnx(model: DerivedNet, path: Path, inputs=None) -> float:
             if got.shape != ref.shape:
                 raise ExportError(f"{path}: output {tuple(got.shape)} for input {tuple(x.shape)}, "
                                   f"PyTorch gives {tuple(ref.shape)}")
-            worst = max(worst, float((got - ref).abs().max()))
+            worst = _worse(worst, got, ref)
     if not worst <= CHECK_TOLERANCE:
         raise ExportError(f"{path}: ONNX Runtime differs from PyTorch by {worst:.3g} "
-                          f"(> {CHECK_TOLERANCE})")
+                          f"(> {CHECK_TOLERANCE})" + _nan_note(worst))
     return worst
 
 
@@ -129,10 +163,15 @@ def check_pt2(model: DerivedNet, path: Path, inputs=None) -> float:
     worst = 0.0
     with torch.no_grad():
         for x in inputs:
-            worst = max(worst, float((program(x) - model(x)).abs().max()))
+            worst = _worse(worst, program(x), model(x))
     if not worst <= CHECK_TOLERANCE:
-        raise ExportError(f"{path}: the exported program differs from PyTorch by {worst:.3g}")
+        raise ExportError(f"{path}: the exported program differs from PyTorch by {worst:.3g}"
+                          + _nan_note(worst))
     return worst
+
+
+def _nan_note(worst: float) -> str:
+    return "; the outputs are not finite (NaN or infinity)" if math.isnan(worst) else ""
 
 
 def _min_time(fn, repeats: int) -> float:
@@ -167,24 +206,29 @@ def bench(model: DerivedNet, onnx_path: Path | None, repeats: int = 3, threads: 
 def export(model: DerivedNet, out, name: str, formats=FORMATS, opset: int = MIN_OPSET,
            check: bool = False, bench_cpu: bool = False, repeats: int = 3,
            threads: int = 0) -> tuple[list[Path], dict]:
-    """Write ``formats`` of ``model`` to ``out``/``name``.*, checked against PyTorch if ``check``
-    and timed on the CPU if ``bench_cpu``. Returns the files and a report (genotype, versions,
-    check differences, bench timings, file sizes). ExportError, or ImportError for a missing
-    optional package."""
-    out = Path(out)
-    out.mkdir(parents=True, exist_ok=True)
+    """Write ``formats`` of ``model`` to ``out`` (an ``OutputDir``, or a folder: then existing
+    files are replaced) as ``name``.*, checked against PyTorch if ``check`` and timed on the CPU
+    if ``bench_cpu``. Every target is claimed before the first file is written. Returns the files
+    and a report (genotype, versions, check differences, bench timings, file sizes).
+    ExportError, UnsafeWriteError, or ImportError for a missing optional package."""
+    out = _outdir(out)
+    if "onnx" in formats:
+        check_opset(opset)
+    if repeats < 1:
+        raise ExportError(f"--repeats {repeats}: at least 1")
+    out.claim_all(out.path(name + suf) for f in formats for suf in SUFFIXES[f])
     written, report = [], {"genotype": model.genotype.to_dict(), "torch": torch.__version__,
                            "python": platform.python_version()}
     if "safetensors" in formats:
         written += export_safetensors(model, out, name)
     onnx_path = None
     if "onnx" in formats:
-        onnx_path = export_onnx(model, out / f"{name}.onnx", opset)
+        onnx_path = export_onnx(model, out.path(f"{name}.onnx"), opset, out)
         written.append(onnx_path)
         if check:
             report["onnx_max_abs_diff"] = check_onnx(model, onnx_path)
     if "pt2" in formats:
-        pt2 = export_pt2(model, out / f"{name}.pt2")
+        pt2 = export_pt2(model, out.path(f"{name}.pt2"), out)
         written.append(pt2)
         if check:
             report["pt2_max_abs_diff"] = check_pt2(model, pt2)

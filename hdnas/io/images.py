@@ -28,11 +28,24 @@ the result back in kind, losslessly as PNG:
   bits in between). Other images are 8-bit.
 
 ``collect_inputs`` finds the image files given directly or in given folders (not recursive).
+
+Bounded memory: every reader (8-bit through Pillow, 16-bit PNG through pypng) checks the
+width x height the file's header declares against one limit, ``max_pixels()``:
+``HDNAS_MAX_PIXELS`` or ``MAX_PIXELS`` (178,956,970, Pillow's own hard limit), before any pixel is
+decoded; a larger image (a "decompression bomb": a 1 MB PNG can declare 15000 x 15000 pixels)
+is an ``ImageError`` naming the file, caught wherever images are read (the data cache, where
+``--skip-bad-images`` skips it, evaluate, upscale). Pillow's own check runs at the same limit
+while we open a file (its global setting is restored after).
+
+Writing goes through the one atomic writer (``hdnas.io.atomic``), into a command's
+``OutputDir`` when given (no write outside it, no overwrite without consent).
 """
 from __future__ import annotations
 
-import os
+import io
 import struct
+import warnings
+import zlib
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -40,16 +53,57 @@ import numpy as np
 import torch
 from PIL import Image, UnidentifiedImageError
 
+from hdnas.io.atomic import OutputDir, write_file
+from hdnas.safeio import env_int
+
 __all__ = ["IMAGE_EXTENSIONS", "ImageError", "load_rgb", "save_rgb", "to_hwc_uint8", "LoadedImage",
-           "read_image", "write_image", "collect_inputs"]
+           "read_image", "write_image", "collect_inputs", "MAX_PIXELS", "max_pixels", "png_bytes"]
 
 IMAGE_EXTENSIONS = frozenset({".png", ".bmp", ".jpg", ".jpeg", ".tif", ".tiff", ".ppm", ".webp"})
 GRAY_MODES = ("replicate", "keep", "error")
 _MAX16 = 65535.0
 
 
+#: default pixel limit of every image reader (Pillow's DecompressionBombError threshold)
+MAX_PIXELS = 178_956_970
+
+
 class ImageError(ValueError):
-    """An image file that cannot be used: unreadable, corrupt, or of an unsupported kind."""
+    """An image file that cannot be used: unreadable, corrupt, too large, or of an unsupported
+    kind."""
+
+
+def max_pixels() -> int:
+    """The pixel limit of every reader: ``HDNAS_MAX_PIXELS``, else ``MAX_PIXELS``."""
+    return env_int("HDNAS_MAX_PIXELS", MAX_PIXELS)
+
+
+def _check_pixels(path, w: int, h: int, limit: int) -> None:
+    if w * h > limit:
+        raise ImageError(f"{path}: image of {w}x{h} = {w * h:,} pixels is larger than the limit "
+                         f"of {limit:,} (a decompression bomb? HDNAS_MAX_PIXELS raises the limit)")
+
+
+def _open(path: Path, limit: int) -> Image.Image:
+    """Pillow's lazy open (the header only) with the pixel limit checked before decoding;
+    Pillow's own check runs at the same limit during the call."""
+    saved = Image.MAX_IMAGE_PIXELS
+    Image.MAX_IMAGE_PIXELS = limit
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore", Image.DecompressionBombWarning)
+            im = Image.open(path)
+    except Image.DecompressionBombError:
+        raise ImageError(f"{path}: image larger than the limit of {limit:,} pixels (a "
+                         "decompression bomb? HDNAS_MAX_PIXELS raises the limit)") from None
+    finally:
+        Image.MAX_IMAGE_PIXELS = saved
+    try:
+        _check_pixels(path, *im.size, limit)
+    except ImageError:
+        im.close()
+        raise
+    return im
 
 
 def _opaque(im: Image.Image, path) -> Image.Image:
@@ -69,8 +123,9 @@ def load_rgb(path, as_tensor: bool = False, gray: str = "replicate"):
     path = Path(path)
     if not path.is_file():
         raise ImageError(f"{path}: no such image file")
+    limit = max_pixels()  # a bad HDNAS_MAX_PIXELS is a setup error, not an image error
     try:
-        with Image.open(path) as im:
+        with _open(path, limit) as im:
             im.load()  # decode now, so truncated files fail here
             if im.mode == "P":
                 im = im.convert("RGBA" if "transparency" in im.info else "RGB")
@@ -89,7 +144,7 @@ def load_rgb(path, as_tensor: bool = False, gray: str = "replicate"):
                                  "(only 8-bit RGB or grey images are supported)")
     except ImageError:
         raise
-    except (UnidentifiedImageError, OSError, SyntaxError, ValueError) as e:
+    except (UnidentifiedImageError, OSError, SyntaxError, ValueError, MemoryError) as e:
         raise ImageError(f"{path}: cannot read image ({type(e).__name__}: {e})") from None
     arr = np.array(arr, dtype=np.uint8, order="C")  # a writable copy
     if min(arr.shape[:2]) < 1:
@@ -119,12 +174,20 @@ def to_hwc_uint8(img) -> np.ndarray:
     return np.ascontiguousarray(arr)
 
 
-def save_rgb(path, img) -> Path:
-    """Write an image (CHW tensor or HWC array, 0..255) losslessly by the file's extension."""
+def _encode(im: Image.Image, fmt: str, **kw) -> bytes:
+    buf = io.BytesIO()
+    im.save(buf, format=fmt, **kw)
+    return buf.getvalue()
+
+
+def save_rgb(path, img, out: OutputDir | None = None) -> Path:
+    """Write an image (CHW tensor or HWC array, 0..255) losslessly by the file's extension
+    (PNG unless it names another lossless format), atomically, through ``out`` if given."""
     path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    Image.fromarray(to_hwc_uint8(img)).save(path)
-    return path
+    fmt = Image.registered_extensions().get(path.suffix.lower(), "PNG")
+    if fmt not in ("PNG", "BMP", "TIFF", "PPM"):
+        fmt = "PNG"
+    return write_file(path, _encode(Image.fromarray(to_hwc_uint8(img)), fmt), out)
 
 
 # --------------------------------------------------------------------- any image, for upscaling
@@ -136,11 +199,15 @@ class LoadedImage:
     bits: int  # 8 or 16
 
 
-def _png_bit_depth(path: Path) -> int | None:
+def _png_header(path: Path) -> tuple[int, int, int] | None:
+    """(width, height, bit depth) from a PNG's IHDR chunk, or None for other files."""
     with path.open("rb") as f:
-        head = f.read(25)
-    if len(head) == 25 and head[:8] == b"\x89PNG\r\n\x1a\n" and head[12:16] == b"IHDR":
-        return head[24]
+        head = f.read(33)
+    if len(head) == 33 and head[:8] == b"\x89PNG\r\n\x1a\n" and head[12:16] == b"IHDR":
+        w, h, depth = struct.unpack(">IIB", head[16:25])
+        if zlib.crc32(head[12:29]) != struct.unpack(">I", head[29:33])[0]:
+            raise ImageError(f"{path}: corrupt PNG header (IHDR checksum)")
+        return w, h, depth
     return None
 
 
@@ -160,15 +227,25 @@ def read_image(path) -> LoadedImage:
     path = Path(path)
     if not path.is_file():
         raise ImageError(f"{path}: no such image file")
+    limit = max_pixels()  # a bad HDNAS_MAX_PIXELS is a setup error, not an image error
     try:
-        if _png_bit_depth(path) == 16:
+        header = _png_header(path)
+        if header is not None and header[2] == 16:
             import png  # pypng: Pillow reads 16-bit colour PNGs as 8-bit
 
+            _check_pixels(path, header[0], header[1], limit)  # before pypng decodes anything
             w, h, rows, info = png.Reader(filename=str(path)).asDirect()
             planes = info["planes"]
-            arr = np.vstack([np.asarray(r, dtype=np.uint16) for r in rows]).reshape(h, w, planes)
-            return _from_planes(arr, planes, 16)
-        with Image.open(path) as im:
+            arr = np.empty((h, w * planes), dtype=np.uint16)
+            n = 0
+            for n, r in enumerate(rows, start=1):
+                if n > h:
+                    raise ImageError(f"{path}: more rows than the {h} the header declares")
+                arr[n - 1] = r
+            if n != h:
+                raise ImageError(f"{path}: {n} rows, the header declares {h}")
+            return _from_planes(arr.reshape(h, w, planes), planes, 16)
+        with _open(path, limit) as im:
             im.load()
             if im.mode == "P":
                 im = im.convert("RGBA" if "transparency" in im.info else "RGB")
@@ -183,7 +260,8 @@ def read_image(path) -> LoadedImage:
             return _from_planes(arr, planes, 8)
     except ImageError:
         raise
-    except (UnidentifiedImageError, OSError, SyntaxError, ValueError, struct.error) as e:
+    except (UnidentifiedImageError, OSError, SyntaxError, ValueError, struct.error,
+            MemoryError) as e:
         raise ImageError(f"{path}: cannot read image ({type(e).__name__}: {e})") from None
     except Exception as e:  # noqa: BLE001 - pypng's own FormatError and friends
         raise ImageError(f"{path}: cannot read image ({type(e).__name__}: {e})") from None
@@ -197,25 +275,27 @@ def _quantize(x: np.ndarray, bits: int) -> np.ndarray:
     return np.floor(x + 0.5).astype(np.uint8)
 
 
-def write_image(path, rgb: np.ndarray, alpha: np.ndarray | None, grey: bool, bits: int) -> Path:
-    """Write (H, W, 3) float 0..255 colour (grey: the channel mean) and optional alpha as PNG
-    (16-bit with ``bits`` 16), atomically."""
+def png_bytes(rgb: np.ndarray, alpha: np.ndarray | None, grey: bool, bits: int) -> bytes:
+    """(H, W, 3) float 0..255 colour (grey: the channel mean) and optional alpha, encoded as a
+    PNG (16-bit with ``bits`` 16)."""
     colour = rgb.mean(axis=2, keepdims=True) if grey else rgb
     planes = [colour] + ([alpha[..., None]] if alpha is not None else [])
     arr = _quantize(np.concatenate(planes, axis=2), bits)
     mode = {1: "L", 2: "LA", 3: "RGB", 4: "RGBA"}[arr.shape[2]]
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(path.name + ".tmp")
     if bits == 16:
         import png
 
         h, w, c = arr.shape
-        png.from_array(arr.reshape(h, w * c), f"{mode};16").save(str(tmp))
-    else:
-        Image.fromarray(arr[..., 0] if arr.shape[2] == 1 else arr, mode).save(tmp, format="PNG")
-    os.replace(tmp, path)
-    return path
+        buf = io.BytesIO()
+        png.from_array(arr.reshape(h, w * c), f"{mode};16").write(buf)
+        return buf.getvalue()
+    return _encode(Image.fromarray(arr[..., 0] if arr.shape[2] == 1 else arr, mode), "PNG")
+
+
+def write_image(path, rgb: np.ndarray, alpha: np.ndarray | None, grey: bool, bits: int,
+                out: OutputDir | None = None) -> Path:
+    """``png_bytes`` written to ``path`` atomically, through ``out`` if given."""
+    return write_file(path, png_bytes(rgb, alpha, grey, bits), out)
 
 
 def collect_inputs(inputs) -> tuple[list[Path], list[str]]:

@@ -6,7 +6,7 @@ from __future__ import annotations
 from pathlib import Path
 
 from hdnas.io import weights as weights_io
-from hdnas.io.official import WeightsError, load_weights
+from hdnas.io.official import WeightsError, build_net, load_weights
 from hdnas.model.genotype import NAMED, Genotype, GenotypeError
 from hdnas.model.network import DerivedNet
 
@@ -38,13 +38,14 @@ def load_model(genotype=None, weights=None, scale: int | None = None,
         except GenotypeError as e:
             raise ModelFileError(str(e)) from None
     if stored is not None and _arch(stored) != _arch(genotype):
-        raise ModelFileError(f"--genotype {genotype.name or ''} differs from the genotype stored in "
-                           f"{weights} ({stored.to_dict()})")
+        raise ModelFileError(f"--genotype {genotype.name or ''} differs from the genotype stored "
+                             f"in {weights} ({stored.to_dict()})")
     if scale is not None and scale != genotype.scale:
         raise ModelFileError(f"--scale {scale} does not match the network: the genotype and its "
                            f"weights are for x{genotype.scale}")
     try:
-        return load_weights(DerivedNet(genotype), weights, trust_pickle=trust_pickle).eval()
+        return load_weights(build_net(genotype, str(weights)), weights,
+                            trust_pickle=trust_pickle).eval()
     except WeightsError as e:
         raise ModelFileError(str(e)) from None
 

@@ -18,6 +18,12 @@ release's checkpoints are plain dicts of tensors and numbers and load with it. A
 (a pickled ``nn.Module``, anything naming other Python objects) needs the full unpickler, which
 can run code stored in the file: it is only used with ``trust_pickle=True`` (``hdnas.evaluate
 --trust-pickle``), otherwise the file is a ``WeightsError`` that says so.
+
+Weights of the wrong kind are refused, not converted: a tensor that is floating point in the
+model must be floating point in the file (int8 or bool weights would load silently and give
+black images) and finite (NaN or infinity gives NaN scores); the error names the file and the
+tensor. ``build_net`` makes a derived network only after estimating its size on the meta device
+(no memory) against ``hdnas.io.weights.max_weight_bytes()``.
 """
 from __future__ import annotations
 
@@ -28,11 +34,13 @@ import torch
 from torch import nn
 
 from hdnas.io import checkpoint
+from hdnas.io.weights import max_weight_bytes
 from hdnas.model.genotype import Genotype
 from hdnas.model.network import DerivedNet
 
 __all__ = ["WeightsError", "read_state_dict", "extract_state_dict", "check_state_dict",
-           "load_weights", "load_official_checkpoint", "describe_state_dict"]
+           "load_weights", "load_official_checkpoint", "describe_state_dict", "model_bytes",
+           "build_net"]
 
 
 class WeightsError(ValueError):
@@ -110,6 +118,7 @@ def check_state_dict(model: nn.Module, sd: Mapping, source: str = "checkpoint") 
             mismatched.append(k)
     unexpected = [k for k in sd if k not in own]
     if not (missing or mismatched or unexpected):
+        _check_values(own, sd, source)
         return
     first = next(k for k in own if k in missing or k in mismatched) if (missing or mismatched) \
         else unexpected[0]
@@ -134,6 +143,39 @@ def check_state_dict(model: nn.Module, sd: Mapping, source: str = "checkpoint") 
     raise WeightsError(msg)
 
 
+def _check_values(own: Mapping, sd: Mapping, source: str) -> None:
+    """Floating-point model tensors must come as finite floating-point values."""
+    for k, v in own.items():
+        t = sd[k]
+        if not v.is_floating_point():
+            continue
+        if not t.is_floating_point():
+            raise WeightsError(f"{source}: tensor {k!r} is {str(t.dtype).replace('torch.', '')}; "
+                               "weights must be floating point")
+        bad = int((~torch.isfinite(t)).sum())
+        if bad:
+            raise WeightsError(f"{source}: tensor {k!r} holds {bad} non-finite value(s) (NaN or "
+                               "infinity)")
+
+
+def model_bytes(genotype: Genotype) -> int:
+    """Bytes of the float32 parameters and buffers of ``genotype``'s derived network, counted
+    on the meta device (nothing is allocated)."""
+    with torch.device("meta"):
+        net = DerivedNet(genotype)
+    return sum(t.numel() * 4 for t in net.state_dict().values())
+
+
+def build_net(genotype: Genotype, source: str = "") -> DerivedNet:
+    """``DerivedNet(genotype)`` after checking its size against ``max_weight_bytes()``."""
+    need, limit = model_bytes(genotype), max_weight_bytes()
+    if need > limit:
+        raise WeightsError(f"{source + ': ' if source else ''}the network (C={genotype.channels}, "
+                           f"{genotype.num_cells} cells) needs {need:,} bytes of weights, more "
+                           f"than the limit of {limit:,} (HDNAS_MAX_MODEL_BYTES raises it)")
+    return DerivedNet(genotype)
+
+
 def load_weights(model: nn.Module, weights, source: str | None = None,
                  trust_pickle: bool = False) -> nn.Module:
     """Strictly load a weights file path (or a state dict / checkpoint object) into ``model``."""
@@ -154,6 +196,6 @@ def load_official_checkpoint(path, genotype, trust_pickle: bool = False) -> Deri
     mode."""
     if not isinstance(genotype, Genotype):
         genotype = Genotype.load(genotype)
-    model = DerivedNet(genotype)
+    model = build_net(genotype, str(genotype.name or ""))
     load_weights(model, path, trust_pickle=trust_pickle)
     return model.eval()

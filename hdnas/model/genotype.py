@@ -3,6 +3,11 @@
 A genotype names the op of each distillation step (one row shared by all cells, as the release
 searches, or one row per cell) and the two chosen predecessors of each cell from the third on
 (0-based indices into [B1, B2, ...], in concat order), plus channels and scale.
+
+A genotype file is untrusted input: it is read within bounds (``hdnas.safeio.read_json``: size,
+UTF-8, nesting, finite numbers), every field is type-checked, and the network it describes is
+bounded (``channels`` <= ``MAX_CHANNELS``, ``num_cells`` <= ``MAX_CELLS``, so a file cannot ask
+for terabytes); every error names the file. ``save`` writes through the one atomic writer.
 """
 from __future__ import annotations
 
@@ -13,10 +18,17 @@ from pathlib import Path
 import torch
 
 from hdnas.model.space import DLSR_PRIMITIVES, SearchSpaceError, get_op
+from hdnas.safeio import read_json, write_atomic
 
 FORMAT = "hdnas-genotype"
 VERSION = 1
 SCALES = (2, 3, 4)
+#: bounds on what a genotype may ask for (the release: 48 channels, 6 cells)
+MAX_CHANNELS = 1024
+MAX_CELLS = 32
+MAX_NAME = 256
+#: a genotype file is a few hundred bytes
+MAX_FILE_BYTES = 1 << 20
 
 
 class GenotypeError(ValueError):
@@ -40,19 +52,41 @@ class Genotype:
     notes: dict = field(default_factory=dict, compare=False)
 
     def __post_init__(self):
+        for key in ("cell_ops", "inputs"):
+            v = getattr(self, key)
+            if isinstance(v, (str, bytes, dict)) or not hasattr(v, "__len__") \
+                    or len(v) > MAX_CELLS or any(isinstance(r, (str, bytes, dict))
+                                                 or not hasattr(r, "__len__") or len(r) > 3
+                                                 for r in v):
+                raise GenotypeError(f"{key} must be a list of short lists, got {_short(v)}")
+        if not all(isinstance(n, str) for r in self.cell_ops for n in r):
+            raise GenotypeError(f"cell_ops must hold op names (strings), got "
+                                f"{_short(self.cell_ops)}")
+        if not all(isinstance(i, int) and not isinstance(i, bool) for p in self.inputs for i in p):
+            raise GenotypeError(f"inputs must hold cell indices (integers), got "
+                                f"{_short(self.inputs)}")
         object.__setattr__(self, "cell_ops", tuple(tuple(r) for r in self.cell_ops))
         object.__setattr__(self, "inputs", tuple(tuple(int(i) for i in p) for p in self.inputs))
         self.validate()
 
     def validate(self):
-        if not isinstance(self.channels, int) or self.channels < 4:
-            raise GenotypeError(f"channels must be an integer >= 4, got {self.channels!r}")
+        if not _is_int(self.channels) or not 4 <= self.channels <= MAX_CHANNELS:
+            raise GenotypeError(f"channels must be an integer in 4..{MAX_CHANNELS}, got "
+                                f"{_short(self.channels)}")
         try:
+            if not _is_int(self.scale):
+                raise ValueError(f"scale must be an integer, got {_short(self.scale)}")
             check_scale(self.scale)
-        except ValueError as e:
+        except (ValueError, TypeError) as e:
             raise GenotypeError(str(e)) from None
-        if not isinstance(self.num_cells, int) or self.num_cells < 2:
-            raise GenotypeError(f"num_cells must be an integer >= 2, got {self.num_cells!r}")
+        if not _is_int(self.num_cells) or not 2 <= self.num_cells <= MAX_CELLS:
+            raise GenotypeError(f"num_cells must be an integer in 2..{MAX_CELLS}, got "
+                                f"{_short(self.num_cells)}")
+        if not isinstance(self.name, str) or len(self.name) > MAX_NAME:
+            raise GenotypeError(f"name must be a string of at most {MAX_NAME} characters, got "
+                                f"{_short(self.name)}")
+        if not isinstance(self.notes, dict):
+            raise GenotypeError(f"notes must be a dict, got {_short(self.notes)}")
         if len(self.cell_ops) not in (1, self.num_cells):
             raise GenotypeError(f"cell_ops needs 1 row (shared) or {self.num_cells} rows, "
                                 f"got {len(self.cell_ops)}")
@@ -87,12 +121,12 @@ class Genotype:
         if not isinstance(d, dict) or d.get("format") != FORMAT:
             raise GenotypeError(f"not a genotype: expected format {FORMAT!r}")
         if d.get("version") != VERSION:
-            raise GenotypeError(f"genotype version {d.get('version')!r} is not supported "
+            raise GenotypeError(f"genotype version {_short(d.get('version'))} is not supported "
                                 f"(this hdnas reads version {VERSION})")
         known = {"cell_ops", "inputs", "channels", "scale", "num_cells", "name", "notes"}
         unknown = set(d) - known - {"format", "version"}
         if unknown:
-            raise GenotypeError(f"unknown genotype fields: {sorted(unknown)}")
+            raise GenotypeError(f"unknown genotype fields: {_short(sorted(map(str, unknown)))}")
         missing = {"cell_ops", "inputs"} - set(d)
         if missing:
             raise GenotypeError(f"genotype misses fields: {sorted(missing)}")
@@ -103,25 +137,38 @@ class Genotype:
                 raise
             raise GenotypeError(f"malformed genotype: {e}") from None
 
-    def save(self, path):
-        path = Path(path)
-        tmp = path.with_suffix(path.suffix + ".tmp")
-        tmp.write_text(json.dumps(self.to_dict(), indent=2) + "\n")
-        tmp.replace(path)
+    def to_json(self) -> str:
+        return json.dumps(self.to_dict(), indent=2, allow_nan=False) + "\n"
+
+    def save(self, path, overwrite: bool = True, root=None) -> Path:
+        """Write the JSON atomically (``hdnas.safeio.write_atomic``: ``overwrite=False`` refuses
+        an existing file, ``root`` a folder outside it)."""
+        return write_atomic(path, self.to_json(), overwrite=overwrite, root=root)
 
     @classmethod
     def load(cls, path) -> "Genotype":
+        """A named genotype (BETA21, PARA_LOSS, TINY18) or a genotype JSON file; GenotypeError
+        naming the file for anything else."""
         path = Path(path)
-        if not path.is_file():
+        if not path.exists():
             if path.name.upper() in NAMED:
                 return NAMED[path.name.upper()]
             raise GenotypeError(f"genotype file {path} does not exist (named genotypes: "
                                 f"{', '.join(NAMED)})")
+        d = read_json(path, "genotype file", MAX_FILE_BYTES, GenotypeError)
         try:
-            d = json.loads(path.read_text())
-        except json.JSONDecodeError as e:
-            raise GenotypeError(f"{path}: not valid JSON ({e})") from None
-        return cls.from_dict(d)
+            return cls.from_dict(d)
+        except GenotypeError as e:
+            raise GenotypeError(f"{path}: {e}") from None
+
+
+def _is_int(v) -> bool:
+    return isinstance(v, int) and not isinstance(v, bool)
+
+
+def _short(v, n: int = 60) -> str:
+    r = repr(v)
+    return r if len(r) <= n else r[:n] + "..."
 
 
 def derive(alphas: torch.Tensor, betas, op_names=DLSR_PRIMITIVES, channels=48, scale=2,

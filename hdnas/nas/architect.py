@@ -25,14 +25,31 @@ validation gradients (d/d arch and the vector ``v``, whose norm sets ``R``) and 
 finite-difference Hessian-vector product (averaged once as a difference: it is linear in the
 two gradients). So each rank computes the hypergradient of the global batch and all ranks take
 the same step. The logged ``loss_arch`` is the mean over the ranks too.
+
+Finite or stop: a step whose validation loss, penalty or architecture gradient is not finite
+raises ``FloatingPointError`` before it updates alpha/beta (with an active fp16 scaler an
+inf/nan gradient is the scaler's to skip, as for the weights); ``hdnas.engine`` stops the run.
 """
 from __future__ import annotations
 
 import contextlib
+import math
 
 import torch
 
 RULES = ("joint", "darts1", "darts2")
+
+
+def _finite(what: str, value) -> None:
+    v = float(value.detach() if torch.is_tensor(value) else value)
+    if not math.isfinite(v):
+        raise FloatingPointError(f"the {what} is {v}")
+
+
+def _check_grads(params) -> None:
+    grads = [p.grad for p in params if p.grad is not None]
+    if grads:
+        _finite("gradient norm of alpha/beta", torch.nn.utils.get_total_norm(grads))
 
 
 def _grads(loss, params):
@@ -48,6 +65,9 @@ class Architect:
                  average=None):
         if rule not in RULES:
             raise ValueError(f"unknown update rule {rule!r}; choose one of {RULES}")
+        for name, v, lo in (("lr", lr, 0.0), ("hvp_r", hvp_r, 0.0)):
+            if not math.isfinite(v) or v <= lo:
+                raise ValueError(f"architecture {name} must be a finite number > 0, got {v}")
         self.model, self.loss_fn, self.rule, self.penalty = model, loss_fn, rule, penalty
         self.w_weight_decay, self.hvp_r = w_weight_decay, hvp_r
         self.autocast = autocast
@@ -81,6 +101,9 @@ class Architect:
                 p.grad = g  # already the mean over the ranks
             if pen.requires_grad:  # the same on every rank: not averaged
                 pen.backward(inputs=arch)  # accumulates onto the hypergradient
+            _finite("architecture loss", l_val)
+            _finite("penalty", pen)
+            _check_grads(arch)
             self.optimizer.step()
         else:
             with self.autocast():
@@ -94,6 +117,10 @@ class Architect:
                     p.grad = torch.zeros_like(p)
             l_val = l_val.detach().float().reshape(1)
             self.average([p.grad for p in arch] + [l_val])
+            _finite("architecture loss", l_val)
+            _finite("penalty", pen)
+            if not self.scaler.is_enabled():
+                _check_grads(arch)
             self.scaler.step(self.optimizer)  # skipped if a scaled fp16 gradient overflowed
             self.scaler.update()
         return {"loss_arch": float(l_val.detach()), "penalty": float(pen.detach())}

@@ -20,12 +20,20 @@ because other processes only ever add time. A derived network's predicted latenc
 ``fixed_ms + sum over cells and steps of ops_ms[op]`` (``predict_ms``); ``hdnas.nas.losses.
 LatencyPenalty`` is its expectation under softmax(alpha). ``--validate N`` measures N random
 genotypes' derived networks and reports predicted vs measured (mean and max relative error).
+
+A table is checked when it is written and when it is read (``check_table``): a JSON object with
+``ops_ms`` an object of op name -> time, every time (``ops_ms``, ``fixed_ms``, ``parts_ms``) a
+finite number > 0, ``channels`` / ``cells`` / ``scale`` integers in the genotype's bounds;
+reading is bounded (``hdnas.safeio.read_json``: size, UTF-8, depth, no NaN/Infinity). A table that
+fails is a ``LatencyTableError`` naming the file and the entry. ``measure_table`` refuses
+``repeats`` < 1 and sizes beyond the image pixel limit.
 """
 from __future__ import annotations
 
 import datetime
 import json
 import math
+import numbers
 import platform
 import random
 import time
@@ -34,12 +42,18 @@ from pathlib import Path
 import torch
 
 from hdnas import machine
-from hdnas.model.genotype import Genotype
+from hdnas.infer.run import pick_device
+from hdnas.io.images import max_pixels
+from hdnas.model.genotype import MAX_CELLS, MAX_CHANNELS, SCALES, Genotype
 from hdnas.model.network import DerivedNet
 from hdnas.model.space import DLSR_PRIMITIVES, check_op_set, get_op
+from hdnas.safeio import read_json, write_atomic
 
 __all__ = ["FORMAT", "LatencyTableError", "time_module", "measure_table", "load_table",
-           "predict_ms", "random_genotype", "validate"]
+           "check_table", "save_table", "predict_ms", "random_genotype", "validate"]
+
+#: a latency table is a few kB
+MAX_TABLE_BYTES = 4 << 20
 
 FORMAT = "hdnas-latency"
 VERSION = 1
@@ -58,6 +72,8 @@ def _sync(device: torch.device):
 def time_module(module: torch.nn.Module, x: torch.Tensor, warmup: int = 2,
                 repeats: int = 5) -> float:
     """Minimum wall time in ms of ``module(x)`` over ``repeats`` runs after ``warmup`` runs."""
+    if repeats < 1 or warmup < 0:
+        raise ValueError(f"repeats must be >= 1 and warmup >= 0, got {repeats} and {warmup}")
     module.eval()
     for _ in range(warmup):
         module(x)
@@ -90,9 +106,10 @@ def measure_table(device="cpu", channels: int = 48, size=(360, 640), ops=DLSR_PR
                   cells: int = 6, scale: int = 2, warmup: int = 2, repeats: int = 5,
                   log=None) -> dict:
     """The latency table (see the module docstring); ``size`` is the LR (H, W)."""
-    device = torch.device(device)
+    device = pick_device(device)
     ops = check_op_set(ops)
     h, w = size
+    _check_settings(channels, h, w, cells, scale, warmup, repeats)
     torch.manual_seed(0)
     feat = torch.randn(1, channels, h, w, device=device)
     table = {"format": FORMAT, "version": VERSION, "device": device.type,
@@ -124,21 +141,72 @@ def measure_table(device="cpu", channels: int = 48, size=(360, 640), ops=DLSR_PR
     return table
 
 
-def load_table(path) -> dict:
-    path = Path(path)
-    if not path.is_file():
-        raise LatencyTableError(f"latency table {path} does not exist")
-    try:
-        t = json.loads(path.read_text())
-    except json.JSONDecodeError as e:
-        raise LatencyTableError(f"{path}: not valid JSON ({e})") from None
+def _check_settings(channels, h, w, cells, scale, warmup, repeats) -> None:
+    for name, v, lo, hi in (("channels", channels, 4, MAX_CHANNELS), ("cells", cells, 2, MAX_CELLS),
+                            ("warmup", warmup, 0, 10**6), ("repeats", repeats, 1, 10**6)):
+        if not isinstance(v, int) or isinstance(v, bool) or not lo <= v <= hi:
+            raise ValueError(f"{name} must be an integer in {lo}..{hi}, got {v!r}")
+    if scale not in SCALES:
+        raise ValueError(f"scale must be one of {SCALES}, got {scale!r}")
+    if h * w > max_pixels():
+        raise ValueError(f"size {w}x{h} is larger than the pixel limit {max_pixels():,} "
+                         "(HDNAS_MAX_PIXELS)")
+
+
+def _time_ms(v) -> bool:
+    return isinstance(v, numbers.Real) and not isinstance(v, bool) and math.isfinite(v) and v > 0
+
+
+def check_table(t, source: str = "the latency table") -> dict:
+    """``t`` if it is a well-formed latency table (module docstring), else LatencyTableError
+    naming ``source`` and the entry at fault."""
+    def bad(what):
+        raise LatencyTableError(f"{source}: {what}; measure the table again with python -m "
+                                "hdnas.latency")
+
     if not isinstance(t, dict) or t.get("format") != FORMAT or t.get("version") != VERSION:
-        raise LatencyTableError(f"{path}: not a latency table (expected format {FORMAT!r} "
-                                f"version {VERSION}; make one with python -m hdnas.latency)")
+        raise LatencyTableError(f"{source}: not a latency table (expected a JSON object of "
+                                f"format {FORMAT!r} version {VERSION}; make one with python -m "
+                                "hdnas.latency)")
     for key in ("ops_ms", "fixed_ms", "channels", "cells", "scale"):
         if key not in t:
-            raise LatencyTableError(f"{path}: latency table misses {key!r}")
+            raise LatencyTableError(f"{source}: latency table misses {key!r}")
+    ops = t["ops_ms"]
+    if not isinstance(ops, dict) or not ops:
+        bad("'ops_ms' is not an object of op name -> time in ms")
+    for k, v in ops.items():
+        if not _time_ms(v):
+            bad(f"ops_ms[{k[:40]!r}] is {str(v)[:40]}, not a time in ms (a finite number > 0)")
+    if not _time_ms(t["fixed_ms"]):
+        bad(f"fixed_ms is {str(t['fixed_ms'])[:40]}, not a time in ms (a finite number > 0)")
+    parts = t.get("parts_ms", {})
+    if not isinstance(parts, dict) or not all(_time_ms(v) for v in parts.values()):
+        bad("'parts_ms' is not an object of times in ms (finite numbers > 0)")
+    for key, lo, hi in (("channels", 4, MAX_CHANNELS), ("cells", 2, MAX_CELLS)):
+        v = t[key]
+        if not isinstance(v, int) or isinstance(v, bool) or not lo <= v <= hi:
+            bad(f"{key} is {str(v)[:40]}, not an integer in {lo}..{hi}")
+    if t["scale"] not in SCALES or isinstance(t["scale"], bool):
+        bad(f"scale is {str(t['scale'])[:40]}, not one of {SCALES}")
+    lr = t.get("lr_size", [1, 1])
+    if not (isinstance(lr, list) and len(lr) == 2 and all(
+            isinstance(v, int) and not isinstance(v, bool) and v > 0 for v in lr)):
+        bad(f"lr_size is {str(lr)[:40]}, not [height, width]")
     return t
+
+
+def load_table(path) -> dict:
+    """A latency table file, read within bounds and checked (``check_table``)."""
+    path = Path(path)
+    t = read_json(path, "latency table", MAX_TABLE_BYTES, LatencyTableError)
+    return check_table(t, str(path))
+
+
+def save_table(table: dict, path, overwrite: bool = True) -> Path:
+    """Check ``table`` and write it atomically (``overwrite=False`` refuses an existing file)."""
+    check_table(table, f"the table for {path}")
+    return write_atomic(path, json.dumps(table, indent=2, allow_nan=False) + "\n",
+                        overwrite=overwrite)
 
 
 def predict_ms(table: dict, genotype: Genotype) -> float:
@@ -161,7 +229,7 @@ def random_genotype(rng: random.Random, ops, C: int, cells: int, scale: int) -> 
 def validate(table: dict, n: int = 10, seed: int = 0, device="cpu", warmup: int = 2,
              repeats: int = 5) -> dict:
     """Predicted vs measured latency of ``n`` random derived networks at the table's size."""
-    device = torch.device(device)
+    device = pick_device(device)
     rng = random.Random(seed)
     h, w = table["lr_size"]
     x = torch.rand(1, 3, h, w, device=device) * 255

@@ -3,11 +3,23 @@ gradient (the release computes its penalty from ``.data``, so it never reaches a
 Multi-Adds or measured latency (``LatencyPenalty``, from an ``hdnas.latency`` table)."""
 from __future__ import annotations
 
+import math
+import numbers
+
 import torch
 import torch.nn.functional as F
 
 from hdnas.model.space import get_op
-from hdnas.nas.latency import LatencyTableError, load_table
+from hdnas.nas.latency import LatencyTableError, check_table, load_table
+
+
+def _check_weight(name: str, v, positive: bool = False) -> float:
+    """``v`` as a float: a finite real number, >= 0 (> 0 if ``positive``); else ValueError."""
+    ok = isinstance(v, numbers.Real) and not isinstance(v, bool) and math.isfinite(v)
+    if not ok or v < 0 or (positive and v == 0):
+        raise ValueError(f"{name} must be a finite number {'>' if positive else '>='} 0, "
+                         f"got {v!r}")
+    return float(v)
 
 
 def _gaussian(size=5, sigma=1.5, device=None, dtype=None):
@@ -42,7 +54,7 @@ class SRLoss:
     """L1 + ``hfen_weight`` * HFEN (the release uses 0.2; 0 gives plain L1)."""
 
     def __init__(self, hfen_weight: float = 0.2):
-        self.hfen_weight = hfen_weight
+        self.hfen_weight = _check_weight("the HFEN weight (--hfen)", hfen_weight)
 
     def __call__(self, sr, hr):
         loss = F.l1_loss(sr, hr)
@@ -65,10 +77,10 @@ class ComplexityPenalty:
                  kind: str = "params", fixed_cost: float = 0.0, pixels: float = 1.0):
         if kind not in ("params", "macs"):
             raise ValueError(f"penalty kind must be 'params' or 'macs', got {kind!r}")
-        if budget is not None and budget <= 0:
-            raise ValueError(f"budget must be positive, got {budget}")
+        if budget is not None:
+            budget = _check_weight("budget (--budget)", budget, positive=True)
         self.per_op = torch.tensor([float(get_op(n).params(C)) for n in op_names])
-        self.weight, self.budget, self.kind = weight, budget, kind
+        self.weight, self.budget, self.kind = _check_weight("penalty", weight), budget, kind
         self.fixed_cost, self.pixels = fixed_cost, pixels
 
     def expected_op_cost(self, alphas, num_cells: int):
@@ -107,19 +119,21 @@ class LatencyPenalty(ComplexityPenalty):
 
     def __init__(self, table, op_names, weight: float = 1.0, budget_ms: float | None = None,
                  channels: int | None = None):
+        source = "the latency table" if isinstance(table, dict) else f"latency table {table}"
         if not isinstance(table, dict):
             table = load_table(table)
+        check_table(table, source)
         missing = [n for n in op_names if n not in table["ops_ms"]]
         if missing:
             raise LatencyTableError(f"the latency table has no entry for the ops {missing}")
         if channels is not None and channels != table["channels"]:
             raise LatencyTableError(f"the latency table was measured at {table['channels']} "
                                     f"channels, the search uses {channels}")
-        if budget_ms is not None and budget_ms <= 0:
-            raise ValueError(f"budget must be positive, got {budget_ms}")
+        if budget_ms is not None:
+            budget_ms = _check_weight("latency budget (--budget-ms)", budget_ms, positive=True)
         self.table = table
         self.per_op = torch.tensor([float(table["ops_ms"][n]) for n in op_names])
-        self.weight, self.budget, self.kind = weight, budget_ms, "latency"
+        self.weight, self.budget, self.kind = _check_weight("penalty", weight), budget_ms, "latency"
         self.fixed_cost, self.pixels = float(table["fixed_ms"]), 1.0
 
     def expected_total(self, alphas, num_cells: int):

@@ -134,7 +134,9 @@ def test_progress_auto_follows_terminal(tmp_path, tiny_set, capsys, monkeypatch)
     args = ["--bicubic", "--data", str(tiny_set), "--scales", "2", "--out", str(tmp_path)]
     assert main(args) == 0
     assert "Tiny x2: 100%" in capsys.readouterr().err
-    assert main(args + ["--quiet"]) == 0
+    assert main(args + ["--quiet"]) == 2  # the tables exist: no overwrite without consent
+    assert "already exists (--overwrite replaces it)" in capsys.readouterr().err
+    assert main(args + ["--quiet", "--overwrite"]) == 0
     assert "100%" not in capsys.readouterr().err
 
 

@@ -27,7 +27,8 @@ ROOT = Path(__file__).resolve().parents[2]
 #: Lowest first. A module belongs to the first entry whose prefix it has.
 LAYERS = [
     ("kernels", ("hdnas.kernels",)),
-    ("base", ("hdnas.registry", "hdnas.native_build", "hdnas.machine")),
+    ("base", ("hdnas.registry", "hdnas.native_build", "hdnas.machine", "hdnas.safeio",
+              "hdnas.cliargs")),
     ("model", ("hdnas.model",)),
     ("mixed", ("hdnas.mixed",)),
     ("infer", ("hdnas.infer",)),
