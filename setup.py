@@ -123,8 +123,10 @@ setup(
     package_data={"hdnas.data": ["default/*/*.png", "default/*.md"],
                   "hdnas.csrc": ["*.h", "*.cpp"], "hdnas.csrc.cpu": ["*.h", "*.cpp"],
                   "hdnas.csrc.cuda": ["*.cuh", "*.cu", "*.cpp"]},
-    # safetensors: weights that cannot run code; pypng: 16-bit colour PNG (Pillow reads 8 bits)
-    install_requires=["torch>=2.3", "numpy", "pillow", "tqdm", "safetensors", "pypng"],
+    # safetensors: weights that cannot run code; pypng: 16-bit colour PNG (Pillow reads 8 bits);
+    # matplotlib: the run's curves and the drawing of the derived network
+    install_requires=["torch>=2.3", "numpy", "pillow", "tqdm", "safetensors", "pypng",
+                      "matplotlib>=3.7"],
     extras_require={
         "triton": ["triton>=3.6"],
         "export": ["onnx>=1.16", "onnxruntime>=1.18"],  # python -m hdnas.export --onnx, CPU wheels
