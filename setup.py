@@ -130,8 +130,10 @@ setup(
     extras_require={
         "triton": ["triton>=3.6"],
         "export": ["onnx>=1.16", "onnxruntime>=1.18"],  # python -m hdnas.export --onnx, CPU wheels
+        "tensorboard": ["tensorboard>=2.14"],  # search / train --tensorboard
         "test": ["pytest", "pytest-benchmark", "scipy", "ninja",  # scipy: independent SSIM check; ninja: native JIT build
-                 "onnx>=1.16", "onnxruntime>=1.18"],  # the ONNX export checked against PyTorch
+                 "onnx>=1.16", "onnxruntime>=1.18",  # the ONNX export checked against PyTorch
+                 "tensorboard>=2.14"],  # --tensorboard's event files read back
     },
     ext_modules=ext_modules,
     cmdclass=cmdclass,

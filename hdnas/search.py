@@ -15,8 +15,11 @@ from hdnas.mixed import available_backends
 
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--fused", action="store_true", help="use the fastest fused backend available")
-    p.epilog = "backends: " + ", ".join(available_backends()) + ", fused."
+    p.add_argument("--fused", action="store_true",
+                   help="use the fastest fused backend available (what the default 'auto' does)")
+    p.epilog = ("backends: " + ", ".join(available_backends()) + ", auto (the default: the "
+                "fastest backend proven exact on this device; 'reference' is the plain loop), "
+                "fused.")
 
 
 def adjust_args(args) -> None:

@@ -219,6 +219,7 @@ def _run(args, d: Dist, loop_cls, cfg_cls, presets) -> int:
             log.info("distributed: %d ranks (%s), global batch %d = %d per rank", d.world,
                      d.backend, cfg.batch, cfg.batch // d.world)
         log.info("%s", loop.summary())
+        log.info("threads: %s", loop.threads.reason)
         warning = passive_openmp_warning()
         if warning:
             log.warning("%s", warning)

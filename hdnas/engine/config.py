@@ -75,7 +75,7 @@ class RunConfig:
     device: str = "auto"
     amp: str = "off"  # off, bf16 or fp16
     seed: int = 9
-    threads: int = 0  # 0: torch's default
+    threads: int = 0  # 0: follow the free CPUs (hdnas/engine/threads.py)
     log_every: int = 10
     ckpt_every: int = 20
     val_every: int | None = None  # steps between validations; None: at every checkpoint; 0: never
@@ -86,6 +86,7 @@ class RunConfig:
     cache_dir: str = ""  # empty: $HDNAS_CACHE_DIR/data or ~/.cache/hdnas/data
     skip_bad_images: bool = False
     debug_sync: int = 0  # every N steps check that all ranks hold identical parameters
+    tensorboard: bool = False  # TensorBoard logs under RUN_DIR/tensorboard (rank 0)
 
     #: the values of each numeric field (a class attribute, not a field: no annotation)
     RANGES = {
@@ -147,6 +148,19 @@ FIELD_HELP = {  # fields whose name and default do not say enough
                        "stopping",
     "debug_sync": "every N steps check that all ranks hold identical parameters (0: never)",
     "batch": "the global batch; under torchrun each of N ranks takes batch / N",
+    "tensorboard": "also write TensorBoard logs under RUN_DIR/tensorboard (losses, validation, "
+                   "step times, alpha/beta, the genotype, validation images); needs "
+                   "pip install 'hdnas[tensorboard]'",
+    "threads": "CPU threads; 0 (default): the CPUs this process may use less those other "
+               "processes keep busy, re-checked every few seconds (the log says what it chose "
+               "and why)",
+    "backend": "how the mixed ops run: auto (the default: the fastest backend the conformance "
+               "suite proves exact on this device -- native on a CPU, triton on a GPU -- "
+               "logged and written to config.json), reference (the plain per-op loop), merged, "
+               "native, triton, fused",
+    "deterministic": "fix every timed choice up front (the dense-conv route: direct) so the "
+                     "run does not depend on how fast this machine was at its start; without "
+                     "it the choices are saved in the run folder and reused by --resume",
 }
 
 

@@ -7,16 +7,16 @@ from __future__ import annotations
 
 from pathlib import Path
 
-import matplotlib
+import torch
+# files only, never a window: a Figure of its own (no pyplot, so no global backend is switched
+# in the process of whoever imports this)
+from matplotlib.figure import Figure
+from matplotlib.patches import FancyArrowPatch, FancyBboxPatch
 
-matplotlib.use("Agg")  # files only; never a window
-import matplotlib.pyplot as plt  # noqa: E402
-from matplotlib.patches import FancyArrowPatch, FancyBboxPatch  # noqa: E402
-
-from hdnas.model.complexity import count_params_and_macs, format_count  # noqa: E402
-from hdnas.model.genotype import Genotype  # noqa: E402
-from hdnas.model.network import DerivedNet  # noqa: E402
-from hdnas.safeio import write_atomic  # noqa: E402
+from hdnas.model.complexity import count_params_and_macs, format_count
+from hdnas.model.genotype import Genotype
+from hdnas.model.network import DerivedNet
+from hdnas.safeio import write_atomic
 
 #: a colour per op family (conv, sep, dil, skip)
 FAMILY_COLOURS = {"conv": "#c6dbef", "sep": "#c7e9c0", "dil": "#fdd0a2", "skip": "#e5e5e5"}
@@ -40,17 +40,22 @@ def _arrow(ax, a, b, rad=0.0, colour="#333333", style="-|>", lw=1.0):
 
 
 def draw_genotype(genotype: Genotype, path, title: str | None = None,
-                  overwrite: bool = True) -> Path:
+                  overwrite: bool = True, root=None) -> Path:
     """Draw ``genotype`` to ``path`` (PNG, or any format matplotlib writes, by suffix), through
-    the atomic writer (``overwrite=False`` refuses an existing file)."""
+    the atomic writer (``overwrite=False`` refuses an existing file; ``root``: the file's folder
+    must lie inside it). The counts come from the network built on the meta device (no weights
+    allocated, so any genotype within the bounds draws in about a second)."""
     g = genotype
     n = g.num_cells
-    params, macs = count_params_and_macs(DerivedNet(g, depthwise="torch"))
+    with torch.device("meta"):
+        net = DerivedNet(g, depthwise="torch")
+    params, macs = count_params_and_macs(net)
     cw, ch, gap = 1.6, 1.55, 0.7          # cell box size and the gap between boxes
     xs = [1.9 + i * (cw + gap) for i in range(n)]
     y0 = 0.0
     width = xs[-1] + cw / 2 + 3.2
-    fig, ax = plt.subplots(figsize=(max(8.0, width * 0.95), 4.6))
+    fig = Figure(figsize=(max(8.0, width * 0.95), 4.6))
+    ax = fig.subplots()
     ax.set_xlim(-0.4, width)
     ax.set_ylim(-2.45, 2.7)
     ax.set_axis_off()
@@ -77,8 +82,6 @@ def draw_genotype(genotype: Genotype, path, title: str | None = None,
             start = (xs[src] + 0.25 * (j - 0.5), y0 + ch / 2)
             end = (xs[i] - 0.25 + 0.5 * j, y0 + ch / 2)
             _arrow(ax, start, end, rad=rad, colour="#3182bd" if j == 0 else "#e6550d")
-    ax.text(xs[min(2, n - 1)] - cw / 2, 2.45, "cells 3..: their two chosen predecessors, "
-            "concatenated, through conv 1x1 + LReLU", fontsize=7, color="#555555", va="center")
     # the global concat of all cells, conv 1x1, LR conv + head residual, upsampler
     yc = -2.05
     for x in xs:
@@ -91,18 +94,22 @@ def draw_genotype(genotype: Genotype, path, title: str | None = None,
     _box(ax, xt + 0.9, 0.55, 1.4, 0.55, f"conv 3x3, pixel\nshuffle x{g.scale}", "#f7f7f7", 7)
     _arrow(ax, (xt + 0.9, yc + 0.5), (xt + 0.9, -1.18))
     _arrow(ax, (xt + 0.9, -0.62), (xt + 0.9, 0.27))
+    _arrow(ax, (xt + 0.9, 0.83), (xt + 0.9, 1.35))
+    ax.text(xt + 0.9, 1.5, "SR output", ha="center", va="center", fontsize=8, weight="bold")
+    ax.text(0.3, 0.55, "LR input", ha="center", va="center", fontsize=8, weight="bold")
+    _arrow(ax, (0.3, 0.45), (0.3, 0.31))
     name = title or g.name or "derived network"
     shared = "ops shared by all cells" if len(g.cell_ops) == 1 else "ops per cell"
     ax.set_title(f"{name}: C={g.channels}, x{g.scale}, {n} cells ({shared})", fontsize=10)
-    fig.text(0.5, 0.02, f"params {params:,} ({format_count(params)}), Multi-Adds "
-             f"{format_count(macs)} at a 1280x720 output; each cell: three distillation steps "
-             "(1x1 distilled branch + the op shown), conv 3x3, concat, conv 1x1, ESA",
-             ha="center", fontsize=8)
-    fig.tight_layout(rect=(0, 0.05, 1, 1))
+    inputs = ("\ncells 3..: their two chosen predecessors (blue first), concatenated, through "
+              "conv 1x1 + LReLU") if n > 2 else ""
+    fig.text(0.5, 0.015, f"params {params:,} ({format_count(params)}), Multi-Adds "
+             f"{format_count(macs)} at a 1280x720 output\neach cell: three distillation steps "
+             f"(1x1 distilled branch + the op shown), conv 3x3, concat, conv 1x1, ESA{inputs}",
+             ha="center", va="bottom", fontsize=8, linespacing=1.5)
+    fig.tight_layout(rect=(0, 0.1 if inputs else 0.08, 1, 1))
     path = Path(path)
     fmt = path.suffix.lstrip(".").lower() or "png"
-    try:
-        write_atomic(path, lambda f: fig.savefig(f, format=fmt, dpi=130), overwrite=overwrite)
-    finally:
-        plt.close(fig)
+    write_atomic(path, lambda f: fig.savefig(f, format=fmt, dpi=130), overwrite=overwrite,
+                 root=root)
     return path

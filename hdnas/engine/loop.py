@@ -17,7 +17,9 @@ from hdnas.engine.distributed import Dist
 from hdnas.engine.errors import DivergedError
 from hdnas.engine.rundir import save_checkpoint
 from hdnas.engine.runtime import Amp, StepTimer, pick_device
+from hdnas.engine.threads import ThreadGovernor
 from hdnas.engine.schema import stamp
+from hdnas.engine.tensorboard import Board
 from hdnas.eval.metrics import psnr, ssim
 from hdnas.infer.run import super_resolve
 from hdnas.model.cell import MIN_LR_SIZE
@@ -47,8 +49,7 @@ class Loop:
         """Thread count, device and seeds, the same way for every loop. ``dist``: the process
         group of a distributed run (rank 0 alone writes the run folder)."""
         self.cfg, self.run_dir, self.dist = cfg, run_dir, dist or Dist()
-        if cfg.threads:
-            torch.set_num_threads(cfg.threads)
+        self.threads = ThreadGovernor(cfg.threads, getattr(cfg, "deterministic", False))
         self.device = pick_device(cfg.device)
         if self.dist.enabled and self.device.type == "cuda":
             self.device = self.dist.device  # GPU LOCAL_RANK
@@ -62,6 +63,8 @@ class Loop:
         self.val_every = cfg.validation_interval()
         self.val_data = None  # (cache, indices) of the validation images
         self.best_val = {"psnr": -math.inf, "ssim": math.nan, "step": 0}
+        # --tensorboard: rank 0's writer (hdnas.engine.tensorboard), opened when the run starts
+        self.board = Board(run_dir) if cfg.tensorboard and self.dist.is_main else None
 
     # -- data ----------------------------------------------------------------------------
     def open_cache(self, folder, scale: int):
@@ -122,12 +125,16 @@ class Loop:
         was_training = self.model.training
         self.model.eval()
         net = self.inference_model()
-        total = [0.0, 0.0, 0.0]
+        total, samples = [0.0, 0.0, 0.0], []
         for i in indices[self.dist.rank::self.dist.world]:
             lr = torch.from_numpy(np.array(cache.lr(i))).permute(2, 0, 1)
             hr = torch.from_numpy(np.array(cache.hr(i))).permute(2, 0, 1)
             sr = super_resolve(net, lr, device=self.device)
             total = [total[0] + psnr(sr, hr, s), total[1] + ssim(sr, hr, s), total[2] + 1]
+            if self.board is not None and len(samples) < 2:
+                samples.append((lr, sr, hr))
+        if samples:  # --tensorboard: LR bicubic / SR / HR of the first images
+            self.board.images(samples, self.step)
         self.model.train(was_training)
         p, q, n = self.dist.sum(total)
         return {"val_psnr": p / n, "val_ssim": q / n}
@@ -146,6 +153,15 @@ class Loop:
     def save_best(self) -> None:
         """Rank 0, when the validation score is the best so far (subclasses)."""
 
+    # -- TensorBoard (rank 0 with --tensorboard) -----------------------------------------
+    def board_start(self) -> None:
+        """Open the writer when the run starts (subclasses add their charts and text)."""
+        self.board.open(self.step)
+
+    def board_row(self, row: dict) -> None:
+        """The scalars of a history row (subclasses add theirs)."""
+        self.board.row(row, self.step)
+
     def check_sync(self) -> None:
         """``--debug-sync``: every rank must hold bit-identical parameters."""
         self.dist.check_same(list(self.model.named_parameters()), f"at step {self.step}")
@@ -162,6 +178,8 @@ class Loop:
             state = stamp(self.state_dict(), self.kind)
             state["best_val"] = dict(self.best_val)
             save_checkpoint(state, self.run_dir)
+        if self.board is not None:
+            self.board.flush()
         self.saved_step = self.step
 
     # -- finite or stop ------------------------------------------------------------------
@@ -210,6 +228,22 @@ class Loop:
         self.dist.broadcast_tensors(list(self.model.state_dict().values()))
         bar = tqdm(total=cfg.steps, initial=self.step, disable=quiet or not main, desc=self.name,
                    unit="step")
+        if self.board is not None:
+            self.board_start()
+        try:
+            self._steps(end, bar)
+        except BaseException:  # a new run that stops before its first checkpoint leaves nothing
+            if self.board is not None:
+                self.board.close(discard=self.saved_step is None)
+            raise
+        if self.board is not None:
+            self.board.close()
+        bar.close()
+        return self.result()
+
+    def _steps(self, end: int, bar) -> None:
+        """The steps up to ``end``: train, validate, log, checkpoint."""
+        cfg, main = self.cfg, self.dist.is_main
         timer = self.timer
         timer.reset()
         while self.step < end:
@@ -219,6 +253,7 @@ class Loop:
                 except FloatingPointError as e:  # the diverged state is never saved
                     raise DivergedError(str(e), self.step + 1) from None
             timer.end_step()
+            self.threads.check()  # follow the load of other processes (engine/threads.py)
             bar.update(1)
             bar.set_postfix(loss=f"{out['loss_train']:.3f}")
             last = self.step == cfg.steps
@@ -233,8 +268,11 @@ class Loop:
                 self.check_sync()
             if self.step % cfg.log_every == 0 or last or val:
                 if main:
-                    self.history.append(self.log_row(out, timer) | (
-                        {k: f"{v:.4f}" for k, v in val.items()} if val else {}))
+                    row = self.log_row(out, timer) | (
+                        {k: f"{v:.4f}" for k, v in val.items()} if val else {})
+                    self.history.append(row)
+                    if self.board is not None:
+                        self.board_row(row)
                 parts = ", ".join(f"{k} {timer.mean(k):.3f}s" for k in sorted(timer.steps)
                                   if k != "step")
                 log.info("step %d/%d loss %.4f %.3fs/step%s %s", self.step, cfg.steps,
@@ -243,6 +281,4 @@ class Loop:
                 timer.reset()
             if self.step % cfg.ckpt_every == 0 or last:
                 self.save()
-        bar.close()
-        return self.result()
 

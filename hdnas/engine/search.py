@@ -20,12 +20,13 @@ from hdnas.engine.config import (FRACTION, FRACTION_OPEN, NON_NEGATIVE, POSITIVE
                                  RunConfig)
 from hdnas.engine.history import VAL_COLUMNS, History, open_append
 from hdnas.engine.loop import Loop
-from hdnas.engine.plots import plot_run
+from hdnas.engine.plots import plot_genotype, plot_run
 from hdnas.engine.rundir import write_json
 from hdnas.engine.runtime import step_schedule
+from hdnas.engine.tensorboard import search_layout
 from hdnas.io import weights as weights_io
 from hdnas.io.atomic import write_atomic
-from hdnas.mixed import resolve_backend
+from hdnas.mixed import dense, resolve_backend
 from hdnas.model.genotype import check_scale
 from hdnas.model.network import SuperNet
 from hdnas.model.space import DLSR_PRIMITIVES, check_op_set
@@ -60,7 +61,8 @@ class SearchConfig(RunConfig):
     penalty_kind: str = "complexity"  # or "latency" (a table from python -m hdnas.latency)
     latency_table: str = ""
     budget_ms: float | None = None
-    backend: str = "reference"  # a backend name, or "fused"
+    backend: str = "auto"  # a backend name, or auto/fused: the fastest exact one here
+    deterministic: bool = False  # fix every timed choice up front (the dense-conv route)
 
     RANGES = RunConfig.RANGES | {
         "arch_fraction": FRACTION_OPEN, "channels": Range(4), "cells": Range(2),
@@ -68,8 +70,9 @@ class SearchConfig(RunConfig):
         "arch_weight_decay": NON_NEGATIVE, "penalty": NON_NEGATIVE, "budget": POSITIVE,
         "budget_ms": POSITIVE,
     }
-    #: the backend computes the same numbers, faster or slower: it may change on resume
-    RESUMABLE = RunConfig.RESUMABLE + ("backend",)
+    #: the backend computes the same numbers, faster or slower, and --tensorboard only adds
+    #: logs: both may change on resume
+    RESUMABLE = RunConfig.RESUMABLE + ("backend", "tensorboard")
 
     def validate(self):
         check_scale(self.scale)
@@ -144,6 +147,9 @@ class Search(Loop):
     def __init__(self, cfg: SearchConfig, run_dir: Path, dist=None):
         super().__init__(cfg, run_dir, dist)
         self.train_data, self.arch_data = self._samplers()
+        # timed choices: none with --deterministic; otherwise made once per shape, saved in each
+        # checkpoint and timed_choices.json, and adopted again by --resume (load_state_dict)
+        dense.pin("direct" if cfg.deterministic else None)
         self.backend = resolve_backend(cfg.backend, self.device, torch.float32, cfg.ops)
         self.model = SuperNet(cfg.channels, cfg.cells, cfg.scale, cfg.ops, cfg.alpha_per_cell,
                               self.backend).to(self.device)
@@ -206,7 +212,8 @@ class Search(Loop):
                 "sched": self.sched.state_dict(), "a_opt": self.architect.optimizer.state_dict(),
                 "w_scaler": self.w_scaler.state_dict(),
                 "a_scaler": self.architect.scaler.state_dict(),
-                "torch_rng": torch.get_rng_state(), "config": dataclasses.asdict(self.cfg)}
+                "torch_rng": torch.get_rng_state(), "config": dataclasses.asdict(self.cfg),
+                "timed_choices": dense.export_choices()}
 
     def load_state_dict(self, s: dict) -> None:
         self.model.load_state_dict(s["model"])
@@ -217,6 +224,9 @@ class Search(Loop):
         self.w_scaler.load_state_dict(s.get("w_scaler", {}))
         self.architect.scaler.load_state_dict(s.get("a_scaler", {}))
         torch.set_rng_state(s["torch_rng"] if "torch_rng" in s else s["rng"]["torch"])
+        n = dense.load_choices(s.get("timed_choices", []))
+        if n:
+            log.info("resume: %d timed dense-conv route(s) of the run adopted", n)
         self.step = s["step"]
 
     def save(self) -> None:
@@ -224,8 +234,36 @@ class Search(Loop):
         if self.dist.is_main:
             write_json(self.run_dir / "genotype.json",
                        self.model.genotype(name=self.run_dir.name).to_dict())
+            write_json(self.run_dir / "timed_choices.json",
+                       {"dense_conv": dense.export_choices(),
+                        "deterministic": self.cfg.deterministic})
             # the supernet's weights (no genotype: they do not fit the derived network)
             weights_io.save_weights(self.model, None, self.run_dir / "supernet.safetensors")
+            self.draw_network()
+
+    def draw_network(self) -> None:
+        """network.png (and the genotype as TensorBoard text) when the derived genotype changed
+        since the last checkpoint; a drawing that fails is a warning (the run goes on)."""
+        g = self.model.genotype(name=self.run_dir.name)
+        if g == getattr(self, "_drawn", None):
+            return
+        if self.board is not None:
+            self.board.genotype(g, self.step)
+            self.board.flush()
+        try:
+            plot_genotype(g, self.run_dir / "network.png", root=self.run_dir)
+            self._drawn = g
+        except (ValueError, RuntimeError, OSError) as e:
+            log.warning("network.png could not be drawn (%s: %s)", type(e).__name__, e)
+
+    def board_start(self) -> None:
+        """--tensorboard: the charts of alpha (per distillation step) and beta (per cell)."""
+        groups = self.model.alphas.numel() // (3 * len(self.cfg.ops))
+        self.board.open(self.step, search_layout(self.cfg.ops, groups, self.cfg.cells))
+
+    def board_row(self, row: dict) -> None:
+        super().board_row(row)
+        self.board.architecture(self.model.alphas, self.model.betas, self.cfg.ops, self.step)
 
     def on_validation(self, val: dict) -> None:
         """Record the genotype derived at each validation (genotypes.jsonl, one JSON per line)."""
@@ -257,7 +295,10 @@ class Search(Loop):
         kern = ""
         if self.backend.name == "native" and self.device.type == "cpu":
             kern = f" (CPU kernels {native_build.isa()})"
-        return (f"backend {self.backend.name}{kern} on {self.device}{amp}; {len(self.train_data)} "
+        chose = f" (--backend {cfg.backend})" if cfg.backend != self.backend.name else ""
+        det = "; timed choices pinned (--deterministic)" if cfg.deterministic else ""
+        return (f"backend {self.backend.name}{kern}{chose} on {self.device}{amp}{det}; "
+                f"{len(self.train_data)} "
                 f"train / {len(self.arch_data)} arch{val} images; supernet "
                 f"{sum(p.numel() for p in self.model.weight_parameters())} weights; "
                 f"architecture updates from step {self.warmup + 1}, warm-up {self.warmup} of "

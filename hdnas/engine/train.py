@@ -3,6 +3,7 @@ preset and its loop."""
 from __future__ import annotations
 
 import dataclasses
+import logging
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -12,9 +13,12 @@ from hdnas.data.train import DEFAULT_DIR, PatchSampler
 from hdnas.engine.config import Range, RunConfig
 from hdnas.engine.history import VAL_COLUMNS, History
 from hdnas.engine.loop import Loop
+from hdnas.engine.plots import plot_genotype, plot_run
 from hdnas.engine.rundir import write_json
 from hdnas.engine.runtime import step_schedule
+from hdnas import native_build
 from hdnas.infer import run
+from hdnas.mixed import native
 from hdnas.io import checkpoint
 from hdnas.io import weights as weights_io
 from hdnas.model.complexity import count_params
@@ -22,6 +26,7 @@ from hdnas.model.genotype import Genotype
 from hdnas.io.official import build_net
 from hdnas.nas.losses import SRLoss
 
+log = logging.getLogger("hdnas")
 
 @dataclass
 class TrainConfig(RunConfig):
@@ -38,11 +43,18 @@ class TrainConfig(RunConfig):
     hfen: float = 0.0
     seed: int = 1
     ckpt_every: int = 50
+    backend: str = "auto"  # auto: the native depthwise kernels where they serve; reference: plain
 
     RANGES = RunConfig.RANGES | {"scale": Range(0)}
+    #: the backend computes the same numbers, faster or slower, and --tensorboard only adds
+    #: logs: both may change on resume
+    RESUMABLE = RunConfig.RESUMABLE + ("backend", "tensorboard")
 
     def validate(self):
         super().validate()
+        if self.backend not in TRAIN_BACKENDS:
+            raise ValueError(f"--backend must be one of {', '.join(TRAIN_BACKENDS)}, got "
+                             f"{self.backend!r}")
         self.load_genotype()
 
     def load_genotype(self) -> Genotype:
@@ -52,6 +64,11 @@ class TrainConfig(RunConfig):
         self.check_patch(g.scale)
         return g
 
+
+#: --backend of the retraining -> how the derived network's depthwise convs run
+#: (hdnas.model.ops.DEPTHWISE_MODES): auto = the native kernels where they serve (CPU, proven
+#: exact by tests/mixed/test_native.py), reference = the plain nn.Conv2d modules
+TRAIN_BACKENDS = {"auto": "auto", "reference": "torch"}
 
 PRESETS = {"paper": dict(batch=32, patch=128, lr=3e-4, grad_clip=50.0, steps=1_941_000,
                          log_every=1000, ckpt_every=10_000)}
@@ -71,6 +88,7 @@ class Train(Loop):
         self.data = PatchSampler(cache, s, cfg.patch, indices, seed=cfg.seed,
                                  skip_bad=cfg.skip_bad_images)
         self.model = build_net(self.genotype, "--genotype").to(self.device)
+        self.model.set_depthwise(TRAIN_BACKENDS[cfg.backend])
         self.fused = run.inference_runner(self.model)  # validation's path on a CPU
         self.loss_fn = SRLoss(cfg.hfen)
         self.opt = torch.optim.Adam(self.model.parameters(), lr=cfg.lr, betas=(0.9, 0.999),
@@ -145,6 +163,16 @@ class Train(Loop):
         if self.dist.is_main:
             write_json(self.run_dir / "genotype.json", self.genotype.to_dict())
             weights_io.save_weights(self.model, self.genotype, self.run_dir / "model.safetensors")
+            if not (self.run_dir / "network.png").exists():  # the genotype does not change
+                try:
+                    plot_genotype(self.genotype, self.run_dir / "network.png", root=self.run_dir)
+                except (ValueError, RuntimeError, OSError) as e:
+                    log.warning("network.png could not be drawn (%s: %s)", type(e).__name__, e)
+
+    def board_start(self) -> None:
+        """--tensorboard: the genotype as text, once."""
+        super().board_start()
+        self.board.genotype(self.genotype, self.step)
 
     def result(self):
         return self.run_dir / "checkpoint.pt"
@@ -152,10 +180,23 @@ class Train(Loop):
     def summary(self) -> str:
         amp = f" (amp {self.cfg.amp})" if self.cfg.amp != "off" else ""
         return (f"retraining {self.genotype.name or 'genotype'} x{self.genotype.scale} "
-                f"({count_params(self.model)} params) on {self.device}{amp}, "
+                f"({count_params(self.model)} params) on {self.device}{amp}, backend "
+                f"{self.cfg.backend} (depthwise convs: {self._depthwise()}), "
                 f"{len(self.data)} images"
                 + (f", {len(self.val_data[1])} validation images (every {self.val_every} steps)"
                    if self.val_data else ""))
 
+    def _depthwise(self) -> str:
+        if self.cfg.backend == "reference":
+            return "torch"
+        why = native.unavailable_reason(self.device, torch.float32)
+        return f"native, {native_build.isa()}" if why is None else f"torch ({why})"
+
     def finish(self, path) -> str:
+        if self.dist.is_main:
+            try:  # the run is done: pictures that cannot be drawn are a warning, not a failure
+                log.info("pictures: %s", ", ".join(str(p) for p in plot_run(self.run_dir)))
+            except (ValueError, KeyError, IndexError, RuntimeError, OSError) as e:
+                log.warning("the pictures could not be drawn (%s: %s); python -m "
+                            "hdnas.visualize %s redraws them", type(e).__name__, e, self.run_dir)
         return str(path)

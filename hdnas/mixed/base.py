@@ -77,9 +77,11 @@ def _load_optional_backends():
 
 
 def resolve_backend(name: str, device, dtype, op_names) -> Backend:
-    """The backend to use for a DLSR op set. ``name`` is a backend name or 'fused' (fastest
-    fused one that serves this device/dtype/op set). A named backend that cannot serve falls
-    back to 'reference' with one warning."""
+    """The backend to use for a DLSR op set. ``name`` is a backend name, or 'auto' / 'fused':
+    the highest-priority fused backend that serves this device/dtype/op set (every fused backend
+    is proven exact against the reference by the conformance suite; on a CPU that is 'native'
+    when the extension is built, else 'merged'; on a GPU 'triton'). A named backend that cannot
+    serve falls back to 'reference' with one warning."""
     op_names = tuple(op_names)
     return resolve(name, device, dtype, lambda b, dev: b.unsupported_reason(op_names, dev, dtype))
 
@@ -91,7 +93,7 @@ def resolve(name: str, device, dtype, reason, fallback: str = "reference",
     caller's case); otherwise the ``fallback`` backend, with one warning naming every reason."""
     _load_optional_backends()
     device = torch.device(device)
-    if name == "fused":
+    if name in ("fused", "auto"):
         candidates = [b for b in sorted(BACKENDS.values(), key=lambda b: -b.priority) if b.fused]
     else:
         candidates = [get_backend(name)]

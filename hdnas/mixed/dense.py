@@ -26,8 +26,11 @@ per shape by timing both (forward, plus backward when autograd is on) on random 
 shape, as ``torch.backends.cudnn.benchmark`` does, because which is faster depends on the CPU
 (oneDNN's direct conv runs near the FMA peak, which differs far more between CPUs than the FFT
 route does). ``HDNAS_DENSE_CONV=direct|fft|auto`` (default auto) forces a route (``fft``: every
-fp32/fp64 call, on any device); ``choices()`` lists the decisions made so far. ``conv_same``
-is the plain twin (``F.conv2d``).
+fp32/fp64 call, on any device); ``choices()`` lists the decisions made so far. A run keeps its
+decisions (``export_choices`` into its checkpoint, ``load_choices`` on resume, so a resumed run
+takes the same routes and stays bit-identical), and ``pin(route)`` fixes the route for the
+process without timing anything (``--deterministic``; it takes precedence over the variable).
+``conv_same`` is the plain twin (``F.conv2d``).
 """
 from __future__ import annotations
 
@@ -43,7 +46,7 @@ import torch.nn.functional as F
 from torch.autograd.function import once_differentiable
 
 __all__ = ["conv_same", "conv_same_fft", "dense_conv", "fft_size", "route", "choices",
-           "FFT_MIN_K", "FFT_MIN_BATCH"]
+           "export_choices", "load_choices", "pin", "FFT_MIN_K", "FFT_MIN_BATCH"]
 
 FFT_MIN_K = 5       # at K = 3 the direct conv is 9 taps: measured 1.4x faster than the FFT route
 FFT_MIN_BATCH = 2   # the per-bin GEMM has N rows; at N = 1 it is a slow batched GEMV
@@ -51,6 +54,7 @@ _ROUTES = ("auto", "direct", "fft")
 log = logging.getLogger("hdnas")
 _choices: dict[tuple, str] = {}
 _lock = threading.Lock()
+_pinned: str | None = None
 
 
 def conv_same(x: torch.Tensor, w: torch.Tensor) -> torch.Tensor:
@@ -193,8 +197,19 @@ def conv_same_fft(x: torch.Tensor, w: torch.Tensor) -> torch.Tensor:
     return _FFTConv.apply(x, w)
 
 
+def pin(r: str | None) -> None:
+    """Fix the route for this process (``direct`` or ``fft``; ``None`` returns to
+    ``HDNAS_DENSE_CONV``): nothing is timed, so the choice does not depend on the machine."""
+    global _pinned
+    if r is not None and r not in _ROUTES:
+        raise ValueError(f"dense conv route {r!r}: expected one of {', '.join(_ROUTES)}")
+    _pinned = r
+
+
 def route() -> str:
-    """``HDNAS_DENSE_CONV``: auto (default), direct or fft."""
+    """The pinned route, else ``HDNAS_DENSE_CONV``: auto (default), direct or fft."""
+    if _pinned is not None:
+        return _pinned
     r = os.environ.get("HDNAS_DENSE_CONV", "auto").strip().lower() or "auto"
     if r not in _ROUTES:
         raise ValueError(f"HDNAS_DENSE_CONV={r!r}: expected one of {', '.join(_ROUTES)}")
@@ -254,3 +269,30 @@ def choices() -> dict[tuple, str]:
     """The routes ``auto`` picked so far: {(x shape, w shape, dtype, backward, threads): route}."""
     with _lock:
         return dict(_choices)
+
+
+def export_choices() -> list[dict]:
+    """The decisions so far as plain data (JSON and the safe checkpoint loader take it)."""
+    return [{"x": list(k[0]), "w": list(k[1]), "dtype": str(k[2]).replace("torch.", ""),
+             "backward": bool(k[3]), "threads": int(k[4]), "route": r}
+            for k, r in choices().items()]
+
+
+def load_choices(records) -> int:
+    """Adopt decisions made earlier (``export_choices``), e.g. by the run being resumed, so the
+    same shapes take the same routes without timing; returns how many were adopted. Malformed
+    records raise ValueError."""
+    new = {}
+    for rec in records or ():
+        try:
+            key = (tuple(int(v) for v in rec["x"]), tuple(int(v) for v in rec["w"]),
+                   getattr(torch, str(rec["dtype"])), bool(rec["backward"]), int(rec["threads"]))
+            r = str(rec["route"])
+        except (KeyError, TypeError, ValueError, AttributeError) as e:
+            raise ValueError(f"a recorded dense-conv route is malformed ({rec!r}: {e})") from None
+        if r not in ("direct", "fft") or not isinstance(key[2], torch.dtype):
+            raise ValueError(f"a recorded dense-conv route is malformed: {rec!r}")
+        new[key] = r
+    with _lock:
+        _choices.update(new)
+    return len(new)

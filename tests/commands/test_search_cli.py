@@ -7,6 +7,8 @@ import math
 import numpy as np
 import pytest
 import torch
+
+from hdnas.mixed import resolve_backend
 from PIL import Image
 
 from hdnas.io import checkpoint
@@ -35,7 +37,7 @@ def test_few_steps_on_embedded_data(tmp_path, capsys):
     assert rc == 0
     assert capsys.readouterr().out.strip().endswith("genotype.json")
     for f in ("config.json", "genotype.json", "history.csv", "log.txt", "checkpoint.pt",
-              "alpha.png", "beta.png", "val.png"):
+              "alpha.png", "beta.png", "val.png", "curves.png", "network.png"):
         assert (out / f).is_file(), f
     g = Genotype.load(out / "genotype.json")
     assert g.channels == 8 and g.num_cells == 3
@@ -44,7 +46,11 @@ def test_few_steps_on_embedded_data(tmp_path, capsys):
     cfg = json.loads((out / "config.json").read_text())
     assert cfg["resolved"]["rule"] == "darts1" and cfg["given"]["steps"] == 4
     assert (cfg["schema"], cfg["kind"]) == (2, "hdnas-search")  # tests/engine/test_schema.py
-    assert "backend reference" in (out / "log.txt").read_text()
+    # the default backend is 'auto': the fastest exact one here, logged and in config.json
+    chosen = resolve_backend("auto", "cpu", torch.float32, OPS).name
+    assert chosen != "reference" and cfg["resolved"]["backend"] == "auto"
+    assert f"backend {chosen}" in (out / "log.txt").read_text()
+    assert "dense_conv" in json.loads((out / "timed_choices.json").read_text())
     from hdnas.io.official import read_state_dict
     sd = read_state_dict(out / "supernet.safetensors")  # the supernet's weights, alphas included
     assert torch.equal(sd["alphas"], checkpoint.load(out / "checkpoint.pt")["model"]["alphas"])
@@ -162,11 +168,11 @@ def test_warmup_shrinks_with_a_short_run(tmp_path, capsys):
 def test_passive_openmp_with_threads_is_warned_about(tmp_path, monkeypatch):
     threads = torch.get_num_threads()
     monkeypatch.setenv("OMP_WAIT_POLICY", "PASSIVE")
-    try:
-        torch.set_num_threads(2)
-        assert main(TINY + ["--out", str(tmp_path / "a"), "--steps", "1", "--quiet"]) == 0
-        torch.set_num_threads(1)
-        assert main(TINY + ["--out", str(tmp_path / "b"), "--steps", "1", "--quiet"]) == 0
+    try:  # the thread count is the run's (--threads; 0 follows the free CPUs)
+        assert main(TINY + ["--out", str(tmp_path / "a"), "--steps", "1", "--quiet",
+                            "--threads", "2"]) == 0
+        assert main(TINY + ["--out", str(tmp_path / "b"), "--steps", "1", "--quiet",
+                            "--threads", "1"]) == 0
     finally:
         torch.set_num_threads(threads)
     assert "OMP_WAIT_POLICY=PASSIVE with 2 threads" in (tmp_path / "a" / "log.txt").read_text()
@@ -371,4 +377,5 @@ def test_pictures_without_validation_have_no_val_png(tmp_path):
     assert main(TINY + ["--out", str(out), "--steps", "2", "--warmup", "1", "--log-every", "1",
                         "--ckpt-every", "2", "--val-every", "0"]) == 0
     (out / "val.png").unlink(missing_ok=True)
-    assert [p.name for p in plot_run(out)] == ["alpha.png", "beta.png"]
+    assert [p.name for p in plot_run(out)] == ["alpha.png", "beta.png", "curves.png",
+                                               "network.png"]
