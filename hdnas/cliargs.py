@@ -65,12 +65,31 @@ def finite_float(lo: float | None = None, hi: float | None = None, lo_open: bool
     return parse
 
 
-def add_common(parser: argparse.ArgumentParser, overwrite: bool = False) -> None:
+def add_common(parser: argparse.ArgumentParser, overwrite: bool = False,
+               threads: bool = False) -> None:
+    """``--debug``; with ``overwrite`` ``--overwrite``; with ``threads`` ``--threads N`` (0: the
+    default; ``command`` applies it)."""
+    if threads:
+        parser.add_argument("--threads", type=int_range(0, 4096), default=0,
+                            help="CPU threads (0: torch's default)")
     if overwrite:
         parser.add_argument("--overwrite", action="store_true",
                             help="replace output files that already exist (never the inputs)")
     parser.add_argument("--debug", action="store_true",
                         help="on an error, show the Python traceback instead of 'error: ...'")
+
+
+def command(build_parser, body, argv=None, threads=None) -> int:
+    """A command's ``main``: parse ``argv`` with ``build_parser()``, call ``threads(n)`` with
+    ``--threads`` when given and not 0 (the caller's way to set its thread count), then
+    ``body(args)`` through ``run`` (``--debug`` re-raises)."""
+    args = build_parser().parse_args(argv)
+
+    def body_of():
+        if threads is not None and getattr(args, "threads", 0):
+            threads(args.threads)
+        return body(args)
+    return run(body_of, args.debug)
 
 
 def run(body, debug: bool = False) -> int:

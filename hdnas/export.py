@@ -24,7 +24,7 @@ import sys
 
 import torch
 
-from hdnas.cliargs import add_common, int_range, run
+from hdnas.cliargs import add_common, int_range, command
 from hdnas.io.atomic import OutputDir
 from hdnas.io.export import FORMATS, MAX_OPSET, MIN_OPSET, export
 from hdnas.io.models import load_model
@@ -50,20 +50,15 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--bench", action="store_true",
                    help="CPU latency for a 1280x720 output: PyTorch vs ONNX Runtime")
     p.add_argument("--repeats", type=int_range(1, 1000), default=3)
-    p.add_argument("--threads", type=int_range(0, 4096), default=0,
-                   help="CPU threads (0: the default)")
-    add_common(p, overwrite=True)
+    add_common(p, overwrite=True, threads=True)
     return p
 
 
 def main(argv=None) -> int:
-    args = build_parser().parse_args(argv)
-    return run(lambda: _main(args), args.debug)
+    return command(build_parser, _main, argv, torch.set_num_threads)
 
 
 def _main(args) -> int:
-    if args.threads:
-        torch.set_num_threads(args.threads)
     if args.name is not None:
         check_plain_name(args.name, "--name")
     model = load_model(args.genotype, args.weights, trust_pickle=args.trust_pickle)

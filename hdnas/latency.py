@@ -12,7 +12,7 @@ from pathlib import Path
 
 import torch
 
-from hdnas.cliargs import add_common, int_range, run
+from hdnas.cliargs import add_common, int_range, command
 from hdnas.io.atomic import OutputDir
 from hdnas.io.images import max_pixels
 from hdnas.model.cell import MIN_LR_SIZE
@@ -47,24 +47,19 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--ops", nargs="+", default=list(DLSR_PRIMITIVES))
     p.add_argument("--warmup", type=int_range(0, 10**6), default=2)
     p.add_argument("--repeats", type=int_range(1, 10**6), default=5)
-    p.add_argument("--threads", type=int_range(0, 4096), default=0,
-                   help="CPU threads (0: torch's default)")
     p.add_argument("--validate", type=int_range(0, 10**4), default=0, metavar="N",
                    help="also measure N random derived networks against the prediction")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--out", required=True, help="the JSON table to write")
-    add_common(p, overwrite=True)
+    add_common(p, overwrite=True, threads=True)
     return p
 
 
 def main(argv=None) -> int:
-    args = build_parser().parse_args(argv)
-    return run(lambda: _main(args), args.debug)
+    return command(build_parser, _main, argv, torch.set_num_threads)
 
 
 def _main(args) -> int:
-    if args.threads:
-        torch.set_num_threads(args.threads)
     if args.device.startswith("cuda") and not torch.cuda.is_available():
         print("error: --device cuda but this torch has no CUDA device", file=sys.stderr)
         return 2

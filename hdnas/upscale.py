@@ -29,7 +29,7 @@ from pathlib import Path
 
 import torch
 
-from hdnas.cliargs import add_common, int_range, run
+from hdnas.cliargs import add_common, int_range, command
 from hdnas.infer.run import pick_device
 from hdnas.infer.tiling import check_tile_sizes, tile_overlap
 from hdnas.io.atomic import OutputDir
@@ -68,22 +68,17 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--tile-overlap", type=int_range(0), default=None,
                    help="LR context pixels on each inner side of a tile (default: the receptive "
                         "radius, which makes tiling exact)")
-    p.add_argument("--threads", type=int_range(0, 4096), default=0,
-                   help="CPU threads (0: torch's default)")
     p.add_argument("--progress", action=argparse.BooleanOptionalAction, default=None,
                    help="progress bars on stderr (default: when stderr is a terminal)")
-    add_common(p, overwrite=True)
+    add_common(p, overwrite=True, threads=True)
     return p
 
 
 def main(argv=None) -> int:
-    args = build_parser().parse_args(argv)
-    return run(lambda: _main(args), args.debug)
+    return command(build_parser, _main, argv, torch.set_num_threads)
 
 
 def _main(args) -> int:
-    if args.threads:
-        torch.set_num_threads(args.threads)
     progress = args.progress if args.progress is not None else sys.stderr.isatty()
     device = pick_device(args.device)
     check_tile_sizes(args.tile, args.tile_overlap)

@@ -17,6 +17,7 @@ from hdnas.engine.distributed import Dist
 from hdnas.engine.errors import DivergedError
 from hdnas.engine.rundir import save_checkpoint
 from hdnas.engine.runtime import Amp, StepTimer, pick_device
+from hdnas.engine.plots import plot_run
 from hdnas.engine.threads import ThreadGovernor
 from hdnas.engine.schema import stamp
 from hdnas.engine.tensorboard import Board
@@ -217,6 +218,17 @@ class Loop:
         """Drop records of steps past ``step`` (a resumed run continues from it)."""
         if self.dist.is_main:
             self.history.truncate_after(step)
+
+    def draw_pictures(self) -> None:
+        """The run's pictures (hdnas.engine.plots), by rank 0 at the end of a run: a picture that
+        cannot be drawn is a warning, never a failed run."""
+        if not self.dist.is_main:
+            return
+        try:
+            log.info("pictures: %s", ", ".join(str(p) for p in plot_run(self.run_dir)))
+        except (ValueError, KeyError, IndexError, RuntimeError, OSError) as e:
+            log.warning("the pictures could not be drawn (%s: %s); python -m hdnas.visualize "
+                        "%s redraws them", type(e).__name__, e, self.run_dir)
 
     def run(self, stop_after: int | None = None, quiet: bool = False):
         """Run to ``cfg.steps``. ``stop_after`` stops early without a final checkpoint: tests use

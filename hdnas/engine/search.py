@@ -306,12 +306,7 @@ class Search(Loop):
 
     def finish(self, genotype) -> str:
         log.info("genotype: %s", genotype.to_dict())
-        if self.dist.is_main:
-            try:  # the run is done: pictures that cannot be drawn are a warning, not a failure
-                log.info("pictures: %s", ", ".join(str(p) for p in plot_run(self.run_dir)))
-            except (ValueError, KeyError, IndexError, RuntimeError, OSError) as e:
-                log.warning("the pictures could not be drawn (%s: %s); python -m "
-                            "hdnas.visualize %s redraws them", type(e).__name__, e, self.run_dir)
+        self.draw_pictures()
         return str(self.run_dir / "genotype.json")
 
     # -- loop ----------------------------------------------------------------------------

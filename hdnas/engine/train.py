@@ -193,10 +193,5 @@ class Train(Loop):
         return f"native, {native_build.isa()}" if why is None else f"torch ({why})"
 
     def finish(self, path) -> str:
-        if self.dist.is_main:
-            try:  # the run is done: pictures that cannot be drawn are a warning, not a failure
-                log.info("pictures: %s", ", ".join(str(p) for p in plot_run(self.run_dir)))
-            except (ValueError, KeyError, IndexError, RuntimeError, OSError) as e:
-                log.warning("the pictures could not be drawn (%s: %s); python -m "
-                            "hdnas.visualize %s redraws them", type(e).__name__, e, self.run_dir)
+        self.draw_pictures()
         return str(path)

@@ -11,56 +11,23 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from hdnas.darts.operations import PRIMITIVES, FactorizedReduce, PlainMixedOp, ReLUConvBN
-
-
-class Cell(nn.Module):
-    def __init__(self, steps, multiplier, C_prev_prev, C_prev, C, reduction, reduction_prev):
-        super().__init__()
-        self.reduction = reduction
-        if reduction_prev:
-            self.preprocess0 = FactorizedReduce(C_prev_prev, C, affine=False)
-        else:
-            self.preprocess0 = ReLUConvBN(C_prev_prev, C, 1, 1, 0, affine=False)
-        self.preprocess1 = ReLUConvBN(C_prev, C, 1, 1, 0, affine=False)
-        self._steps, self._multiplier = steps, multiplier
-        self._ops = nn.ModuleList()
-        for i in range(self._steps):
-            for j in range(2 + i):
-                stride = 2 if reduction and j < 2 else 1
-                self._ops.append(PlainMixedOp(C, stride, PRIMITIVES))
-
-    def forward(self, s0, s1, weights):
-        states = [self.preprocess0(s0), self.preprocess1(s1)]
-        offset = 0
-        for _ in range(self._steps):
-            s = sum(self._ops[offset + j](h, weights[offset + j]) for j, h in enumerate(states))
-            offset += len(states)
-            states.append(s)
-        return torch.cat(states[-self._multiplier:], dim=1)
+from hdnas.darts.model_search import Network as DartsLayout
+from hdnas.darts.operations import PRIMITIVES
 
 
 class Network(nn.Module):
+    """DARTS' search ``Network`` as its code is written: alphas are plain tensors with
+    ``requires_grad`` (not parameters), and ``new()`` builds a fresh, unpatched network. The
+    layers (stem, cells of DARTS' plain mixed ops, classifier) are
+    ``hdnas.darts.model_search.Network``'s, whose layout is DARTS'."""
+
     def __init__(self, C, num_classes, layers, criterion, steps=4, multiplier=4, stem_multiplier=3):
         super().__init__()
         self._C, self._num_classes, self._layers = C, num_classes, layers
         self._criterion, self._steps, self._multiplier = criterion, steps, multiplier
-        C_curr = stem_multiplier * C
-        self.stem = nn.Sequential(nn.Conv2d(3, C_curr, 3, padding=1, bias=False),
-                                  nn.BatchNorm2d(C_curr))
-        C_prev_prev, C_prev, C_curr = C_curr, C_curr, C
-        self.cells = nn.ModuleList()
-        reduction_prev = False
-        for i in range(layers):
-            reduction = i in [layers // 3, 2 * layers // 3]
-            if reduction:
-                C_curr *= 2
-            self.cells += [Cell(steps, multiplier, C_prev_prev, C_prev, C_curr, reduction,
-                                reduction_prev)]
-            reduction_prev = reduction
-            C_prev_prev, C_prev = C_prev, multiplier * C_curr
-        self.global_pooling = nn.AdaptiveAvgPool2d(1)
-        self.classifier = nn.Linear(C_prev, num_classes)
+        body = DartsLayout(C, num_classes, layers, criterion, steps, multiplier, stem_multiplier)
+        self.stem, self.cells = body.stem, body.cells
+        self.global_pooling, self.classifier = body.global_pooling, body.classifier
         self._initialize_alphas()
 
     def new(self):
