@@ -13,14 +13,13 @@ without breaks), to decide whether a ``--compile`` flag would pay.
 """
 from __future__ import annotations
 
-import argparse
 import statistics
 import sys
 import time
 
 import torch
 
-from bench.common import emit, machine_line, started, table
+from bench.common import emit, machine_line, started, supernet_parser, table
 from hdnas.mixed import get_backend, resolve_backend
 from hdnas.model.network import SuperNet
 from hdnas.model.space import DLSR_PRIMITIVES
@@ -51,15 +50,11 @@ def measure(name, fn, x, y, reps):
 
 
 def main(argv=None) -> int:
-    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    p.add_argument("--channels", type=int, default=24)
-    p.add_argument("--cells", type=int, default=3)
-    p.add_argument("--batch", type=int, default=4)
+    p = supernet_parser(__doc__)
     p.add_argument("--lr-size", type=int, default=32)
     p.add_argument("--reps", type=int, default=3)
     p.add_argument("--threads", type=int, default=1)
     p.add_argument("--skip", nargs="*", default=[], help="columns to leave out")
-    p.add_argument("--out", help="append the table to this Markdown file")
     a = p.parse_args(argv)
     torch.set_num_threads(a.threads)
     torch.manual_seed(0)

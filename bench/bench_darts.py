@@ -33,6 +33,9 @@ import time
 
 import torch
 
+from bench import common
+from hdnas.testing.memory import saved_bytes
+
 
 def _rss_mb() -> float:
     with open("/proc/self/statm") as f:
@@ -43,22 +46,6 @@ def _peak_mb(device) -> float:
     if device.type == "cuda":
         return torch.cuda.max_memory_allocated() / 2**20
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
-
-
-def saved_bytes(fn) -> int:
-    """Bytes of the distinct non-parameter tensors autograd saves while ``fn()`` runs."""
-    seen = {}
-
-    def pack(t):
-        if not isinstance(t, torch.nn.Parameter):
-            st = t.untyped_storage()
-            seen[(st.data_ptr(), t.device)] = st.nbytes()
-        return t
-
-    with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
-        out = fn()
-    del out
-    return sum(seen.values())
 
 
 def _sync(device):
@@ -168,32 +155,32 @@ def main(argv=None):
         write_markdown(a.markdown, rows, machine_info(), a)
 
 
-def write_markdown(path, rows, info, a):
+def write_markdown(path, rows_in, info, a):
     def ref_of(r):
-        return next((q for q in rows if q["what"] == r["what"] and q["stride"] == r["stride"]
+        return next((q for q in rows_in if q["what"] == r["what"] and q["stride"] == r["stride"]
                      and q["backend"] == "reference" and "sec" in q), None)
 
     lines = [f"\n## {info['date']}: {info['cpu']} (vector ISA {info['vector_isa']}), "
              f"{info['cores']} cores, torch {info['torch']}, {info['threads']} threads, load "
              f"average {info['load_average']} at the end",
              "", f"batch {a.batch}, C {a.C}, {a.size}x{a.size}, step: {a.layers} cells, first "
-             f"order; median of {a.iters} iterations after 1 warm-up; fresh process each.", "",
-             "| what | stride | backend | recompute | sec | x ref speed | user+sys sec | peak RSS MB "
-             "| delta MB | ref delta / delta | saved MB |",
-             "|---|---|---|---|---|---|---|---|---|---|---|"]
-    for r in rows:
+             f"order; median of {a.iters} iterations after 1 warm-up; fresh process each.", ""]
+    rows = []
+    for r in rows_in:
+        head = [r["what"], r["stride"] or "", r["backend"]]
         if "sec" not in r:
-            lines.append(f"| {r['what']} | {r['stride'] or ''} | {r['backend']} | {r['recompute']} "
-                         f"| error: {r['error']} | | | | | | |")
+            rows.append(head + [r["recompute"], f"error: {r['error']}", "", "", "", "", "", ""])
             continue
         ref = ref_of(r)
         sp = f"{ref['sec'] / r['sec']:.2f}" if ref else ""
         mem = f"{ref['delta_mb'] / r['delta_mb']:.2f}" if ref and r["delta_mb"] > 0 else ""
         saved = f"{r['saved_mb']:.1f}" if "saved_mb" in r else ""
         cpu = (f"{r['user_sec']:.2f}+{r['sys_sec']:.2f}" if "user_sec" in r else "")
-        lines.append(f"| {r['what']} | {r['stride'] or ''} | {r['backend']} | "
-                     f"{'' if r['recompute'] is None else r['recompute']} | {r['sec']:.3f} | {sp} | {cpu} | "
-                     f"{r['peak_rss_mb']:.0f} | {r['delta_mb']:.0f} | {mem} | {saved} |")
+        rows.append(head + ["" if r["recompute"] is None else r["recompute"], f"{r['sec']:.3f}", sp,
+                            cpu, f"{r['peak_rss_mb']:.0f}", f"{r['delta_mb']:.0f}", mem, saved])
+    lines += common.table(["what", "stride", "backend", "recompute", "sec", "x ref speed",
+                           "user+sys sec", "peak RSS MB", "delta MB", "ref delta / delta",
+                           "saved MB"], rows)
     with open(path, "a") as f:
         f.write("\n".join(lines) + "\n")
 

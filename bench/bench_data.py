@@ -14,7 +14,6 @@ memory map, which the kernel drops under pressure. Prints a Markdown report.
 from __future__ import annotations
 
 import argparse
-import datetime
 import os
 import sys
 import time
@@ -23,12 +22,9 @@ from pathlib import Path
 import numpy as np
 from PIL import Image
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-
-import torch  # noqa: E402
-
-from hdnas.data.cache import open_cache  # noqa: E402
-from hdnas.data.train import PatchSampler, batches  # noqa: E402
+from hdnas import machine
+from hdnas.data.cache import open_cache
+from hdnas.data.train import PatchSampler, batches
 
 
 def proc_memory(pid="self") -> dict:
@@ -68,15 +64,10 @@ def make_folder(folder: Path, n: int, w: int, h: int) -> None:
         Image.fromarray(img).save(folder / name, compress_level=1)
 
 
-def cpu_info() -> str:
-    from hdnas import machine
-    return f"{machine.cpu_model()}, {os.cpu_count()} cores, vector ISA {machine.vector_isa()}"
-
-
 def search_step_seconds(batch: int, patch: int, steps: int) -> float:
     """Mean seconds of a default-shape search step (C=48, 6 cells, all 9 ops, joint rule, both
     weight and architecture updates) at this batch and patch: what the loader must keep up with."""
-    from hdnas.search import Search, SearchConfig
+    from hdnas.engine.search import Search, SearchConfig
     import tempfile
     with tempfile.TemporaryDirectory() as tmp:
         cfg = SearchConfig(batch=batch, patch=patch, steps=steps + 1, warmup=0, val_every=0,
@@ -118,8 +109,7 @@ def main(argv=None) -> int:
                        progress=True)
     t_build = time.perf_counter() - t
     decoded = cache.nbytes() / 2**20
-    print(f"# bench_data: {datetime.date.today()}, {cpu_info()}, load {os.getloadavg()[0]:.1f}; "
-          f"torch {torch.__version__}\n")
+    print(f"# bench_data: {machine.summary_line()}\n")
     print(f"- folder: {args.images} PNGs of {w}x{h}, {sum(f.stat().st_size for f in folder.glob('*.png')) / 2**20:.0f} MiB "
           f"on disk (made in {t_make:.0f} s)")
     print(f"- cache: {decoded:.0f} MiB decoded uint8 HR + x{args.scale} LR = "

@@ -3,14 +3,14 @@ against its depthwise convs on the native kernels (``DerivedNet.set_depthwise("n
 against stock PyTorch in channels-last memory format and against ``hdnas.infer.fused``'s fused
 oneDNN path (hdnas.evaluate's --backend choices).
 
-    OMP_WAIT_POLICY=PASSIVE python bench/bench_eval.py --threads 1 2 --out bench/results/cpu_step.md
+    OMP_WAIT_POLICY=PASSIVE python -m bench.bench_eval --threads 1 2 --out bench/results/cpu_step.md
 
 The network is the released beta21 architecture at x2 (randomly initialised: the timing does not
 depend on the weights). Inputs: one 256x256 LR image and the first ``--images`` LR images of
-each of ../shared/data/Set5 and Set14 (skipped if missing); ``--four-sets`` adds random inputs
-of B100's and Urban100's LR sizes and projects a whole four-set evaluation (219 images) per
-mode. All modes run in the same process, interleaved, best of ``--reps`` after one warm-up,
-under ``torch.no_grad`` as hdnas.evaluate does.
+each of ../shared/data/Set5 and Set14 (``$HDNAS_SHARED/data`` if set; skipped if missing);
+``--four-sets`` adds random inputs of B100's and Urban100's LR sizes and projects a whole
+four-set evaluation (219 images) per mode. All modes run in the same process, interleaved,
+best of ``--reps`` after one warm-up, under ``torch.no_grad`` as hdnas.evaluate does.
 "Equal numbers" is checked on every input: the largest difference of the SR outputs (0..255
 scale) and the share of 8-bit pixels that differ after rounding.
 """
@@ -19,25 +19,21 @@ from __future__ import annotations
 import argparse
 import copy
 import os
-import sys
-import time
-from pathlib import Path
 
 os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
 
 import torch  # noqa: E402
 
-sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."))
-sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-
-from bench_native import CLOCK, _cpu_name, _load, _vector_isa  # noqa: E402
+from bench import common  # noqa: E402
+from bench.common import CLOCK  # noqa: E402
 from hdnas import native_build  # noqa: E402
-from hdnas.model.genotype import BETA21  # noqa: E402
 from hdnas.infer.fused import FusedInference  # noqa: E402
 from hdnas.mixed import native  # noqa: E402
+from hdnas.model.genotype import BETA21  # noqa: E402
 from hdnas.model.network import DerivedNet  # noqa: E402
+from hdnas.testing.shared import shared_dir  # noqa: E402
 
-SHARED = Path(__file__).resolve().parents[2] / "shared" / "data"
+SHARED = shared_dir() / "data"
 
 
 # LR sizes (x2) standing in for the two large standard sets that ../shared does not hold: every
@@ -89,11 +85,9 @@ def main(argv=None):
     if not native.available("cpu"):
         raise SystemExit(f"native kernels unavailable: {native_build.error('cpu')}")
     net = DerivedNet(BETA21).eval()
-    head = (f"machine: {_cpu_name()} (vector ISA {_vector_isa()}; kernel variant "
-            f"{native_build.isa()}), {os.cpu_count()} cores, torch {torch.__version__}; "
-            f"{time.strftime('%Y-%m-%d %H:%M UTC', time.gmtime())}; load average at start "
-            f"{_load()}; beta21 x2 (C=48), batch 1, ms ({a.clock} clock), best of {a.reps} "
-            "interleaved reps")
+    head = (f"{common.machine_line('kernel variant ' + native_build.isa())}; "
+            f"{common.started()}; beta21 x2 (C=48), batch 1, ms ({a.clock} clock), best of "
+            f"{a.reps} interleaved reps")
     print(head, flush=True)
     netcl = copy.deepcopy(net).set_depthwise("torch").to(memory_format=torch.channels_last)
     fused = FusedInference(copy.deepcopy(net).set_depthwise("torch"))
@@ -107,17 +101,21 @@ def main(argv=None):
     for nt in a.threads:
         torch.set_num_threads(nt)
         for name, x, count in inputs(a.images, a.four_sets):
-            res, ys = {m: [] for m in modes}, {}
+            ys = {}
+
+            def runner(mode, m, xi):
+                def run():
+                    ys[mode] = m(xi)
+                return run
+
+            def switch(m, dw):
+                return lambda: m.set_depthwise(dw)
+
+            fns = {mode: runner(mode, m, x.contiguous(memory_format=fmt))
+                   for mode, (m, _, fmt, _) in modes.items()}
+            prepare = {mode: switch(m, dw) for mode, (m, dw, _, _) in modes.items() if dw}
             with torch.no_grad():
-                for rep in range(a.reps + 1):
-                    for mode, (m, dw, fmt, _) in modes.items():
-                        if dw is not None:
-                            m.set_depthwise(dw)
-                        xi = x.contiguous(memory_format=fmt)
-                        t = clock()
-                        ys[mode] = m(xi)
-                        if rep:
-                            res[mode].append(clock() - t)
+                res = common.timeit(fns, a.reps, clock=clock, prepare=prepare)
             best = {m: min(v) for m, v in res.items()}
             for m, t in best.items():
                 totals[(nt, m)] = totals.get((nt, m), 0.0) + t
@@ -145,13 +143,8 @@ def main(argv=None):
     titles = [modes[m][3] for m in modes]
     ratio_titles = [f"torch / {m}" + (" (max abs diff on 0..255, 8-bit pixels that differ)"
                                       if i == 0 else " (same)") for i, m in enumerate(others)]
-    md = "\n".join([head, "", "| threads | input (LR) | " + " | ".join(titles + ratio_titles) + " |",
-                    "|" + "---|" * (2 + len(titles) + len(ratio_titles)), *rows, "",
-                    f"load average at end {_load()}", ""])
-    print(md)
-    if a.out:
-        with open(a.out, "a") as f:
-            f.write(md + "\n")
+    header = common.table(["threads", "input (LR)", *titles, *ratio_titles], [])
+    common.emit([head, "", *header, *rows], a.out)
 
 
 if __name__ == "__main__":

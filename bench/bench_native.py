@@ -1,7 +1,8 @@
 """CPU benchmark of the native backend against the reference (and the merged torch composition).
 
-    OMP_WAIT_POLICY=PASSIVE python bench/bench_native.py --batch 16 64 --out bench/results/cpu_native.md
-    OMP_WAIT_POLICY=PASSIVE python bench/bench_native.py --isa portable avx2 avx512 --threads 1 2 \
+    OMP_WAIT_POLICY=PASSIVE python -m bench.bench_native --batch 16 64 \
+        --out bench/results/cpu_native.md
+    OMP_WAIT_POLICY=PASSIVE python -m bench.bench_native --isa portable avx2 avx512 --threads 1 2 \
         --batch 16 --no-step --out bench/results/cpu_isa.md
 
 Measured side by side in one process, interleaved (ref, merged, native, ref, ...), best of
@@ -28,15 +29,16 @@ import argparse
 import os
 import sys
 import time
+from pathlib import Path
 
 os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
 
 import torch  # noqa: E402
 import torch.nn.functional as F  # noqa: E402
 
-sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."))
-
-from hdnas import machine, native_build
+from bench import common  # noqa: E402
+from bench.common import CLOCK  # noqa: E402
+from hdnas import native_build  # noqa: E402
 from hdnas.engine import allocator  # noqa: E402
 from hdnas.mixed import MixedOp, get_backend  # noqa: E402
 from hdnas.mixed import dense, native  # noqa: E402
@@ -47,10 +49,8 @@ ST1 = ((3, 5, 7, 3, 5), (1, 1, 1, 2, 2))
 ST2 = ((3, 5, 7), (1, 1, 1))
 
 
-#: "wall" (time.perf_counter) or "cpu" (time.process_time: the CPU seconds of this process, all
-#: its threads: on a machine shared with other jobs, the 1-thread cost without the time spent
-#: waiting for a core). Set by --clock (and passed to the step subprocesses).
-CLOCK = {"wall": time.perf_counter, "cpu": time.process_time}
+ROOT = Path(__file__).resolve().parents[1]
+#: the clock of every timing (bench.common.CLOCK): set by --clock, passed to the step subprocesses
 _clock = time.perf_counter
 _malloc = {"mode": "tuned"}  # hdnas.engine.allocator setting of the search-step processes
 
@@ -60,18 +60,9 @@ def set_clock(name: str) -> None:
     _clock = CLOCK[name]
 
 
-def timeit(fns: dict, reps: int, warmup: int = 1) -> dict:
+def timeit(fns: dict, reps: int) -> dict:
     """Interleaved timing: {name: [seconds]} on the clock chosen by ``set_clock``."""
-    for _ in range(warmup):
-        for f in fns.values():
-            f()
-    out = {k: [] for k in fns}
-    for _ in range(reps):
-        for k, f in fns.items():
-            t = _clock()
-            f()
-            out[k].append(_clock() - t)
-    return out
+    return common.timeit(fns, reps, clock=_clock)
 
 
 def with_isa(isa, f):
@@ -160,12 +151,12 @@ def step_isolated(N, C, H, reps, backend, threads, isa="auto", rules=RULES):
     import json
     import subprocess
 
-    cmd = [sys.executable, os.path.abspath(__file__), "--_step", backend, str(N), str(C), str(H),
+    cmd = [sys.executable, "-m", "bench.bench_native", "--_step", backend, str(N), str(C), str(H),
            str(reps), str(threads), ",".join(rules)]
     env = {**os.environ, "HDNAS_NATIVE_ISA": "" if isa == "auto" else isa,
            "HDNAS_BENCH_CLOCK": "cpu" if _clock is time.process_time else "wall",
            "HDNAS_MALLOC": _malloc["mode"]}
-    r = subprocess.run(cmd, capture_output=True, text=True, env=env)
+    r = subprocess.run(cmd, capture_output=True, text=True, env=env, cwd=ROOT)
     if r.returncode != 0:
         return None, f"failed (rc {r.returncode}{', out of memory?' if r.returncode in (-9, 137) else ''})"
     d = json.loads(r.stdout.strip().splitlines()[-1])
@@ -191,9 +182,6 @@ def _step_child(args):
     isa = native_build.isa() if backend == "native" else None
     routes = sorted({v for v in dense.choices().values()})
     print(json.dumps({"rules": res, "isa": isa, "dense": routes}))
-
-
-_load, _cpu_name, _vector_isa = machine.load_average, machine.cpu_model, machine.vector_isa
 
 
 def step_rows(nt, N, C, H, a, isas):
@@ -287,7 +275,7 @@ def main(argv=None):
     set_clock(a.clock)
     _malloc["mode"] = a.malloc
     if not native.available("cpu"):
-        raise SystemExit(f"native kernels unavailable: {native.native_build.error('cpu')}")
+        raise SystemExit(f"native kernels unavailable: {native_build.error('cpu')}")
     runs = native_build.isa_supported()
     isas = [runs[-1] if i == "auto" else i for i in a.isa]
     bad = [i for i in isas if i not in runs]
@@ -296,12 +284,10 @@ def main(argv=None):
                          f"{', '.join(runs)})")
     isas = list(dict.fromkeys(isas))
     C, H = a.channels, a.size
-    lines = [f"machine: {_cpu_name()} (vector ISA {_vector_isa()}; kernel variants it runs: "
-             f"{', '.join(runs)}), {os.cpu_count()} cores, torch {torch.__version__}, "
+    lines = [f"{common.machine_line('kernel variants it runs: ' + ', '.join(runs))}, "
              f"OMP_WAIT_POLICY={os.environ.get('OMP_WAIT_POLICY')}, C={C}, LR {H}x{H}; "
-             f"{time.strftime('%Y-%m-%d %H:%M UTC', time.gmtime())}; load average at start "
-             f"{_load()}; times in ms ({a.clock} clock), best of the interleaved repetitions "
-             f"(reps {a.reps}, search step reps {a.step_reps}, one warm-up each); search-step "
+             f"{common.started()}; times in ms ({a.clock} clock), best of the interleaved "
+             f"repetitions (reps {a.reps}, search step reps {a.step_reps}, one warm-up each); search-step "
              f"processes with the {a.malloc} malloc setting; merged dense conv route "
              f"{os.environ.get('HDNAS_DENSE_CONV', 'auto')}", ""]
     print(lines[0], flush=True)
@@ -326,16 +312,10 @@ def main(argv=None):
                 print(rows[-1], flush=True)
         if not a.no_step:
             rows += step_rows(nt, N, C, H, a, isas)
-    lines += ["| threads | batch | what | kernels | reference | merged (torch prims) | native | "
-              "reference / native |", "|---|---|---|---|---|---|---|---|"]
-    lines += [f"| {t} | {n} | {w} | {i} | {r} | {m or '-'} | {nv} | {x} |"
-              for t, n, w, i, r, m, nv, x in rows]
-    lines += ["", f"load average at end {_load()}", ""]
-    md = "\n".join(lines)
-    print(md)
-    if a.out:
-        with open(a.out, "a") as f:
-            f.write(md + "\n")
+    lines += common.table(["threads", "batch", "what", "kernels", "reference",
+                           "merged (torch prims)", "native", "reference / native"],
+                          [(t, n, w, i, r, m or "-", nv, x) for t, n, w, i, r, m, nv, x in rows])
+    common.emit(lines, a.out)
 
 
 if __name__ == "__main__":

@@ -18,7 +18,6 @@ log. ``OMP_WAIT_POLICY`` is left unset in the runs (the command's own default).
 """
 from __future__ import annotations
 
-import argparse
 import csv
 import os
 import re
@@ -29,7 +28,7 @@ import tempfile
 import time
 from pathlib import Path
 
-from bench.common import emit, machine_line, started, table
+from bench.common import emit, machine_line, started, supernet_parser, table
 
 HOG = "while True: pass"
 
@@ -56,16 +55,12 @@ def run_search(extra: list[str], args, tmp: Path, tag: str) -> tuple[float | Non
 
 
 def main(argv=None) -> int:
-    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    p.add_argument("--channels", type=int, default=24)
-    p.add_argument("--cells", type=int, default=3)
-    p.add_argument("--batch", type=int, default=4)
+    p = supernet_parser(__doc__)
     p.add_argument("--steps", type=int, default=4)
     p.add_argument("--warmup", type=int, default=1)
     p.add_argument("--timeout", type=float, default=600)
     p.add_argument("--hogs", type=int, nargs="+", default=[0, 1, 2])
     p.add_argument("--variants", nargs="+", default=["today", "reference", "default", "fixed"])
-    p.add_argument("--out", help="append the table to this Markdown file")
     args = p.parse_args(argv)
     cpus = len(os.sched_getaffinity(0))
     variants = {"today": ["--backend", "reference", "--threads", str(cpus)],

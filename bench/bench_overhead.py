@@ -1,19 +1,20 @@
 """Per-call Python overhead of the mixed-op backends at a tiny shape, where the arithmetic is
 negligible: what the contract checks, the plan and the merged-weight construction cost per call.
 
-    OMP_WAIT_POLICY=PASSIVE python bench/bench_overhead.py [--shape 1,4,8,8] [--calls 300]
+    OMP_WAIT_POLICY=PASSIVE python -m bench.bench_overhead [--shape 1,4,8,8] [--calls 300]
 
 Prints, per backend, the best-of-rounds time of one ``distill_step`` forward (no grad) and of
 forward+backward, plus the cost of the contract checks alone. Compare two checkouts by running
-this file from each, alternately, on the same machine (bench/README.md).
+this from each checkout's root (``python -m`` puts the checkout's hdnas first on the path),
+alternately, on the same machine (bench/README.md).
 """
 from __future__ import annotations
 
 import argparse
-import time
 
 import torch
 
+from bench import common
 from hdnas import machine
 from hdnas.mixed import MixedOp, available_backends, get_backend
 from hdnas.mixed.base import check_mixed_inputs
@@ -21,15 +22,14 @@ from hdnas.model.space import DLSR_PRIMITIVES
 
 
 def _best(fn, calls, rounds):
+    """Microseconds per call: the best of ``rounds`` rounds of ``calls`` calls, after a warm-up."""
     for _ in range(max(calls // 10, 5)):
         fn()
-    best = float("inf")
-    for _ in range(rounds):
-        t = time.perf_counter()
+
+    def many():
         for _ in range(calls):
             fn()
-        best = min(best, (time.perf_counter() - t) / calls)
-    return best * 1e6
+    return min(common.timeit({"f": many}, rounds, warmup=0)["f"]) / calls * 1e6
 
 
 def main(argv=None):
@@ -48,8 +48,8 @@ def main(argv=None):
     c = torch.nn.Conv2d(C, C // 2, 1)
     names = args.backends.split(",") if args.backends else available_backends()
     print(f"# {machine.summary_line()}; N,C,H,W = {N},{C},{H},{W}")
-    print("| backend | checks only (us) | distill_step fwd (us) | fwd+bwd (us) |")
-    print("|---|---|---|---|")
+    print("\n".join(common.table(["backend", "checks only (us)", "distill_step fwd (us)",
+                                  "fwd+bwd (us)"], [])))
     xg = x.clone().requires_grad_(True)
     for name in names:
         b = get_backend(name)

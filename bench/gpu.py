@@ -41,7 +41,6 @@ import datetime
 import gc
 import importlib
 import json
-import math
 import os
 import platform
 import re
@@ -57,10 +56,11 @@ from pathlib import Path
 
 import torch
 
+from hdnas import machine
 from hdnas.mixed import available_backends, get_backend
 from hdnas.model.space import DLSR_PRIMITIVES
 
-from bench import gpu_check, gpu_time
+from bench import common, gpu_check, gpu_time
 from bench.gpu_time import Budget
 
 RESULTS = Path(__file__).resolve().parent / "results"
@@ -186,7 +186,7 @@ def environment(device: str, load_native: bool) -> dict:
         q = _run_text(["nvidia-smi", "--query-gpu=driver_version", "--format=csv,noheader"])
         env["driver"] = q.splitlines()[0] if q else None
     else:
-        env.update(gpu=None, driver=None, cpu=platform.processor() or platform.machine(),
+        env.update(gpu=None, driver=None, cpu=f"{machine.cpu_model()} ({machine.vector_isa()})",
                    threads=torch.get_num_threads())
     from hdnas import native_build
     kind = "cuda" if device == "cuda" else "cpu"
@@ -203,24 +203,6 @@ def environment(device: str, load_native: bool) -> dict:
 
 def _slug(s: str | None) -> str:
     return re.sub(r"[^a-z0-9]+", "-", (s or "cpu").lower()).strip("-")
-
-
-def _fmt(v, nd=3) -> str:
-    if v is None or v == []:
-        return "-"
-    if isinstance(v, list):
-        return "; ".join(map(str, v))
-    if isinstance(v, float):
-        if math.isinf(v) or math.isnan(v):
-            return str(v)
-        return f"{v:.{nd}g}"
-    return str(v)
-
-
-def _table(header, rows) -> list[str]:
-    out = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
-    out += ["| " + " | ".join(_fmt(c) for c in r) + " |" for r in rows]
-    return out
 
 
 class Report:
@@ -257,7 +239,7 @@ class Report:
               f"{e['triton']}, Python {e['python']}; commit {e['commit']}"
               f"{' (dirty)' if e.get('dirty') else ''}. Command: `python -m bench.gpu "
               f"{' '.join(d['argv'])}`.", ""]
-        md += ["## Sections", ""] + _table(["section", "status", "seconds", "error"], [
+        md += ["## Sections", ""] + common.table(["section", "status", "seconds", "error"], [
             (k, v["status"], v["seconds"], (v["error"] or "").strip().splitlines()[-1:])
             for k, v in d["sections"].items()]) + [""]
         if d["checks"]:
@@ -266,12 +248,12 @@ class Report:
                    f"{gpu_check.CALIBRATION:g} x the reference's own)), max relative error "
                    "(fp64) or relative 2-norm error (supernet, low precision); see "
                    "bench/gpu_check.py.", ""]
-            md += _table(["backend", "case", "mode", "status", "value", "limit", "reference",
+            md += common.table(["backend", "case", "mode", "status", "value", "limit", "reference",
                           "worst", "reason"],
                          [(r["backend"], r["case"], r["mode"], r["status"], r["value"], r["limit"],
                            r["ref_value"], r["worst"], r["reason"]) for r in d["checks"]]) + [""]
         if d["sanitize"]:
-            md += ["## compute-sanitizer", ""] + _table(
+            md += ["## compute-sanitizer", ""] + common.table(
                 ["case", "kernels", "tool", "status", "seconds", "summary"],
                 [(r["case"], r["kernels"], r["tool"], r["status"], r["seconds"], r["summary"])
                  for r in d["sanitize"]]) + [""]
@@ -285,18 +267,18 @@ class Report:
             md += ["## Sweep: number of candidate ops (mixed op fwd+bwd, "
                    f"{'x'.join(map(str, self.plan.sweep_shape))})", "",
                    "peak: extra memory of the call (MiB above its inputs and parameters).", ""]
-            md += _table(["ops", "backend", "ms", "peak MiB", "status"],
+            md += common.table(["ops", "backend", "ms", "peak MiB", "status"],
                          [(r["ops"], r["backend"], r.get("ms"), r.get("peak_delta_mb"), r["status"])
                           for r in d["sweep_ops"]]) + [""]
         if d["sweep_sizes"]:
             md += ["## Sweep: image size (mixed op fwd+bwd)", "",
                    "linearity: (time / time at the smallest size) / (pixels / its pixels); 1 is "
                    "linear.", ""]
-            md += _table(["LR size", "backend", "ms", "ns/pixel", "linearity", "status"],
+            md += common.table(["LR size", "backend", "ms", "ns/pixel", "linearity", "status"],
                          [(r["size"], r["backend"], r.get("ms"), r.get("ns_per_pixel"),
                            r.get("linearity"), r["status"]) for r in d["sweep_sizes"]]) + [""]
         if d["projection"]:
-            md += ["## The paper's whole search, projected", ""] + _table(
+            md += ["## The paper's whole search, projected", ""] + common.table(
                 ["backend", "rule", "weight step ms", "arch step ms", "steps", "hours", "days"],
                 [(r["backend"], r["rule"], r["weight_ms"], r["arch_ms"], r["steps"], r["hours"],
                   r["days"]) for r in d["projection"]]) + [""]
@@ -328,14 +310,14 @@ class Report:
                         mem = f", {r['peak_mb']:.0f} MiB" if r.get("peak_mb") is not None else ""
                         cells.append(f"{r['ms']:.3g}{mem}")
                 table.append(cells)
-            md += _table(["case"] + backends, table) + [""]
+            md += common.table(["case"] + backends, table) + [""]
         roof = [r for r in rows if r.get("model_gb_per_s") is not None]
         if roof:
             md += ["### Bandwidth from the byte model (bench/bytes_model.py)", "",
                    "share: of the device-to-device copy bandwidth. Primitives: the one-pass "
                    "kernel's bytes for every backend (effective bandwidth for the reference "
                    "twins, which move more); mixed op: each backend's own model.", ""]
-            md += _table(["shape", "case", "backend", "model MB", "GB/s", "share"],
+            md += common.table(["shape", "case", "backend", "model MB", "GB/s", "share"],
                          [(r["shape_label"], r["case"], r["backend"], r["model_bytes"] / 1e6,
                            r["model_gb_per_s"], r.get("roofline_share")) for r in roof]) + [""]
         return md
@@ -729,7 +711,7 @@ def summary(report) -> list[str]:
                      step and step.get("peak_mb"), proj and proj["days"]))
     head = ["backend", "checks passed", f"mixed op fwd+bwd ms ({report.plan.paper_label})",
             "search step (joint) ms", "vs reference", "step peak MiB", "paper search days"]
-    return _table(head, rows)
+    return common.table(head, rows)
 
 
 def _select(cases, spec: str) -> list:

@@ -8,10 +8,10 @@ inputs and parameters rounded to the mode's storage dtype first, so input roundi
 counted as error). The rule depends on the mode:
 
 * ``fp64``: the same numbers, up to reassociation: max |got - truth| / max |truth| per tensor
-  <= 1e-10 (1e-8 for the supernet, as tests/test_conformance.py);
+  <= 1e-10 (1e-8 for the supernet, as tests/mixed/test_conformance.py);
 * fp32 (TF32 off), bf16 storage, autocast: the elementwise round-off bound of
-  tests/test_conformance.py (``bound_ratio``: ``|got - truth| <= (depth u + gamma_n(fp32)) *
-  |.|-magnitude``, the magnitude being the fp64 reference run on the absolute values of every
+  tests/mixed/test_conformance.py (``hdnas.testing.bounds.bound_ratio``: ``|got - truth| <=
+  (depth u + gamma_n(fp32)) * |.|-magnitude``, the magnitude being the fp64 reference run on the absolute values of every
   input, parameter and cotangent). A backend passes when its worst ratio is <= 1, or no more than
   ``CALIBRATION`` times the reference's own ratio at the same precision (the stock kernels are
   not always held to the bound either: see test_conformance.test_half_precision);
@@ -28,7 +28,6 @@ from __future__ import annotations
 
 import contextlib
 import copy
-import math
 import time
 import traceback
 from dataclasses import dataclass, field
@@ -42,11 +41,9 @@ from hdnas.mixed import MixedOp, get_backend
 from hdnas.mixed.merged import DecomposedBackend
 from hdnas.mixed.primitives import TORCH_PRIMITIVES
 from hdnas.model.space import DLSR_PRIMITIVES
+from hdnas.testing.bounds import (AUTOCAST_DEPTH, DEPTH, UNIT_ROUNDOFF, bound_ratio,  # noqa: F401
+                                  max_rel, norm_rel)
 
-UNIT_ROUNDOFF = {torch.float64: 2.0 ** -53, torch.float32: 2.0 ** -24,
-                 torch.bfloat16: 2.0 ** -8, torch.float16: 2.0 ** -11}
-DEPTH = 16  # roundings along a chain of ops (tests/test_conformance.py)
-AUTOCAST_DEPTH = DEPTH + 9  # the reference also rounds each of its <= 9 weighted terms
 CALIBRATION = 4.0
 FP64_TOL = {"primitive": 1e-10, "op": 1e-10, "net": 1e-8}
 
@@ -84,42 +81,6 @@ def reduction_length(N, C, H, W) -> int:
     """The longest dot product of a mixed op's forward or backward: the 7x7 dense conv (49 C
     terms) or a weight gradient (N H W terms), plus the chain depth."""
     return max(49 * C, N * H * W) + DEPTH
-
-
-def bound_ratio(got: torch.Tensor, truth: torch.Tensor, mag: torch.Tensor, u: float, n: int,
-                depth: int = DEPTH) -> float:
-    """max over elements of |got - truth| / ((depth u + gamma_n(u32)) mag + u 1e-3 max mag):
-    <= 1 is the promise of a computation that stores in a dtype of unit round-off ``u`` and
-    accumulates length-``n`` dot products in fp32 (Higham's gamma_n = n u32 / (1 - n u32)).
-    Where the limit is 0 (every term zero) the element must be exactly right (else inf)."""
-    u32 = 2.0 ** -24
-    bound = depth * u + n * u32 / (1 - n * u32)
-    err = (got.double() - truth.double()).abs()
-    mag = mag.double().abs()
-    lim = bound * mag + u * 1e-3 * (mag.max() if mag.numel() else 0.0)
-    if err.numel() == 0:
-        return 0.0
-    ratio = torch.where(lim > 0, err / torch.where(lim > 0, lim, torch.ones_like(lim)),
-                        torch.where(err > 0, torch.full_like(err, math.inf), torch.zeros_like(err)))
-    return float(ratio.max())
-
-
-def max_rel(got: torch.Tensor, truth: torch.Tensor) -> float:
-    """max |got - truth| / max |truth| (0 when both are zero)."""
-    scale = truth.double().abs().max() if truth.numel() else torch.tensor(0.0)
-    err = (got.double() - truth.double()).abs().max() if got.numel() else torch.tensor(0.0)
-    if float(scale) == 0.0:
-        return 0.0 if float(err) == 0.0 else math.inf
-    return float(err / scale)
-
-
-def norm_rel(got: list, truth: list) -> float:
-    """||got - truth||_2 / ||truth||_2 over a group of tensors taken together."""
-    num = sum(float(((g.double() - t.double()) ** 2).sum()) for g, t in zip(got, truth))
-    den = sum(float((t.double() ** 2).sum()) for t in truth)
-    if den == 0.0:
-        return 0.0 if num == 0.0 else math.inf
-    return math.sqrt(num / den)
 
 
 # ---------------------------------------------------------------------------------------------

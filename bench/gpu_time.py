@@ -189,6 +189,23 @@ def primitives_of(backend):
     return None
 
 
+def _rotating(xs, bwd, call, leaves, backward):
+    """A case's ``fn(i, mark)``: ``call`` on input buffer ``i % len(xs)``, under no_grad, or (with
+    ``bwd``) with the gradients of x and ``leaves`` cleared, then ``backward`` of its output."""
+    def fn(i, mark):
+        x = xs[i % len(xs)]
+        if not bwd:
+            with torch.no_grad():
+                call(x)
+            return
+        x.requires_grad_(True)
+        x.grad = None
+        for t in leaves:
+            t.grad = None
+        backward(call(x))
+    return fn
+
+
 def _prim_case(which, bwd):
     def build(backend, shape, device, dtype):
         prims = primitives_of(backend)
@@ -213,16 +230,7 @@ def _prim_case(which, bwd):
                 return prims.mixed_dw(x, w[:G], k, ks, ds, False, w[G])
             return prims.grouped_dw(x, k, ks, ds, True, which == "shared")
 
-        def fn(i, mark):
-            x = xs[i % len(xs)]
-            if not bwd:
-                with torch.no_grad():
-                    call(x)
-                return
-            x.requires_grad_(True)
-            x.grad = k.grad = w.grad = None
-            torch.autograd.backward(call(x), g)
-        return fn
+        return _rotating(xs, bwd, call, (k, w), lambda y: torch.autograd.backward(y, g))
     return build
 
 
@@ -243,19 +251,8 @@ def _mixed_case(step, bwd, op_names=DLSR_PRIMITIVES):
                 return backend.distill_step(x, w, mixed, distill)
             return (backend.mixed_op(x, w, mixed),)
 
-        def fn(i, mark):
-            x = xs[i % len(xs)]
-            if not bwd:
-                with torch.no_grad():
-                    call(x)
-                return
-            x.requires_grad_(True)
-            x.grad = w.grad = None
-            for p in params:
-                p.grad = None
-            outs = call(x)
-            torch.autograd.backward(outs, [gd, gy] if step else [gy])
-        return fn
+        return _rotating(xs, bwd, call, (w, *params),
+                         lambda outs: torch.autograd.backward(outs, [gd, gy] if step else [gy]))
     return build
 
 
@@ -272,7 +269,7 @@ def search_step_case(rule, cells=6):
     def build(backend, shape, device, dtype):
         N, C, H, W = shape
         torch.manual_seed(0)
-        model = SuperNet(C, cells, 2, DLSR_PRIMITIVES, backend=get_backend(backend)).to(device)
+        model = SuperNet(C, cells, 2, DLSR_PRIMITIVES, backend=backend).to(device)
         loss_fn = SRLoss(0.2)
         weights = model.weight_parameters()
         w_opt = torch.optim.Adam(weights, lr=5e-4)
@@ -354,7 +351,7 @@ def serves(case: TimeCase, backend, device, dtype) -> str | None:
 def paper_projection(t_weight_ms: float, t_arch_ms: float) -> dict:
     """The paper's whole search at these step times (hdnas.search PRESETS['paper']: steps,
     warm-up fraction; weight steps only during the warm-up)."""
-    from hdnas.search import PRESETS, SearchConfig
+    from hdnas.engine.search import PRESETS, SearchConfig
     cfg = SearchConfig(**PRESETS["paper"])
     steps, warm = cfg.steps, cfg.warmup_steps()
     seconds = (steps * t_weight_ms + (steps - warm) * t_arch_ms) * 1e-3

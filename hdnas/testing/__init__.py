@@ -1,1 +1,9 @@
-"""Shared test and check helpers: the fuzz harness, round-off bounds, the host-CUDA build, small fixtures. Imported by tests/ and bench/, never by the library."""
+"""Shared test and check helpers, imported by tests/ and bench/, never by the library:
+
+* ``hdnas.testing.fuzz``: the fuzz harness of the mixed-op backends (command line: bench/fuzz.py);
+* ``hdnas.testing.bounds``: round-off bounds (conformance tests, the GPU checks of bench.gpu);
+* ``hdnas.testing.cuda_host``: the host build of the CUDA kernels (tests/csrc);
+* ``hdnas.testing.memory``: bytes autograd saves for backward;
+* ``hdnas.testing.shared``: where the shared data lives (``shared_dir``; tests/conftest.py's
+  ``shared_dir`` fixture).
+"""

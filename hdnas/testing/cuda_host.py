@@ -24,7 +24,10 @@ import subprocess
 import tempfile
 from pathlib import Path
 
-CSRC = Path(__file__).resolve().parent.parent / "csrc"
+from hdnas.native_build import CSRC_CHECKOUT
+
+#: the checkout's csrc/ (csrc/cuda_host is not shipped in the wheel)
+CSRC = CSRC_CHECKOUT
 
 KERNELS = ["cuda/dw_fwd.cu", "cuda/dw_bwd.cu"]
 RUNTIME = ["cuda_host/cuda_host.cpp"]

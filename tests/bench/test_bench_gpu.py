@@ -200,7 +200,7 @@ def test_byte_model_lookup():
 
 
 def test_paper_projection():
-    from hdnas.search import PRESETS
+    from hdnas.engine.search import PRESETS
     p = gpu_time.paper_projection(10.0, 5.0)
     steps = PRESETS["paper"]["steps"]
     assert p["steps"] == steps and 0 < p["warmup_steps"] < steps

@@ -4,7 +4,7 @@ Running them needs a GPU and a CUDA build of torch (hdnas.native_build builds th
 we make sure every kernel of every dtype compiles, without register spills beyond a few bytes,
 that the shared header stays torch-free (plain C++), and that the torch binding
 (csrc/cuda/binding_cuda.cpp) compiles against the real torch CUDA headers. (The kernels also run
-on the CPU: tests/test_cuda_host.py.)"""
+on the CPU: tests/csrc/test_cuda_host.py.)"""
 from __future__ import annotations
 
 import hashlib

@@ -22,7 +22,7 @@ import torch
 pytest.importorskip("triton")
 
 from hdnas.kernels import aot  # noqa: E402
-from hdnas.mixed.launches import dw_launch_sites  # noqa: E402
+from hdnas.darts.launches import dw_launch_sites  # noqa: E402
 
 
 def _aot(*args):

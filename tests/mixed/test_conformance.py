@@ -15,9 +15,9 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from bench.gpu_check import AUTOCAST_DEPTH, DEPTH, UNIT_ROUNDOFF, bound_ratio
 from hdnas.mixed import BackendError, MixedOp, available_backends, get_backend
 from hdnas.model.space import DLSR_PRIMITIVES
+from hdnas.testing.bounds import AUTOCAST_DEPTH, DEPTH, UNIT_ROUNDOFF, bound_ratio
 
 get_backend("reference")  # loads the optional backends (triton, native) before discovery
 BACKENDS = [b for b in available_backends() if b != "reference"]
@@ -352,7 +352,7 @@ def _assert_bounded(got, truth, mag, dtype, n, what, depth=DEPTH):
     """|got - truth| <= (depth u + gamma_n(u32)) * magnitude, elementwise: ``depth`` roundings to
     the storage dtype's unit round-off u along a chain of ops, and a length-n dot product
     accumulated in fp32 (Higham's gamma_n), plus u times a 1e-3 fraction of the largest
-    magnitude for values near underflow (``bench.gpu_check.bound_ratio``, which the GPU checks
+    magnitude for values near underflow (``hdnas.testing.bounds.bound_ratio``, which the GPU checks
     use too). This is the promise of a backend that stores in ``dtype`` and accumulates in fp32."""
     assert got.shape == truth.shape, f"{what}: shape {tuple(got.shape)} != {tuple(truth.shape)}"
     ratio = bound_ratio(got, truth, mag, UNIT_ROUNDOFF[dtype], n, depth)

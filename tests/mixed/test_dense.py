@@ -4,15 +4,13 @@ forward and backward; the native backend with the FFT route forced against the f
 from __future__ import annotations
 
 import functools
-import importlib.util
-import sys
-from pathlib import Path
 
 import pytest
 import torch
 
 from hdnas.mixed import dense, get_backend
 from hdnas.mixed.dense import conv_same, conv_same_fft
+from hdnas.testing import fuzz
 
 U32 = 2.0 ** -24
 TOL = 64  # the fuzz harness's bound, in u times the largest magnitude of the tensor
@@ -199,27 +197,13 @@ def test_real_timing_decides_for_a_search_shape(monkeypatch):
 
 # -- the native backend with the FFT route, against the fp64 reference ------------------------
 
-_PATH = Path(__file__).resolve().parents[2] / "bench" / "fuzz.py"
-
-
-@pytest.fixture(scope="module")
-def fuzz():
-    if "hdnas_bench_fuzz" in sys.modules:
-        return sys.modules["hdnas_bench_fuzz"]
-    spec = importlib.util.spec_from_file_location("hdnas_bench_fuzz", _PATH)
-    mod = importlib.util.module_from_spec(spec)
-    sys.modules[spec.name] = mod
-    spec.loader.exec_module(mod)
-    return mod
-
-
 FUZZ_CASES = 30
 
 
 @pytest.mark.parametrize("index", range(FUZZ_CASES))
-def test_native_with_fft_route_against_the_reference(nat, fuzz, monkeypatch, index):
+def test_native_with_fft_route_against_the_reference(nat, monkeypatch, index):
     """Random op sets, shapes, dtypes, layouts, weightings, distillation steps and gradient
-    targets (bench/fuzz.py), every output and gradient within TOL u of its tensor's largest
+    targets (hdnas.testing.fuzz), every output and gradient within TOL u of its tensor's largest
     magnitude. The elementwise bound of test_fuzz.py does not hold for this route: outputs whose
     own terms are tiny (taps that never touch a 1-pixel image, say) get the FFT's round-off of
     the tensor's scale, e.g. 1e-20 instead of an exact 0."""

@@ -1,10 +1,10 @@
 """Fuzz every registered mixed-op backend that serves the device against the reference.
 
-The harness is bench/fuzz.py (its docstring says what a case is and how it is checked). Here: a
+The harness is hdnas.testing.fuzz (its docstring says what a case is and how it is checked). Here: a
 fixed seed and a few dozen cases per backend (tiny ones for backends interpreted on a CPU), plus
 tests that the harness itself catches wrong backends. Longer runs::
 
-    HDNAS_FUZZ_CASES=2000 HDNAS_FUZZ_SEED=7 python -m pytest -q tests/test_fuzz.py -k merged
+    HDNAS_FUZZ_CASES=2000 HDNAS_FUZZ_SEED=7 python -m pytest -q tests/mixed/test_fuzz.py -k merged
 
 A failure prints the case and the command that replays it (``python bench/fuzz.py --case I``).
 """
@@ -16,20 +16,13 @@ import json
 import os
 import subprocess
 import sys
-from pathlib import Path
 
 import pytest
 import torch
 
 from hdnas.mixed import Backend, get_backend
 from hdnas.model.space import OPS, get_op
-
-_PATH = Path(__file__).resolve().parents[2] / "bench" / "fuzz.py"
-_spec = importlib.util.spec_from_file_location("hdnas_bench_fuzz", _PATH)
-fuzz = importlib.util.module_from_spec(_spec)
-sys.modules[_spec.name] = fuzz  # dataclasses look their module up there
-_spec.loader.exec_module(fuzz)
-
+from hdnas.testing import fuzz
 
 
 def _env_int(name: str, default: int) -> int:
@@ -117,9 +110,8 @@ def test_cases_are_reproducible():
     """A case and its values depend on (seed, index) only: the same in another process with
     another PYTHONHASHSEED, through the JSON spec, and tensor for tensor."""
     specs = [fuzz.make_case(3, i).to_json() for i in range(5)]
-    code = ("import importlib.util, json, sys\n"
-            f"s = importlib.util.spec_from_file_location('f', {str(_PATH)!r})\n"
-            "f = sys.modules['f'] = importlib.util.module_from_spec(s); s.loader.exec_module(f)\n"
+    code = ("import json\n"
+            "from hdnas.testing import fuzz as f\n"
             "print(json.dumps([f.make_case(3, i).to_json() for i in range(5)]))\n")
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True,
                          env={**os.environ, "PYTHONHASHSEED": "12345"}).stdout

@@ -4,20 +4,25 @@ The wheel is built without the native library (``HDNAS_BUILD_NATIVE=0``), so the
 package must build it just in time from the sources it ships (``hdnas/csrc``, package data):
 that is the path a user of ``pip install .`` without ``--no-build-isolation`` (no torch at
 build time) takes, and the one that broke when ``csrc/`` was not shipped. A wheel with the
-library would not exercise it. It is installed into a fresh venv that sees the installed torch
-(``--system-site-packages``) but not the checkout, and built in a fresh ``HDNAS_CACHE_DIR``.
+library would not exercise it. It is installed into a fresh venv that sees this environment's
+torch and pip (a ``.pth`` file listing this interpreter's site-packages directories: whether it
+runs from a venv or not, ``--system-site-packages`` would give the base interpreter's instead)
+but not the checkout, and built in a fresh ``HDNAS_CACHE_DIR``.
 Slow (about 1.5 to 3 minutes on 2 cores: mostly the C++ build).
 """
 from __future__ import annotations
 
 import os
 import shutil
+import site
 import subprocess
 import sys
+import sysconfig
 import textwrap
 from pathlib import Path
 
 import pytest
+import torch
 
 ROOT = Path(__file__).resolve().parents[2]
 
@@ -32,6 +37,8 @@ CHECK = textwrap.dedent("""
     from hdnas.model.space import DLSR_PRIMITIVES
 
     assert Path(hdnas.__file__).resolve().is_relative_to(Path(sys.prefix).resolve()), hdnas.__file__
+    # torch: the test's own (whether it runs in a venv or not), not a base interpreter's
+    assert Path(torch.__file__).resolve() == Path(os.environ["OUTER_TORCH"]), torch.__file__
     assert native_build.csrc_dir() == native_build.CSRC_PACKAGED, native_build.csrc_dir()
     b = resolve_backend("fused", "cpu", torch.float32, DLSR_PRIMITIVES)
     assert b.name == "native", (b.name, native_build.error("cpu"))
@@ -75,6 +82,27 @@ def _run(cmd, **kw):
     return r
 
 
+def _site_dirs() -> list[str]:
+    """This interpreter's site-packages directories, where torch and pip are: a venv's own (and
+    the base's when the venv has --system-site-packages), and the user's when it uses them."""
+    paths = sysconfig.get_paths()
+    dirs = [paths["purelib"], paths["platlib"], *site.getsitepackages()]
+    if site.ENABLE_USER_SITE:
+        dirs.append(site.getusersitepackages())
+    return [d for d in dict.fromkeys(os.path.realpath(d) for d in dirs) if os.path.isdir(d)]
+
+
+def _see_this_environment(py: Path) -> None:
+    """A .pth file in the venv ``py`` adds this interpreter's site-packages directories to its
+    path, after the venv's own. Their own .pth files are not run (the editable install's path
+    hook stays out), so the venv's hdnas is the wheel's."""
+    code = "import sysconfig; print(sysconfig.get_paths()['purelib'])"
+    purelib = subprocess.run([str(py), "-c", code], capture_output=True, text=True,
+                             check=True).stdout.strip()
+    Path(purelib).mkdir(parents=True, exist_ok=True)
+    (Path(purelib) / "outer_environment.pth").write_text("\n".join(_site_dirs()) + "\n")
+
+
 @pytest.mark.slow
 def test_wheel_builds_native_just_in_time(tmp_path):
     _need_toolchain()
@@ -98,8 +126,9 @@ def test_wheel_builds_native_just_in_time(tmp_path):
     (wheel,) = wheels.glob("hdnas-*.whl")
 
     venv = tmp_path / "venv"
-    _run([sys.executable, "-m", "venv", "--system-site-packages", "--without-pip", str(venv)])
+    _run([sys.executable, "-m", "venv", "--without-pip", str(venv)])
     py = venv / ("Scripts/python.exe" if os.name == "nt" else "bin/python")
+    _see_this_environment(py)
     # the venv sees this environment's pip and torch; --ignore-installed: the editable hdnas
     # there is not uninstalled, the venv gets its own copy, which comes first on its path
     _run([str(py), "-m", "pip", "install", "-q", "--no-deps", "--ignore-installed",
@@ -108,5 +137,6 @@ def test_wheel_builds_native_just_in_time(tmp_path):
     work = tmp_path / "run"
     work.mkdir()
     r = _run([str(py), "-c", CHECK], cwd=work,
-             env={**env, "HDNAS_CACHE_DIR": str(tmp_path / "cache")})
+             env={**env, "HDNAS_CACHE_DIR": str(tmp_path / "cache"),
+                  "OUTER_TORCH": str(Path(torch.__file__).resolve())})
     assert "native from JIT build in" in r.stdout, r.stdout
