@@ -315,7 +315,8 @@ def plot_run(run_dir) -> list[Path]:
                                for i, r in enumerate(rows, start=2)], dtype=torch.float64)
                  for c in range(3, cells + 1)]
         out.append(_save(_alpha_figure(steps, alpha, ops, warm), run_dir / "alpha.png", run_dir))
-        out.append(_save(_beta_figure(steps, betas, warm), run_dir / "beta.png", run_dir))
+        if betas:  # a 2-cell network has no searched cell inputs
+            out.append(_save(_beta_figure(steps, betas, warm), run_dir / "beta.png", run_dir))
     val = [(st, float(r["val_psnr"]), float(r["val_ssim"])) for st, r in zip(steps, rows)
            if _finite(r.get("val_psnr")) and _finite(r.get("val_ssim"))]
     if val:

@@ -295,9 +295,10 @@ class Search(Loop):
         kern = ""
         if self.backend.name == "native" and self.device.type == "cpu":
             kern = f" (CPU kernels {native_build.isa()})"
-        chose = f" (--backend {cfg.backend})" if cfg.backend != self.backend.name else ""
+        chose = f" (chosen for --backend {cfg.backend})" if cfg.backend != self.backend.name \
+            else ""
         det = "; timed choices pinned (--deterministic)" if cfg.deterministic else ""
-        return (f"backend {self.backend.name}{kern}{chose} on {self.device}{amp}{det}; "
+        return (f"backend {self.backend.name}{kern} on {self.device}{chose}{amp}{det}; "
                 f"{len(self.train_data)} "
                 f"train / {len(self.arch_data)} arch{val} images; supernet "
                 f"{sum(p.numel() for p in self.model.weight_parameters())} weights; "

@@ -1,6 +1,5 @@
 """The evaluation CLI end to end on a tiny synthetic set, self-ensemble, and error paths."""
 import csv
-import os
 import subprocess
 import sys
 from pathlib import Path
@@ -13,14 +12,12 @@ from PIL import Image
 from hdnas.evaluate import main
 from hdnas.model.genotype import TINY18
 from hdnas.model.network import DerivedNet
+from hdnas.testing.shared import shared_dir
 
 torch.set_num_threads(2)
 REPO = Path(__file__).resolve().parents[2]
 
 
-def shared_dir() -> Path:
-    env = os.environ.get("HDNAS_SHARED")
-    return Path(env) if env else Path(__file__).resolve().parents[3] / "shared"
 
 
 @pytest.fixture

@@ -61,8 +61,10 @@ def test_few_steps_on_embedded_data(tmp_path, capsys):
 
 
 def _cfg(tmp, **kw):
+    # a fixed thread count: the default follows the load of other processes, and a thread
+    # count is part of what makes two runs bit-identical (README: --deterministic / --threads)
     base = dict(channels=8, cells=3, batch=2, patch=32, steps=6, warmup=2, log_every=1,
-                ckpt_every=3, out=str(tmp), ops=OPS)
+                ckpt_every=3, out=str(tmp), ops=OPS, threads=1)
     return SearchConfig(**(base | kw))
 
 

@@ -1,7 +1,5 @@
 """python -m hdnas.upscale: image kinds, exact tiling, errors that name the file (the tiling
 itself: tests/infer/test_tiling.py)."""
-import os
-from pathlib import Path
 
 import numpy as np
 import pytest
@@ -15,6 +13,7 @@ from hdnas.io.images import read_image
 from hdnas.model.genotype import TINY18, Genotype
 from hdnas.model.network import DerivedNet
 from hdnas.upscale import main
+from hdnas.testing.shared import shared_dir
 
 torch.set_num_threads(2)
 png = pytest.importorskip("png")
@@ -140,8 +139,7 @@ def test_cli_missing_input_and_name_clash(setup, tmp_path, capsys):
 
 
 def _official():
-    env = os.environ.get("HDNAS_SHARED")
-    shared = Path(env) if env else Path(__file__).resolve().parents[3] / "shared"
+    shared = shared_dir()
     ckpt = shared / "pretrained" / "RFDN_beta21_tiny18_ps128_20210306_lr4_700.pt"
     imgs = sorted((shared / "data" / "Set5").rglob("*.png"))
     return ckpt, imgs

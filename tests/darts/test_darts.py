@@ -175,7 +175,7 @@ def test_edge_weights():
 def test_recompute_keeps_only_the_input():
     """Saved-for-backward bytes (distinct tensors, parameters excluded): with recompute only the
     input stays; without it several inputs' worth per candidate."""
-    from bench.bench_darts import saved_bytes
+    from hdnas.testing.memory import saved_bytes
     for stride in (1, 2):
         _, on = _pair(8, stride, torch.float32, "merged", recompute=True)
         _, off = _pair(8, stride, torch.float32, "merged", recompute=False)

@@ -1,6 +1,4 @@
 """Benchmark folder layouts, modcrop, LR making, and clear errors for bad images and folders."""
-import os
-from pathlib import Path
 
 import numpy as np
 import pytest
@@ -10,11 +8,9 @@ from PIL import Image
 from hdnas.data.benchmark import BenchmarkError, BenchmarkSet, find_pairs, modcrop
 from hdnas.io.images import ImageError, load_rgb, save_rgb
 from hdnas.data.imresize import imresize_uint8
+from hdnas.testing.shared import shared_dir
 
 
-def shared_dir() -> Path:
-    env = os.environ.get("HDNAS_SHARED")
-    return Path(env) if env else Path(__file__).resolve().parents[3] / "shared"
 
 
 def rgb(h, w, seed=0):

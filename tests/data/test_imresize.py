@@ -1,7 +1,5 @@
 """MATLAB-compatible bicubic resize: against MATLAB-made LR images and a plain loop reference."""
 import math
-import os
-from pathlib import Path
 
 import numpy as np
 import pytest
@@ -9,11 +7,9 @@ import torch
 from PIL import Image
 
 from hdnas.data.imresize import imresize, imresize_uint8, matlab_round, output_size
+from hdnas.testing.shared import shared_dir
 
 
-def shared_dir() -> Path:
-    env = os.environ.get("HDNAS_SHARED")
-    return Path(env) if env else Path(__file__).resolve().parents[3] / "shared"
 
 
 def _cubic(x):

@@ -1,8 +1,6 @@
 """Y-channel PSNR/SSIM: unit values, an independent SSIM reference, and the published bicubic
 baselines (docs/method.md §7c) reproduced from the shared Set5/Set14."""
 import math
-import os
-from pathlib import Path
 
 import numpy as np
 import pytest
@@ -10,11 +8,9 @@ import torch
 from scipy.signal import correlate2d
 
 from hdnas.eval.metrics import gaussian_window, psnr, quantize, rgb_to_y, ssim
+from hdnas.testing.shared import shared_dir
 
 
-def shared_dir() -> Path:
-    env = os.environ.get("HDNAS_SHARED")
-    return Path(env) if env else Path(__file__).resolve().parents[3] / "shared"
 
 
 def test_rgb_to_y_matlab_values():

@@ -1,7 +1,5 @@
 """Export (hdnas.io.export): safetensors weights (read first, no trust flag), ONNX checked with ONNX
 Runtime, torch.export."""
-import os
-from pathlib import Path
 
 import numpy as np
 import pytest
@@ -15,6 +13,7 @@ from hdnas.io.export import (CHECK_TOLERANCE, PT2_MIN_LR, ExportError, check_onn
 from hdnas.io.official import WeightsError, load_weights, read_state_dict
 from hdnas.model.genotype import Genotype
 from hdnas.model.network import DerivedNet
+from hdnas.testing.shared import shared_dir
 
 torch.set_num_threads(2)
 
@@ -65,8 +64,7 @@ def test_broken_safetensors_is_a_clear_error(tmp_path):
 
 
 def _real_inputs():
-    env = os.environ.get("HDNAS_SHARED")
-    shared = Path(env) if env else Path(__file__).resolve().parents[3] / "shared"
+    shared = shared_dir()
     imgs = sorted((shared / "data" / "Set5").rglob("*.png"))[:2]
     out = []
     for p in imgs:

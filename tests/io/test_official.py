@@ -1,5 +1,4 @@
 """Strict loading of official DLSR and hdnas checkpoints; the tiny checkpoint's reference scores."""
-import os
 from pathlib import Path
 
 import pytest
@@ -8,14 +7,12 @@ import torch
 from hdnas.model.genotype import BETA21, PARA_LOSS, TINY18, Genotype
 from hdnas.model.network import DerivedNet
 from hdnas.io.official import WeightsError, load_official_checkpoint, load_weights
+from hdnas.testing.shared import shared_dir
 
 torch.set_num_threads(2)
 CKPT = "pretrained/RFDN_beta21_tiny18_ps128_20210306_lr4_700.pt"
 
 
-def shared_dir() -> Path:
-    env = os.environ.get("HDNAS_SHARED")
-    return Path(env) if env else Path(__file__).resolve().parents[3] / "shared"
 
 
 def ckpt_path() -> Path:

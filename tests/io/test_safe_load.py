@@ -3,9 +3,7 @@
 import dataclasses
 import fractions
 import json
-import os
 import pathlib
-from pathlib import Path
 
 import numpy as np
 import pytest
@@ -17,6 +15,7 @@ from hdnas.evaluate import main as evaluate_main
 from hdnas.model.genotype import TINY18
 from hdnas.model.network import DerivedNet
 from hdnas.io.official import WeightsError, load_official_checkpoint, load_weights, read_state_dict
+from hdnas.testing.shared import shared_dir
 
 torch.set_num_threads(2)
 
@@ -158,8 +157,7 @@ def test_resume_refuses_payload(tmp_path, capsys, command):
 
 
 def official_checkpoints():
-    env = os.environ.get("HDNAS_SHARED")
-    shared = Path(env) if env else Path(__file__).resolve().parents[3] / "shared"
+    shared = shared_dir()
     return sorted((shared / "pretrained").glob("*.pt"))
 
 
