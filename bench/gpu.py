@@ -68,7 +68,7 @@ STATUS_BAD = ("FAIL", "ERROR")
 SECTIONS = ("checks", "sanitize", "time", "sweeps", "aot")
 
 #: optional case providers: (module, the package it needs)
-PROVIDERS = [("bench.gpu_darts", "hdnas.darts")]
+PROVIDERS = [("bench.gpu_darts", "hdnas.darts"), ("bench.gpu_compile", "torch._dynamo")]
 
 #: candidate ops in the order the op-count sweep adds them (each prefix mixes the families)
 SWEEP_OP_ORDER = ("conv_3x3", "sep_conv_3x3", "dil_conv_3x3", "conv_5x5", "sep_conv_5x5",

@@ -86,6 +86,12 @@ def test_dry_run_all_sections(tmp_path, capsys):
         (c, b) for c in ("DARTS step", "DARTS op s1 fwd+bwd", "DARTS op s2 fwd+bwd")
         for b in ("reference", "merged", "native")}
     assert "| DARTS step (C4, 3 cells of 2 nodes, 8x8) |" in md
+    # the torch.compile provider (bench/gpu_compile.py): a compiled weight step per backend,
+    # its compilation time and graph breaks in the notes
+    comp = [r for r in ok if r["case"] == "weight_step compiled (aot_eager)"]
+    assert {r["backend"] for r in comp} == {"reference", "merged", "native"}
+    notes = [n for n in data["notes"] if n.startswith("torch.compile (aot_eager)")]
+    assert len(notes) == 3 and all("graph break" in n for n in notes)
 
 
 def _broken():
