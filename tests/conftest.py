@@ -118,6 +118,14 @@ SLOW = {
     # the whole dry run of python -m bench.gpu on the CPU (15 to 28 s). Fast: the bench.gpu
     # tests of a broken backend, the sanitizer step, the plans, the replay of bench/fuzz.py
     "tests/bench/test_bench_gpu.py::test_dry_run_all_sections": "bench.gpu dry run",
+    # Trimmed for the fast tier's time on a 2-core box (each 5-8 s; representatives stay fast):
+    # TensorBoard (an optional dependency) writes through a whole tiny search twice (the
+    # plots and schema tests keep a tiny search in the fast tier); the interpreter runs every
+    # Triton launch of a search to compare with the AOT matrix (the matrix's own checks stay);
+    # retraining + resume (test_killed_and_resumed_equals_uninterrupted stays)
+    "tests/engine/test_tensorboard.py": "two tiny runs with an optional dependency",
+    "tests/kernels/test_triton_aot.py::test_launches_are_in_the_matrix": "Triton interpreter",
+    "tests/commands/test_search_cli.py::test_retrain_and_resume": "a retraining resumed",
 }
 
 
