@@ -16,7 +16,7 @@ import time
 
 import torch
 
-from bench.gpu_time import TimeCase, n_buffers
+from bench.gpu_time import TimeCase, weight_step_of
 from hdnas.model.network import SuperNet
 from hdnas.model.space import DLSR_PRIMITIVES
 from hdnas.nas.losses import SRLoss
@@ -35,19 +35,8 @@ def weight_step_case(plan) -> TimeCase:
         torch.manual_seed(0)
         model = SuperNet(C, cells, 2, DLSR_PRIMITIVES, backend=backend).to(device)
         forward = torch.compile(model, backend=compiler)
-        loss_fn = SRLoss(0.2)
-        weights = model.weight_parameters()
-        opt = torch.optim.Adam(weights, lr=5e-4)
-        nb = max(3, n_buffers(device, N * 3 * 4 * H * W * 5) + 1)
-        batches = [(torch.rand(N, 3, H, W, device=device),
-                    torch.rand(N, 3, 2 * H, 2 * W, device=device)) for _ in range(nb)]
-
-        def step(batch):
-            opt.zero_grad(set_to_none=True)
-            loss = loss_fn(forward(batch[0]), batch[1])
-            loss.backward(inputs=weights)
-            opt.step()
-            return float(loss.detach())
+        batches, step = weight_step_of(model, forward, SRLoss(0.2), shape, device)
+        nb = len(batches)
 
         torch._dynamo.utils.counters.clear()
         t = time.perf_counter()

@@ -256,6 +256,25 @@ def _mixed_case(step, bwd, op_names=DLSR_PRIMITIVES):
     return build
 
 
+def weight_step_of(model, forward, loss_fn, shape, device):
+    """(rotating (LR, HR) batches, ``weight_step(batch)``): the search's weight step (forward
+    through ``forward``, SR loss, backward into the weights, Adam), the loss read back."""
+    N, C, H, W = shape
+    weights = model.weight_parameters()
+    w_opt = torch.optim.Adam(weights, lr=5e-4)
+    nb = max(3, n_buffers(device, N * 3 * 4 * H * W * 5) + 1)
+    batches = [(torch.rand(N, 3, H, W, device=device), torch.rand(N, 3, 2 * H, 2 * W, device=device))
+               for _ in range(nb)]
+
+    def weight_step(batch):
+        w_opt.zero_grad(set_to_none=True)
+        loss = loss_fn(forward(batch[0]), batch[1])
+        loss.backward(inputs=weights)
+        w_opt.step()
+        return float(loss.detach())
+    return batches, weight_step
+
+
 def search_step_case(rule, cells=6):
     """One whole search step on a SuperNet (C, ``cells`` cells, x2): the weight step (forward, SR loss,
     backward into the weights, Adam) and the architecture step of ``rule`` (hdnas.nas.architect),
@@ -271,19 +290,9 @@ def search_step_case(rule, cells=6):
         torch.manual_seed(0)
         model = SuperNet(C, cells, 2, DLSR_PRIMITIVES, backend=backend).to(device)
         loss_fn = SRLoss(0.2)
-        weights = model.weight_parameters()
-        w_opt = torch.optim.Adam(weights, lr=5e-4)
         arch = Architect(model, loss_fn, rule, 3e-4)
-        nb = max(3, n_buffers(device, N * 3 * 4 * H * W * 5) + 1)
-        batches = [(torch.rand(N, 3, H, W, device=device), torch.rand(N, 3, 2 * H, 2 * W, device=device))
-                   for _ in range(nb)]
-
-        def weight_step(batch):
-            w_opt.zero_grad(set_to_none=True)
-            loss = loss_fn(model(batch[0]), batch[1])
-            loss.backward(inputs=weights)
-            w_opt.step()
-            return float(loss.detach())
+        batches, weight_step = weight_step_of(model, model, loss_fn, shape, device)
+        nb = len(batches)
 
         def fn(i, mark):
             train, val = batches[i % nb], batches[(i + 1) % nb]
