@@ -40,6 +40,8 @@ import torch.nn.functional as F
 from torch import nn
 from torch.utils.checkpoint import checkpoint
 
+from hdnas.darts.batchnorm import RunState as _RunState
+from hdnas.darts.batchnorm import group_batch_norm
 from hdnas.darts.operations import (DARTS_FAMILIES, OPS, PRIMITIVES, NotRecognised,
                                     build_candidates, channel_shuffle, check_primitives,
                                     check_stride, identify_candidate)
@@ -97,103 +99,33 @@ def check_backend(name: str) -> str:
     return name
 
 
-# ---------------------------------------------------------------------------------------------
-# BatchNorm over groups of channels, exactly as nn.BatchNorm2d
-
-class _RunState:
-    """Whether the fused function runs for the first time (update running statistics) or is
-    being recomputed in backward (normalise only)."""
-
-    __slots__ = ("first",)
-
-    def __init__(self):
-        self.first = True
-
-
-def _bn_key(bn):
-    return (bn.training, bn.track_running_stats, bn.running_mean is None, bn.momentum, bn.eps,
-            bn.running_mean.dtype if bn.running_mean is not None else None)
-
-
-def _affine_part(bn, scale, C, like, kind):
-    """The per-channel weight (kind 'w') or bias ('b') of one BN group times ``scale`` (None = 1)."""
-    if kind == "w":
-        base = bn.weight if bn.affine else None
-        if base is None:
-            return like.new_ones(C) if scale is None else scale.expand(C)
-        return base if scale is None else base * scale
-    if not bn.affine:
-        return None
-    return bn.bias if scale is None else bn.bias * scale
-
-
-def _group_affine(bns, scales, like, kind):
-    C = bns[0].num_features
-    parts = [_affine_part(bn, s, C, like, kind) for bn, s in zip(bns, scales)]
-    if all(p is None for p in parts):
-        return None
-    if kind == "w" and all(s is None and not bn.affine for bn, s in zip(bns, scales)):
-        return None
-    parts = [like.new_zeros(C) if p is None else p for p in parts]
-    # contiguous: torch's CPU batch_norm backward computes a wrong input gradient from a stride-0
-    # (expanded) weight when each channel has one pixel per image (H = W = 1; torch 2.13)
-    return (parts[0] if len(parts) == 1 else torch.cat(parts)).to(like.dtype).contiguous()
-
-
-def group_batch_norm(u, bns, scales, state: _RunState):
-    """``cat_g(scale_g * bn_g(u_g))`` for the channel blocks u_g of u (one per BN module, each
-    ``num_features`` wide), as each ``nn.BatchNorm2d`` computes it in its current mode (running
-    statistics and ``num_batches_tracked`` updated as the module does, but only on the first run
-    of ``state``). Modules with the same settings share one ``F.batch_norm`` call."""
-    if len(bns) > 1 and len({_bn_key(b) for b in bns}) > 1:
-        C = bns[0].num_features
-        return torch.cat([group_batch_norm(u[:, i * C:(i + 1) * C], [b], [s], state)
-                          for i, (b, s) in enumerate(zip(bns, scales))], 1)
-    b0 = bns[0]
-    C = b0.num_features
-    factor = 0.0 if b0.momentum is None else b0.momentum
-    tracks = b0.training and b0.track_running_stats  # the module would update its statistics
-    update = tracks and state.first
-    if tracks and b0.num_batches_tracked is not None:
-        if update:
-            for b in bns:
-                b.num_batches_tracked.add_(1)
-        if b0.momentum is None:
-            if len({int(b.num_batches_tracked) for b in bns}) > 1:
-                # cumulative averages over different counts: one call per module
-                if update:
-                    for b in bns:
-                        b.num_batches_tracked.sub_(1)
-                return torch.cat([group_batch_norm(u[:, i * C:(i + 1) * C], [b], [s], state)
-                                  for i, (b, s) in enumerate(zip(bns, scales))], 1)
-            factor = 1.0 / float(b0.num_batches_tracked)
-    bn_training = b0.training or b0.running_mean is None
-    rm = rv = None
-    if b0.running_mean is not None and (tracks or not bn_training):
-        if len(bns) == 1:
-            rm, rv = b0.running_mean, b0.running_var
-        else:
-            rm = torch.cat([b.running_mean for b in bns])
-            rv = torch.cat([b.running_var for b in bns])
-        if tracks and not update:
-            # recomputation in backward: the same call (so autograd saves the same tensors),
-            # updating throw-away copies of the statistics
-            rm, rv = rm.clone(), rv.clone()
-    weight = _group_affine(bns, scales, u, "w")
-    bias = _group_affine(bns, scales, u, "b")
-    y = F.batch_norm(u, rm, rv, weight, bias, bn_training, factor, b0.eps)
-    if update and len(bns) > 1 and rm is not None:
-        with torch.no_grad():
-            for i, b in enumerate(bns):
-                b.running_mean.copy_(rm[i * C:(i + 1) * C])
-                b.running_var.copy_(rv[i * C:(i + 1) * C])
-    return y
-
-
 def darts_plan(names) -> Plan:
     """The plan of a DARTS candidate set (``hdnas.mixed.plan.Plan`` over the DARTS specs)."""
     names = tuple(names)
     return Plan(names, [OPS[n] for n in names], DARTS_FAMILIES)
+
+
+#: Primitive sets whose stride-1 depthwise stage, subsampled, is faster on a CPU than stock
+#: strided convs (bench/bench_darts.py, the mixed op at stride 2); they also run the 3x3 average
+#: pool (count_include_pad=False) as a depthwise box sum divided by the window counts.
+SUBSAMPLED_STRIDE2 = ("native",)
+
+
+def _avg_pool_3x3(x, s, prims):
+    """``F.avg_pool2d(x, 3, s, 1, count_include_pad=False)`` as a depthwise 3x3 box sum (one
+    ``grouped_dw`` call, stride 1, subsampled for s = 2) divided by each window's count of real
+    pixels: PyTorch's CPU average-pool backward is several times slower than the primitives'."""
+    N, C, H, W = x.shape
+    ones = x.new_ones(1, C, 3, 3)
+    y = prims.grouped_dw(x, ones, (3,), (1,), False, True)
+    if s == 2:
+        y = y[:, :, ::2, ::2]
+
+    def counts(n):
+        pos = torch.arange(0, n, s, device=x.device)
+        return 3 - (pos == 0).to(x.dtype) - (pos == n - 1).to(x.dtype)
+
+    return y / (counts(H).view(-1, 1) * counts(W).view(1, -1))
 
 
 def _grouped_pw(z, w):
@@ -244,6 +176,7 @@ class MixedOp(nn.Module):
         if partial_k > 1:
             self.mp = nn.MaxPool2d(2, 2)
         self.plan = darts_plan(names)
+        self._single: dict = {}  # GDAS: index -> (plan, [module]) of one candidate
 
     @classmethod
     def from_module(cls, module: nn.Module, backend: str = "fused", recompute: bool = True,
@@ -293,12 +226,16 @@ class MixedOp(nn.Module):
         return self._partial(x, lambda xa: self._mix(xa, weights))
 
     def forward_gdas(self, x, weights, index):
-        """GDAS: ``weights[index] * op_index(x)``; only the chosen candidate runs."""
+        """GDAS: ``weights[index] * op_index(x)``; only the chosen candidate runs (by the fused
+        path of that candidate alone, like ``forward`` with one candidate)."""
         self._check(x, weights)
         index = int(index)
         if not 0 <= index < len(self._ops):
             raise DartsBackendError(f"GDAS index {index} out of range for {len(self._ops)} candidates")
-        return self._partial(x, lambda xa: self._ops[index](xa) * weights[index])
+        if index not in self._single:
+            self._single[index] = (darts_plan([self.primitives[index]]), [self._ops[index]])
+        plan, ops = self._single[index]
+        return self._partial(x, lambda xa: self._mix(xa, weights[index:index + 1], plan, ops))
 
     def _partial(self, x, f):
         if self.partial_k == 1:
@@ -310,29 +247,34 @@ class MixedOp(nn.Module):
             xb = self.mp(xb)
         return channel_shuffle(torch.cat([y, xb], dim=1), self.partial_k)
 
-    def _mix(self, x, weights):
-        prims = resolve_primitives(self.backend, x.device, x.dtype, self.plan)
+    def _mix(self, x, weights, plan=None, ops=None):
+        """``sum_k weights[k] * ops[k](x)`` over the candidates of ``plan`` (default: all)."""
+        plan, ops = (self.plan, self._ops) if plan is None else (plan, ops)
+        prims = resolve_primitives(self.backend, x.device, x.dtype, plan)
         if prims is None or torch.is_autocast_enabled(x.device.type):
-            return sum(w * op(x) for w, op in zip(weights, self._ops))
+            return sum(w * op(x) for w, op in zip(weights, ops))
         state = _RunState()
         if self.recompute and torch.is_grad_enabled():
-            return checkpoint(self._fused, x, weights, prims, state, use_reentrant=False,
-                              preserve_rng_state=False)
-        return self._fused(x, weights, prims, state)
+            return checkpoint(self._fused, x, weights, prims, state, plan, ops,
+                              use_reentrant=False, preserve_rng_state=False)
+        return self._fused(x, weights, prims, state, plan, ops)
 
-    def _fused(self, x, weights, prims, state: _RunState):
-        P, ops = self.plan, self._ops
+    def _fused(self, x, weights, prims, state: _RunState, P: Plan, ops):
         N, C, H, W = x.shape
         s = self.stride
         w = weights.to(x.dtype)
         terms = []
         xr = None
+        # the fast primitives at stride 1, subsampled, beat stock strided convs (CPU, measured)
+        subsample = prims.name in SUBSAMPLED_STRIDE2 and x.device.type == "cpu"
         if P.st1 or (P.skip and s == 2):
             xr = F.relu(x) if (s == 2) else None
         if P.st1:
-            if s == 1:
+            if s == 1 or subsample:
                 k1 = torch.stack([pad_to(ops[i].op[1].weight[:, 0], P.st1_kmax) for i in P.st1])
                 z1 = prims.grouped_dw(x, k1, P.st1_ksizes, P.st1_dils, True, True)
+                if s == 2:  # the stride-2 outputs are the even pixels of the stride-1 ones
+                    z1 = z1[:, :, ::2, ::2].contiguous()
             else:
                 z1 = torch.cat([F.conv2d(xr, ops[i].op[1].weight, stride=2, padding=d * (k // 2),
                                          dilation=d, groups=C)
@@ -355,18 +297,21 @@ class MixedOp(nn.Module):
                 terms.append(v2.view(N, Gs, C, Ho, Wo).sum(1) if Gs > 1 else v2)
             if Gd:
                 terms.append(vd.reshape(N, Gd, C, Ho, Wo).sum(1) if Gd > 1 else vd)
-        if P.max_pool or P.avg_pool:
+        if P.max_pool or (P.avg_pool and not subsample):
             # PyTorch's CPU pools are several times faster on channels-last tensors, with the same
             # windows, scan order and tie rule (the first maximum in row-major order)
             xp = x.contiguous(memory_format=torch.channels_last) if x.device.type == "cpu" else x
-            # the BN reads an NCHW copy: torch's channels-last training-mode batch_norm on CPU
-            # accumulates its statistics far less accurately (5e-5 vs 3e-7 relative, fp32)
-            for i in P.max_pool:
-                mp = F.max_pool2d(xp, 3, s, 1).contiguous()
-                terms.append(group_batch_norm(mp, [ops[i][1]], [w[i]], state))
-            for i in P.avg_pool:
+        # the BNs read NCHW tensors: torch's channels-last training-mode batch_norm on CPU
+        # accumulates its statistics far less accurately (5e-5 vs 3e-7 relative, fp32)
+        for i in P.max_pool:
+            mp = F.max_pool2d(xp, 3, s, 1).contiguous()
+            terms.append(group_batch_norm(mp, [ops[i][1]], [w[i]], state))
+        for i in P.avg_pool:
+            if subsample:
+                ap = _avg_pool_3x3(x, s, prims)
+            else:
                 ap = F.avg_pool2d(xp, 3, s, 1, count_include_pad=False).contiguous()
-                terms.append(group_batch_norm(ap, [ops[i][1]], [w[i]], state))
+            terms.append(group_batch_norm(ap, [ops[i][1]], [w[i]], state))
         for i in P.skip:
             if s == 1:
                 terms.append(w[i] * x)
@@ -377,8 +322,8 @@ class MixedOp(nn.Module):
                                F.conv2d(xr[:, :, 1:, 1:], fr.conv_2.weight, stride=2)], 1)
                 terms.append(group_batch_norm(y, [fr.bn], [w[i]], state))
         state.first = False
-        if not terms:  # only 'none': exactly zero (with a zero gradient for the weights)
-            return x[:, :, ::s, ::s].mul(0.) if s > 1 else x.mul(0.)
+        if not terms:  # only 'none': w * x.mul(0) as the plain loop (a zero weight gradient)
+            return (x[:, :, ::s, ::s].mul(0.) if s > 1 else x.mul(0.)) * w.sum()
         out = terms[0]
         for t in terms[1:]:
             out = out + t

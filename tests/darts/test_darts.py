@@ -146,13 +146,45 @@ def test_gdas_only_chosen_candidate_runs():
     assert hardwts.detach().eq(torch.nn.functional.one_hot(index, 8).double()).all()
     x = torch.randn(2, 4, 6, 6, dtype=torch.float64)
     y = ours.forward_gdas(x, hardwts, k)
-    torch.testing.assert_close(y, ref.forward_gdas(x, hardwts, k), rtol=0, atol=0)
+    torch.testing.assert_close(y, ref.forward_gdas(x, hardwts, k), rtol=1e-12, atol=1e-12)
     y.sum().backward()
     # straight-through: every logit gets a gradient; only the chosen op's parameters do
     assert (alpha.grad != 0).all()
     for i, op in enumerate(ours._ops):
         for p in op.parameters():
             assert (p.grad is not None) == (i == k)
+
+
+@pytest.mark.parametrize("backend", ["merged", "native"])
+@pytest.mark.parametrize("stride", [1, 2])
+def test_gdas_each_candidate_fused_equals_plain(backend, stride):
+    """forward_gdas runs the chosen candidate by the fused path of that candidate alone: output,
+    input, weight and parameter gradients and BN statistics equal the plain form in fp64, for
+    every index."""
+    if backend == "native" and not _native_ok():
+        pytest.skip("native kernels not built")
+    for k in range(len(hd.PRIMITIVES)):
+        ref, ours = _pair(8, stride, torch.float64, backend)
+        torch.manual_seed(k)
+        size = 7 if stride == 1 else 8  # (DARTS' FactorizedReduce takes even sizes only)
+        x = torch.randn(3, 8, size, size, dtype=torch.float64)
+        xs = [x.clone().requires_grad_() for _ in range(2)]
+        ws = [torch.rand(8, dtype=torch.float64, requires_grad=True) for _ in range(2)]
+        with torch.no_grad():
+            ws[1].copy_(ws[0])
+        ys = [m.forward_gdas(xi, wi, k) for m, xi, wi in zip((ref, ours), xs, ws)]
+        g = torch.randn_like(ys[0])
+        for y in ys:
+            y.backward(g)
+        torch.testing.assert_close(ys[1], ys[0], rtol=1e-10, atol=1e-10)
+        torch.testing.assert_close(xs[1].grad, xs[0].grad, rtol=1e-10, atol=1e-10)
+        torch.testing.assert_close(ws[1].grad, ws[0].grad, rtol=1e-10, atol=1e-10)
+        for (n, p), (_, q) in zip(ref.named_parameters(), ours.named_parameters()):
+            assert (p.grad is None) == (q.grad is None), (k, n)
+            if p.grad is not None:
+                torch.testing.assert_close(q.grad, p.grad, rtol=1e-10, atol=1e-10)
+        for (n, a), (_, b) in zip(ref.named_buffers(), ours.named_buffers()):
+            torch.testing.assert_close(b, a, rtol=1e-12, atol=1e-12, msg=f"{hd.PRIMITIVES[k]} {n}")
 
 
 def test_gdas_weights_resample_and_bad_tau():

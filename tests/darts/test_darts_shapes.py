@@ -3,6 +3,7 @@ degenerate (1x1, 1xW) and odd sizes, stride 1 and 2, each candidate alone and al
 fp64: outputs, input/alpha/parameter gradients and BN statistics to 1e-10. fp32: no less
 accurate against fp64 than the plain loop itself (up to a small factor and a floor)."""
 import copy
+import statistics
 
 import pytest
 import torch
@@ -91,6 +92,9 @@ def test_fp32_no_less_accurate_than_the_plain_loop(stride):
             fused = _run(hd.MixedOp.from_module(copy.deepcopy(ref32), backend="fused"), x, w, g)
             for k, (f, p, t) in enumerate(zip(fused, plain, truth)):
                 ef, ep = _rel(f.double(), t), _rel(p.double(), t)
-                worst.append(ef / max(ep, 1e-6))
-                assert ef <= 4 * ep + 5e-7, (prims, (H, W), k, ef, ep)
+                worst.append(ef / max(ep, 1e-7))
+                # a floor of ~8 fp32 ulps: one scalar's error (a mixing-weight gradient) is
+                # round-off noise on both sides, and the plain loop's is at times luckily small
+                assert ef <= 4 * ep + 1e-6, (prims, (H, W), k, ef, ep)
     assert worst  # the comparison ran
+    assert statistics.median(worst) <= 2.0, sorted(worst)
