@@ -6,6 +6,10 @@
 
 #include "cpu/dw_cpu.h"
 
+namespace hdnas {
+std::tuple<at::Tensor, at::Tensor> bn_stats_cpu(const at::Tensor& x);
+}
+
 TORCH_LIBRARY(hdnas_native, m) {
   m.def("dw_fwd(Tensor x, Tensor w, int[] offs, int[] ntaps, bool relu_input, bool shared_input)"
         " -> Tensor");
@@ -15,6 +19,9 @@ TORCH_LIBRARY(hdnas_native, m) {
   // first call from HDNAS_NATIVE_ISA or the CPU's features), a switch (for tests and benchmarks;
   // '' or 'auto': the best this CPU runs), the variants this CPU runs, the pure choice for a
   // given feature set (tests), and the CPU features that the choice looks at.
+  // The batch statistics of training-mode BN: (mean, biased variance) per channel, float64
+  // (csrc/cpu/bn_stats.cpp).
+  m.def("bn_stats(Tensor x) -> (Tensor, Tensor)");
   m.def("isa() -> str", &hdnas::cpu::isa_op);
   m.def("set_isa(str name) -> str", &hdnas::cpu::set_isa_op);
   m.def("isa_supported() -> str[]", &hdnas::cpu::isa_supported_op);
@@ -25,4 +32,5 @@ TORCH_LIBRARY(hdnas_native, m) {
 TORCH_LIBRARY_IMPL(hdnas_native, CPU, m) {
   m.impl("dw_fwd", &hdnas::dw_fwd_cpu);
   m.impl("dw_bwd", &hdnas::dw_bwd_cpu);
+  m.impl("bn_stats", &hdnas::bn_stats_cpu);
 }

@@ -267,6 +267,7 @@ class MixedOp(nn.Module):
         xr = None
         # the fast primitives at stride 1, subsampled, beat stock strided convs (CPU, measured)
         subsample = prims.name in SUBSAMPLED_STRIDE2 and x.device.type == "cpu"
+        bst = prims.batch_stats  # the BNs' batch statistics (None: F.batch_norm's own)
         if P.st1 or (P.skip and s == 2):
             xr = F.relu(x) if (s == 2) else None
         if P.st1:
@@ -282,7 +283,7 @@ class MixedOp(nn.Module):
             pw1 = torch.stack([ops[i].op[2].weight[:, :, 0, 0] for i in P.st1])
             u1 = _grouped_pw(z1, pw1)
             v1 = group_batch_norm(u1, [ops[i].op[3] for i in P.st1],
-                                  [None] * len(P.sep) + [w[i] for i in P.dil], state)
+                                  [None] * len(P.sep) + [w[i] for i in P.dil], state, bst)
             Gs, Gd = len(P.sep), len(P.dil)
             Ho, Wo = v1.shape[-2:]
             # one split (its backward is one cat) rather than two slices (each of whose backward
@@ -293,7 +294,7 @@ class MixedOp(nn.Module):
                 z2 = prims.grouped_dw(v_sep, k2, P.st2_ksizes, (1,) * Gs, True, False)
                 pw2 = torch.stack([ops[i].op[6].weight[:, :, 0, 0] for i in P.sep])
                 v2 = group_batch_norm(_grouped_pw(z2, pw2), [ops[i].op[7] for i in P.sep],
-                                      [w[i] for i in P.sep], state)
+                                      [w[i] for i in P.sep], state, bst)
                 terms.append(v2.view(N, Gs, C, Ho, Wo).sum(1) if Gs > 1 else v2)
             if Gd:
                 terms.append(vd.reshape(N, Gd, C, Ho, Wo).sum(1) if Gd > 1 else vd)
@@ -305,13 +306,13 @@ class MixedOp(nn.Module):
         # accumulates its statistics far less accurately (5e-5 vs 3e-7 relative, fp32)
         for i in P.max_pool:
             mp = F.max_pool2d(xp, 3, s, 1).contiguous()
-            terms.append(group_batch_norm(mp, [ops[i][1]], [w[i]], state))
+            terms.append(group_batch_norm(mp, [ops[i][1]], [w[i]], state, bst))
         for i in P.avg_pool:
             if subsample:
                 ap = _avg_pool_3x3(x, s, prims)
             else:
                 ap = F.avg_pool2d(xp, 3, s, 1, count_include_pad=False).contiguous()
-            terms.append(group_batch_norm(ap, [ops[i][1]], [w[i]], state))
+            terms.append(group_batch_norm(ap, [ops[i][1]], [w[i]], state, bst))
         for i in P.skip:
             if s == 1:
                 terms.append(w[i] * x)
@@ -320,7 +321,7 @@ class MixedOp(nn.Module):
                 xr = F.relu(x) if xr is None else xr
                 y = torch.cat([F.conv2d(xr, fr.conv_1.weight, stride=2),
                                F.conv2d(xr[:, :, 1:, 1:], fr.conv_2.weight, stride=2)], 1)
-                terms.append(group_batch_norm(y, [fr.bn], [w[i]], state))
+                terms.append(group_batch_norm(y, [fr.bn], [w[i]], state, bst))
         state.first = False
         if not terms:  # only 'none': w * x.mul(0) as the plain loop (a zero weight gradient)
             return (x[:, :, ::s, ::s].mul(0.) if s > 1 else x.mul(0.)) * w.sum()

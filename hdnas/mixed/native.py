@@ -54,6 +54,11 @@ def _register_python_side():
     def _dw_fwd_fake(x, w, offs, ntaps, relu_input, shared_input):
         return x.new_empty((x.shape[0], w.shape[0] * w.shape[1], x.shape[2], x.shape[3]))
 
+    @torch.library.register_fake("hdnas_native::bn_stats")
+    def _bn_stats_fake(x):
+        return (x.new_empty((x.shape[1],), dtype=torch.float64),
+                x.new_empty((x.shape[1],), dtype=torch.float64))
+
     @torch.library.register_fake("hdnas_native::dw_bwd")
     def _dw_bwd_fake(grad_y, x, w, offs, ntaps, relu_input, shared_input, need_gx, need_gw):
         gx = torch.empty_like(x, memory_format=torch.contiguous_format) if need_gx else x.new_empty((0,))
@@ -220,9 +225,20 @@ def mixed_dw(x, weights, kernels, ksizes, dilations, relu_input: bool, skip_weig
     return y
 
 
+def batch_stats(x):
+    """(mean, biased variance) per channel of a float32/float64 (N, C, H, W) CPU tensor over
+    (N, H, W), in float64 (``csrc/cpu/bn_stats.cpp``; twin:
+    ``torch.var_mean(x.double(), (0, 2, 3), correction=0)`` reversed), or None where the kernel
+    does not serve (other devices or dtypes, no values, the library unavailable)."""
+    if (x.device.type != "cpu" or x.dtype not in (torch.float32, torch.float64) or x.dim() != 4
+            or x.numel() == 0 or _reason("cpu", x.dtype, 1, 1, 0) is not None):
+        return None
+    return torch.ops.hdnas_native.bn_stats(x)
+
+
 #: The C++/CUDA depthwise primitives (``--fused`` on a CPU uses these), with the merged dense
 #: conv by FFT where that is measured faster (hdnas.mixed.dense).
-NATIVE_PRIMITIVES = Primitives("native", grouped_dw, mixed_dw, dense.dense_conv)
+NATIVE_PRIMITIVES = Primitives("native", grouped_dw, mixed_dw, dense.dense_conv, batch_stats)
 
 
 class NativeBackend(DecomposedBackend):

@@ -57,12 +57,22 @@ def mixed_dw_ref(x, weights, kernels, ksizes, dilations, relu_input: bool, skip_
 class Primitives:
     """A set of primitives: two depthwise functions with the signatures of the twins above, and
     the merged dense conv (``dense_conv(x, w)``: 'same' padding, stride 1; twin
-    ``hdnas.mixed.dense.conv_same``). The stock set is the twins themselves (PyTorch convs)."""
+    ``hdnas.mixed.dense.conv_same``). The stock set is the twins themselves (PyTorch convs).
+    ``batch_stats(x)``: optional, the per-channel (mean, biased variance) of a training-mode
+    BatchNorm in float64, or None where it does not serve (twin: ``batch_stats_ref``); None:
+    ``F.batch_norm`` computes them."""
 
     name: str = "torch"
     grouped_dw: Callable = grouped_dw_ref
     mixed_dw: Callable = mixed_dw_ref
     dense_conv: Callable = conv_same
+    batch_stats: Callable | None = None
+
+
+def batch_stats_ref(x):
+    """The twin of ``Primitives.batch_stats``: (mean, biased variance) of x over (0, 2, 3), fp64."""
+    var, mean = torch.var_mean(x.double(), (0, 2, 3), correction=0)
+    return mean, var
 
 
 TORCH_PRIMITIVES = Primitives()
