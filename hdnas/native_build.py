@@ -223,6 +223,9 @@ def _load(kind: str) -> None:
 
 def load(kind: str = "cpu") -> bool:
     """Load the native library of ``kind`` ('cpu' or 'cuda'); True if its ops are usable."""
+    state = _state.get(kind)  # known: no lock (a compiled forward traces this, and Dynamo
+    if state is not None:     # cannot enter a lock; entries are only ever added)
+        return state is True
     with _lock:
         if kind in _state:
             return _state[kind] is True

@@ -126,6 +126,13 @@ SLOW = {
     "tests/engine/test_tensorboard.py": "two tiny runs with an optional dependency",
     "tests/kernels/test_triton_aot.py::test_launches_are_in_the_matrix": "Triton interpreter",
     "tests/commands/test_search_cli.py::test_retrain_and_resume": "a retraining resumed",
+    # torch.compile (aot_eager: Dynamo + AOTAutograd) of tiny searches against eager ones, each
+    # rule (10 to 11 s each). Fast: the same test with Dynamo alone and one op
+    # ([joint-eager]), the one-graph tests of the supernet's forward
+    **{f"tests/engine/test_compile.py::test_compiled_search_equals_eager[{p}]":
+       "aot_eager compiles of searches" for p in ("joint-aot_eager-native",
+                                                  "darts1-aot_eager-merged",
+                                                  "darts2-aot_eager-native")},
 }
 
 

@@ -153,6 +153,10 @@ class Search(Loop):
         self.backend = resolve_backend(cfg.backend, self.device, torch.float32, cfg.ops)
         self.model = SuperNet(cfg.channels, cfg.cells, cfg.scale, cfg.ops, cfg.alpha_per_cell,
                               self.backend).to(self.device)
+        # what the steps call for the supernet's output: the module itself. There is no --compile
+        # (BENCHMARKS.md, "compile peer": measured no faster); bench/bench_compile.py
+        # --whole-step puts a torch.compile wrapper here and in the architect to measure it
+        self.forward = self.model
         self.loss_fn = SRLoss(cfg.hfen)
         self.w_opt = torch.optim.Adam(self.model.weight_parameters(), lr=cfg.lr,
                                       betas=(0.9, 0.999), weight_decay=cfg.weight_decay)
@@ -162,7 +166,8 @@ class Search(Loop):
         self.architect = Architect(self.model, self.loss_fn, cfg.rule, cfg.arch_lr,
                                    weight_decay=cfg.arch_weight_decay, penalty=self._penalty(),
                                    w_weight_decay=cfg.weight_decay, autocast=self.amp.autocast,
-                                   scaler=self.amp.scaler(), average=self.dist.average)
+                                   scaler=self.amp.scaler(), average=self.dist.average,
+                                   forward=self.forward)
         self.warmup = cfg.warmup_steps()
         n_alpha = self.model.alphas.numel()
         self.history = History(run_dir / "history.csv",
@@ -338,7 +343,7 @@ class Search(Loop):
         cfg, m = self.cfg, self.model
         self.w_opt.zero_grad(set_to_none=True)
         with self.amp.autocast():
-            loss = self.loss_fn(m(batch[0]), batch[1])
+            loss = self.loss_fn(self.forward(batch[0]), batch[1])
         weights = m.weight_parameters()
         self.w_scaler.scale(loss).backward(inputs=weights)
         # the mean over the ranks: the gradient (and loss) of the global batch

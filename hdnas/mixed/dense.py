@@ -235,11 +235,21 @@ def _time(fn, x, w, backward: bool, reps: int = 2) -> float:
     return best
 
 
+@torch.compiler.assume_constant_result
+def _threads() -> int:
+    """The thread count of a route's key; a compiled forward keeps the one it was traced with
+    (Dynamo cannot put an int-returning torch call into a graph)."""
+    return torch.get_num_threads()
+
+
 def _decide(x: torch.Tensor, w: torch.Tensor) -> str:
     backward = torch.is_grad_enabled() and (x.requires_grad or w.requires_grad)
-    key = (tuple(x.shape), tuple(w.shape), x.dtype, backward, torch.get_num_threads())
-    with _lock:
-        hit = _choices.get(key)
+    key = (tuple(x.shape), tuple(w.shape), x.dtype, backward, _threads())
+    # a known route is read without the lock (one dict read is atomic), so that a compiled
+    # forward traces this path without a graph break (Dynamo cannot enter a lock); a shape not
+    # yet timed is timed there in a break: one eager forward of the shape first avoids it
+    # (tests/engine/test_compile.py, bench/bench_compile.py)
+    hit = _choices.get(key)
     if hit is None:
         with torch.set_grad_enabled(backward):
             direct = _time(conv_same, x.detach(), w.detach(), backward)

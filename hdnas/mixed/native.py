@@ -172,7 +172,9 @@ _onehot_cache: dict = {}
 def _onehot(table: _Table, device, dtype, like):
     """The one-hot table as a tensor on (device, dtype); cached for real tensors, built afresh
     for fake ones (FakeTensorMode / torch.compile tracing must not see a real constant)."""
-    fake = is_fake(like)
+    # (is_compiling first: Dynamo cannot trace is_fake; inside a compiled graph the table is
+    # built afresh, a constant of the graph)
+    fake = torch.compiler.is_compiling() or is_fake(like)
     key = (table.key, device, dtype)
     t = None if fake else _onehot_cache.get(key)
     if t is None:

@@ -31,19 +31,22 @@ class Plan:
         self.conv, self.sep, self.dil, self.skip = by("conv"), by("sep"), by("dil"), by("skip")
         self.max_pool, self.avg_pool, self.none = by("max_pool"), by("avg_pool"), by("none")
         self.unknown = [n for n, f in zip(self.op_names, fam) if f not in families]
-        self.conv_k = max((self.specs[i].kernel for i in self.conv), default=0)
+        # every max below takes its empty-case value as one more item, not ``default=``:
+        # Dynamo cannot trace that keyword, and merged.py builds plans inside a compiled
+        # forward (torch.compile around the supernet: tests/engine/test_compile.py)
+        self.conv_k = max([self.specs[i].kernel for i in self.conv] + [0])
         self.st1 = self.sep + self.dil
         self.st1_ksizes = tuple(self.specs[i].kernel for i in self.st1)
         self.st1_dils = tuple(self.specs[i].dilation for i in self.st1)
-        self.st1_kmax = max(self.st1_ksizes, default=0)
+        self.st1_kmax = max(self.st1_ksizes + (0,))
         self.st2_ksizes = tuple(self.specs[i].kernel for i in self.sep)
-        self.st2_kmax = max(self.st2_ksizes, default=0)
+        self.st2_kmax = max(self.st2_ksizes + (0,))
 
     def stage1_extent(self) -> tuple[int, int, int]:
         """(groups G, taps per group T, radius) of stage 1: what a depthwise kernel must serve."""
         G = max(len(self.st1), 1)
-        T = max((k * k for k in self.st1_ksizes), default=1)
-        radius = max((d * (k // 2) for k, d in zip(self.st1_ksizes, self.st1_dils)), default=0)
+        T = max([k * k for k in self.st1_ksizes] + [1])
+        radius = max([d * (k // 2) for k, d in zip(self.st1_ksizes, self.st1_dils)] + [0])
         return G, T, radius
 
 

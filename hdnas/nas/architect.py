@@ -26,6 +26,14 @@ finite-difference Hessian-vector product (averaged once as a difference: it is l
 two gradients). So each rank computes the hypergradient of the global batch and all ranks take
 the same step. The logged ``loss_arch`` is the mean over the ranks too.
 
+Compiled (``forward``): every loss is computed through ``forward`` (a ``torch.compile`` wrapper
+of the model: ``python -m bench.bench_compile --whole-step``) instead of the model itself;
+parameters and updates are the model's. Eager autograd computes only the gradients a
+``backward(inputs=arch)`` asks for; a compiled backward computes every input's that requires
+one. So where only the architecture's gradient is wanted (joint and darts1, darts2's finite
+differences) the weights stop requiring gradients for that forward and backward
+(``_arch_only``): the compiled forward gets a second graph, without the weights' gradients.
+
 Finite or stop: a step whose validation loss, penalty or architecture gradient is not finite
 raises ``FloatingPointError`` before it updates alpha/beta (with an active fp16 scaler an
 inf/nan gradient is the scaler's to skip, as for the weights); ``hdnas.engine`` stops the run.
@@ -62,13 +70,15 @@ class Architect:
                  betas=(0.5, 0.999), weight_decay: float = 1e-8, penalty=None,
                  w_weight_decay: float = 0.0, hvp_r: float = 1e-2,
                  autocast=contextlib.nullcontext, scaler: torch.amp.GradScaler | None = None,
-                 average=None):
+                 average=None, forward=None):
         if rule not in RULES:
             raise ValueError(f"unknown update rule {rule!r}; choose one of {RULES}")
         for name, v, lo in (("lr", lr, 0.0), ("hvp_r", hvp_r, 0.0)):
             if not math.isfinite(v) or v <= lo:
                 raise ValueError(f"architecture {name} must be a finite number > 0, got {v}")
         self.model, self.loss_fn, self.rule, self.penalty = model, loss_fn, rule, penalty
+        # what computes the model's output: the model, or a compiled wrapper of it
+        self.forward = model if forward is None else forward
         self.w_weight_decay, self.hvp_r = w_weight_decay, hvp_r
         self.autocast = autocast
         self.average = average or (lambda tensors: None)  # in place mean over the ranks
@@ -80,9 +90,22 @@ class Architect:
     def before_weight_step(self) -> bool:
         return self.rule != "joint"
 
+    @contextlib.contextmanager
+    def _arch_only(self):
+        """Compiled: the weights require no gradient inside (module doc); eager: nothing."""
+        frozen = [] if self.forward is self.model else [
+            p for p in self.model.weight_parameters() if p.requires_grad]
+        for p in frozen:
+            p.requires_grad_(False)
+        try:
+            yield
+        finally:
+            for p in frozen:
+                p.requires_grad_(True)
+
     def loss(self, batch):
         lr, hr = batch
-        return self.loss_fn(self.model(lr), hr)
+        return self.loss_fn(self.forward(lr), hr)
 
     def penalty_term(self):
         if self.penalty is None:
@@ -106,12 +129,13 @@ class Architect:
             _check_grads(arch)
             self.optimizer.step()
         else:
-            with self.autocast():
-                l_val = self.loss(arch_batch)
-                total = l_val + pen
-                if self.rule == "joint":
-                    total = total + self.loss(train_batch)
-            self.scaler.scale(total).backward(inputs=arch)
+            with self._arch_only():
+                with self.autocast():
+                    l_val = self.loss(arch_batch)
+                    total = l_val + pen
+                    if self.rule == "joint":
+                        total = total + self.loss(train_batch)
+                self.scaler.scale(total).backward(inputs=arch)
             for p in arch:
                 if p.grad is None:
                     p.grad = torch.zeros_like(p)
@@ -159,7 +183,8 @@ class Architect:
             with torch.no_grad():
                 for p, b, x in zip(weights, backup, v):
                     p.copy_(b + sign * R * x)
-            g[sign] = _grads(self.loss(train_batch), arch)
+            with self._arch_only():
+                g[sign] = _grads(self.loss(train_batch), arch)
         with torch.no_grad():
             for p, b in zip(weights, backup):
                 p.copy_(b)
