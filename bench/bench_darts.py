@@ -1,24 +1,37 @@
 """DARTS benchmark: the DARTS mixed op and the whole DARTS search step, original vs swapped.
 
-    OMP_WAIT_POLICY=PASSIVE python -m bench.bench_darts                  # CPU defaults below
-    python -m bench.bench_darts --what step --backends reference,native --steps 3
+    python -m bench.bench_darts                                   # the table of BENCHMARKS.md
+    python -m bench.bench_darts --what op --backends reference,merged,native
+    python -m bench.bench_darts --what step --models darts --orders 2 --batches 32 --rounds 1
 
-Each configuration runs in a fresh process (so its peak RSS is its own): the original per-op loop
-('reference', DARTS' code) and the swapped op per backend (merged, native, triton where it serves
-the device; ``recompute`` on and off). Shapes default to DARTS' search: batch 64, C 16, 8 cells,
-32x32 (the mixed op alone: C 16 at 32x32, stride 1 and 2). Reported per configuration:
+Each measurement runs in a fresh process (so its peak RSS is its own), with 1 intra-op thread by
+default (``--threads``); ``--rounds`` alternates the original and the swapped configurations
+(original, swapped, original, swapped, ...) so that both see the same machine. Step models:
 
-* ``sec``: median seconds per iteration (mixed op: forward + backward; step: one first-order DARTS
-  search step = architecture step on a validation batch + weight step), after one warm-up;
-  ``user_sec`` / ``sys_sec``: the process's CPU time per iteration (less sensitive than wall time
-  to other jobs on a shared machine; sys is mostly page faults of fresh allocations);
-* ``peak_rss_mb``: the process's peak resident set (``ru_maxrss``), ``delta_mb``: that minus the
-  resident set just before the timed iterations (model, data and libraries already loaded);
-  on CUDA the peak allocated GPU memory instead;
+* ``darts``: DARTS' own search code as quark0/darts writes it (``hdnas.testing.darts_reference``:
+  its Network, alphas as plain tensors, ``new()``, and its Architect), first order
+  (``--orders 1``) or second order (``2``: the unrolled model from ``new()`` and the
+  finite-difference Hessian-vector product), one ``train_search`` step: the architecture step
+  on a validation batch, then the weight step (gradient clipping, SGD with momentum);
+* ``gdas`` / ``pcdarts``: the DARTS-layout ``hdnas.darts.model_search.Network`` with GDAS'
+  hard Gumbel-softmax (only the sampled candidate of an edge runs) or PC-DARTS' partial channels
+  (K 4, edge normalisation), first order.
+
+The swapped configuration is the original plus ``hdnas.darts.patch(model)`` (backend 'fused':
+native on a CPU; recomputation on). Shapes default to DARTS' search: C 16, 8 cells, 32x32,
+batches 32 and 64 (the mixed op alone: C 16 at 32x32, stride 1 and 2, batch 64). Reported:
+
+* ``sec``: seconds per iteration (mixed op: forward + backward; step: as above) after one
+  warm-up, median over the iterations of the process; ``user_sec`` / ``sys_sec``: the process's
+  CPU time per iteration;
+* ``peak_rss_mb``: the process's peak resident set (``ru_maxrss``); ``delta_mb``: that minus the
+  resident set just before the first iteration (model, data and libraries loaded): the memory
+  the step itself takes; on CUDA the peak allocated GPU memory instead;
 * ``saved_mb`` (mixed op only): bytes of the distinct tensors autograd keeps for backward after
   one forward (``saved_tensors_hooks``; parameters not counted).
 
-``--markdown FILE`` appends a table with the CPU model, vector ISA, torch version, date and load.
+``--markdown FILE`` appends a table with the CPU model, vector ISA, torch version, date and load;
+ratios are against the original of the same round.
 """
 from __future__ import annotations
 
@@ -53,10 +66,53 @@ def _sync(device):
         torch.cuda.synchronize()
 
 
-def child(cfg: dict) -> dict:
+def _darts_original(C, layers, device):
+    """DARTS' own Network and Architect (quark0/darts, CPU-runnable port) on ``device``."""
+    from hdnas.testing import darts_reference as ref
+
+    model = ref.Network(C, 10, layers, torch.nn.CrossEntropyLoss()).to(device)
+    model.alphas_normal = model.alphas_normal.detach().to(device).requires_grad_()
+    model.alphas_reduce = model.alphas_reduce.detach().to(device).requires_grad_()
+    model._arch_parameters = [model.alphas_normal, model.alphas_reduce]
+    return model, ref.Architect(model)
+
+
+def _step_runner(cfg, device, swapped):
+    """One ``train_search`` step of the configured model (see the module docstring)."""
     import hdnas.darts as hd
     from hdnas.darts.model_search import Network, make_architect, search_step
 
+    B, C, S = cfg["batch"], cfg["C"], cfg["size"]
+    data = [(torch.randn(B, 3, S, S, device=device), torch.randint(0, 10, (B,), device=device))
+            for _ in range(2)]
+    if cfg["model"] == "darts":
+        model, arch = _darts_original(C, cfg["layers"], device)
+        if swapped:
+            hd.patch(model, backend=cfg["backend"], recompute=cfg["recompute"])
+        opt = torch.optim.SGD(model.parameters(), 0.025, momentum=0.9, weight_decay=3e-4)
+        unrolled = cfg["order"] == 2
+
+        def run():  # DARTS' train_search.py, one step
+            arch.step(*data[0], *data[1], 0.025, opt, unrolled=unrolled)
+            arch.unrolled_models.clear()  # (the port keeps them for its tests)
+            opt.zero_grad()
+            loss = model._loss(*data[0])
+            loss.backward()
+            torch.nn.utils.clip_grad_norm_(model.parameters(), 5.0)
+            opt.step()
+        return run
+    model = Network(C, 10, cfg["layers"], weighting=cfg["model"]).to(device)
+    if swapped:
+        hd.patch(model, backend=cfg["backend"], recompute=cfg["recompute"])
+    arch = make_architect(model, unrolled=cfg["order"] == 2)
+    opt = torch.optim.SGD(model.weight_parameters(), 0.025, momentum=0.9, weight_decay=3e-4)
+    return lambda: search_step(model, arch, opt, data[0], data[1], 0.025)
+
+
+def child(cfg: dict) -> dict:
+    import hdnas.darts as hd
+
+    torch.set_num_threads(cfg["threads"])
     device = torch.device(cfg["device"])
     torch.manual_seed(0)
     B, C, S = cfg["batch"], cfg["C"], cfg["size"]
@@ -74,17 +130,7 @@ def child(cfg: dict) -> dict:
 
         res = {"saved_mb": saved_bytes(lambda: op(x, torch.softmax(alpha, 0))) / 2**20}
     else:
-        model = Network(C, 10, cfg["layers"]).to(device)
-        if swapped:
-            hd.patch(model, backend=cfg["backend"], recompute=cfg["recompute"])
-        arch = make_architect(model)
-        opt = torch.optim.SGD(model.weight_parameters(), 0.025, momentum=0.9, weight_decay=3e-4)
-        data = [(torch.randn(B, 3, S, S, device=device), torch.randint(0, 10, (B,), device=device))
-                for _ in range(2)]
-
-        def run():
-            search_step(model, arch, opt, data[0], data[1], 0.025)
-
+        run = _step_runner(cfg, device, swapped)
         res = {}
     if device.type == "cuda":
         torch.cuda.reset_peak_memory_stats()
@@ -112,75 +158,101 @@ def machine_info() -> dict:
     return machine.describe()
 
 
+def _configs(a):
+    """Every measurement, in run order: per case, ``rounds`` x (original, swapped ones)."""
+    if a.backends:
+        backends = a.backends.split(",")
+    else:
+        backends = ["reference", "fused"]
+    for what in a.what.split(","):
+        if what == "op":
+            cases = [dict(what="op", model="", order=None, stride=st, batch=a.op_batch)
+                     for st in (1, 2)]
+        else:
+            cases = [dict(what="step", model=m, order=o, stride=None, batch=b)
+                     for b in (int(v) for v in a.batches.split(","))
+                     for m in a.models.split(",")
+                     for o in ((int(v) for v in a.orders.split(",")) if m == "darts" else (1,))]
+        for case in cases:
+            for rnd in range(a.rounds):
+                for be in backends:
+                    for rec in ((None,) if be == "reference" else
+                                ((True,) if not a.no_recompute_too else (True, False))):
+                        yield dict(case, backend=be, recompute=rec, round=rnd, device=a.device,
+                                   C=a.C, layers=a.layers, size=a.size, iters=a.iters,
+                                   threads=a.threads)
+
+
 def main(argv=None):
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--what", default="op,step", help="op, step or op,step")
+    ap.add_argument("--models", default="darts,gdas,pcdarts", help="step models (see above)")
+    ap.add_argument("--orders", default="1,2", help="DARTS orders for the darts model")
+    ap.add_argument("--batches", default="32,64", help="step batch sizes")
+    ap.add_argument("--op-batch", type=int, default=64, help="batch of the mixed op alone")
     ap.add_argument("--backends", default=None,
-                    help="comma list (default: reference,merged,native; plus triton on CUDA)")
+                    help="comma list (default: reference,fused; e.g. reference,merged,native)")
     ap.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
-    ap.add_argument("--batch", type=int, default=64)
     ap.add_argument("--C", type=int, default=16)
     ap.add_argument("--layers", type=int, default=8)
     ap.add_argument("--size", type=int, default=32)
-    ap.add_argument("--iters", type=int, default=3, help="timed iterations (after 1 warm-up)")
+    ap.add_argument("--iters", type=int, default=1, help="timed iterations (after 1 warm-up)")
+    ap.add_argument("--rounds", type=int, default=2, help="alternations of original and swapped")
+    ap.add_argument("--threads", type=int, default=1, help="intra-op threads of each process")
     ap.add_argument("--no-recompute-too", action="store_true",
-                    help="measure only recompute=True for the swapped backends")
+                    help="also measure the swapped backends with recompute=False")
     ap.add_argument("--markdown", default=None, help="append a Markdown table to this file")
     ap.add_argument("--child", default=None, help=argparse.SUPPRESS)
     a = ap.parse_args(argv)
     if a.child:
         print("RESULT " + json.dumps(child(json.loads(a.child))), flush=True)
         return
-    backends = (a.backends.split(",") if a.backends else
-                ["reference", "merged", "native"] + (["triton"] if a.device == "cuda" else []))
     rows = []
-    for what in a.what.split(","):
-        for stride in ((1, 2) if what == "op" else (None,)):
-            for be in backends:
-                for rec in ((None,) if be == "reference" else
-                            ((True,) if a.no_recompute_too else (True, False))):
-                    cfg = dict(what=what, stride=stride, backend=be, recompute=rec, device=a.device,
-                               batch=a.batch, C=a.C, layers=a.layers, size=a.size, iters=a.iters)
-                    p = subprocess.run([sys.executable, "-m", "bench.bench_darts", "--child",
-                                        json.dumps(cfg)], capture_output=True, text=True)
-                    line = [ln for ln in p.stdout.splitlines() if ln.startswith("RESULT ")]
-                    if p.returncode or not line:
-                        res = {"error": (p.stderr.strip().splitlines() or ["?"])[-1]}
-                    else:
-                        res = json.loads(line[-1][7:])
-                    row = {**cfg, **res}
-                    rows.append(row)
-                    print(json.dumps(row), flush=True)
+    for cfg in _configs(a):
+        p = subprocess.run([sys.executable, "-m", "bench.bench_darts", "--child", json.dumps(cfg)],
+                           capture_output=True, text=True)
+        line = [ln for ln in p.stdout.splitlines() if ln.startswith("RESULT ")]
+        if p.returncode or not line:
+            res = {"error": (p.stderr.strip().splitlines() or ["?"])[-1]}
+        else:
+            res = json.loads(line[-1][7:])
+        rows.append({**cfg, **res})
+        print(json.dumps(rows[-1]), flush=True)
     if a.markdown:
         write_markdown(a.markdown, rows, machine_info(), a)
 
 
+_CASE = ("what", "model", "order", "stride", "batch", "round")
+
+
 def write_markdown(path, rows_in, info, a):
     def ref_of(r):
-        return next((q for q in rows_in if q["what"] == r["what"] and q["stride"] == r["stride"]
+        return next((q for q in rows_in if all(q[k] == r[k] for k in _CASE)
                      and q["backend"] == "reference" and "sec" in q), None)
 
     lines = [f"\n## {info['date']}: {info['cpu']} (vector ISA {info['vector_isa']}), "
-             f"{info['cores']} cores, torch {info['torch']}, {info['threads']} threads, load "
-             f"average {info['load_average']} at the end",
-             "", f"batch {a.batch}, C {a.C}, {a.size}x{a.size}, step: {a.layers} cells, first "
-             f"order; median of {a.iters} iterations after 1 warm-up; fresh process each.", ""]
+             f"{info['cores']} cores, torch {info['torch']}, {a.threads} thread(s) per process, "
+             f"load average {info['load_average']} at the end",
+             "", f"C {a.C}, {a.size}x{a.size}, step: {a.layers} cells; {a.iters} timed "
+             f"iteration(s) after 1 warm-up, fresh process each, original and swapped "
+             f"alternating for {a.rounds} round(s).", ""]
     rows = []
     for r in rows_in:
-        head = [r["what"], r["stride"] or "", r["backend"]]
+        head = [r["what"], r["model"], r["order"] or "", r["stride"] or "", r["batch"],
+                r["backend"], "" if r["recompute"] is None else r["recompute"], r["round"] + 1]
         if "sec" not in r:
-            rows.append(head + [r["recompute"], f"error: {r['error']}", "", "", "", "", "", ""])
+            rows.append(head + [f"error: {r['error']}", "", "", "", "", "", ""])
             continue
         ref = ref_of(r)
         sp = f"{ref['sec'] / r['sec']:.2f}" if ref else ""
-        mem = f"{ref['delta_mb'] / r['delta_mb']:.2f}" if ref and r["delta_mb"] > 0 else ""
+        mem = f"{r['delta_mb'] / ref['delta_mb']:.2f}" if ref and ref["delta_mb"] > 0 else ""
         saved = f"{r['saved_mb']:.1f}" if "saved_mb" in r else ""
-        cpu = (f"{r['user_sec']:.2f}+{r['sys_sec']:.2f}" if "user_sec" in r else "")
-        rows.append(head + ["" if r["recompute"] is None else r["recompute"], f"{r['sec']:.3f}", sp,
-                            cpu, f"{r['peak_rss_mb']:.0f}", f"{r['delta_mb']:.0f}", mem, saved])
-    lines += common.table(["what", "stride", "backend", "recompute", "sec", "x ref speed",
-                           "user+sys sec", "peak RSS MB", "delta MB", "ref delta / delta",
-                           "saved MB"], rows)
+        cpu = f"{r['user_sec']:.2f}+{r['sys_sec']:.2f}"
+        rows.append(head + [f"{r['sec']:.3f}", sp, cpu, f"{r['peak_rss_mb']:.0f}",
+                            f"{r['delta_mb']:.0f}", mem, saved])
+    lines += common.table(["what", "model", "order", "stride", "batch", "backend", "recompute",
+                           "round", "sec", "x original speed", "user+sys sec", "peak RSS MB",
+                           "delta MB", "delta / original's", "saved MB"], rows)
     with open(path, "a") as f:
         f.write("\n".join(lines) + "\n")
 

@@ -126,6 +126,9 @@ SLOW = {
     "tests/engine/test_tensorboard.py": "two tiny runs with an optional dependency",
     "tests/kernels/test_triton_aot.py::test_launches_are_in_the_matrix": "Triton interpreter",
     "tests/commands/test_search_cli.py::test_retrain_and_resume": "a retraining resumed",
+    # bench.bench_darts end to end: four fresh processes of toy DARTS steps (~30 s). Fast: the
+    # order of its configurations (test_configs_alternate_original_and_swapped)
+    "tests/bench/test_bench_darts.py::test_tiny_run_writes_a_table": "four benchmark processes",
     # torch.compile (aot_eager: Dynamo + AOTAutograd) of tiny searches against eager ones, each
     # rule (10 to 11 s each). Fast: the same test with Dynamo alone and one op
     # ([joint-eager]), the one-graph tests of the supernet's forward
