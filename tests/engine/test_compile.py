@@ -88,7 +88,7 @@ def _rows(run):
     lines = (run / "history.csv").read_text().splitlines()
     head = lines[0].split(",")
     keep = [i for i, k in enumerate(head) if not k.startswith("sec_")]
-    return [[float(v) if v else None for i, v in enumerate(ln.split(",")) if i in keep]
+    return [[float(v) if v else float("nan") for i, v in enumerate(ln.split(",")) if i in keep]
             for ln in lines[1:]]
 
 
