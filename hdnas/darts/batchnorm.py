@@ -86,43 +86,47 @@ def _bn_key(bn):
             bn.running_mean.dtype if bn.running_mean is not None else None)
 
 
-def _affine_part(bn, scale, C, like, kind):
-    """The per-channel weight (kind 'w') or bias ('b') of one BN group times ``scale`` (None = 1)."""
-    if kind == "w":
-        base = bn.weight if bn.affine else None
-        if base is None:
-            return like.new_ones(C) if scale is None else scale.expand(C)
-        return base if scale is None else base * scale
-    if not bn.affine:
+def _scale_vector(scales, like):
+    """The per-group scales as one (G,) tensor of ``like``'s dtype, or None where all are 1: ``scales``
+    is such a tensor already, or a list of None (1) / 0-d tensors."""
+    if scales is None or isinstance(scales, torch.Tensor):
+        return None if scales is None else scales.to(like.dtype)
+    if all(s is None for s in scales):
         return None
-    return bn.bias if scale is None else bn.bias * scale
+    one = like.new_ones(())
+    return torch.stack([one if s is None else s.to(like.dtype) for s in scales])
 
 
-def _group_affine(bns, scales, like, kind):
+def _group_affine(bns, scales, like):
+    """The (weight, bias) of one normalisation over the groups (None: 1 / 0 throughout), each
+    group's affine parameters times its scale, contiguous (torch's CPU batch_norm backward computes
+    a wrong input gradient from a stride-0 (expanded) weight when each channel has one pixel per
+    image, H = W = 1; torch 2.13)."""
     C = bns[0].num_features
-    parts = [_affine_part(bn, s, C, like, kind) for bn, s in zip(bns, scales)]
-    if all(p is None for p in parts):
-        return None
-    if kind == "w" and all(s is None and not bn.affine for bn, s in zip(bns, scales)):
-        return None
-    parts = [like.new_zeros(C) if p is None else p for p in parts]
-    # contiguous: torch's CPU batch_norm backward computes a wrong input gradient from a stride-0
-    # (expanded) weight when each channel has one pixel per image (H = W = 1; torch 2.13)
-    return (parts[0] if len(parts) == 1 else torch.cat(parts)).to(like.dtype).contiguous()
+    if not any(bn.affine for bn in bns):
+        return (None if scales is None else scales.repeat_interleave(C)), None
+    w = torch.stack([bn.weight if bn.affine else like.new_ones(C) for bn in bns]).to(like.dtype)
+    b = torch.stack([bn.bias if bn.affine else like.new_zeros(C) for bn in bns]).to(like.dtype)
+    if scales is not None:
+        w, b = w * scales[:, None], b * scales[:, None]
+    return w.reshape(-1), b.reshape(-1)
 
 
 def _split_calls(u, bns, scales, state, stats):
     C = bns[0].num_features
-    return torch.cat([group_batch_norm(u[:, i * C:(i + 1) * C], [b], [s], state, stats)
-                      for i, (b, s) in enumerate(zip(bns, scales))], 1)
+    return torch.cat([group_batch_norm(u[:, i * C:(i + 1) * C], [b],
+                                       None if scales is None else scales[i:i + 1], state, stats)
+                      for i, b in enumerate(bns)], 1)
 
 
 def group_batch_norm(u, bns, scales, state: RunState, stats=None):
     """``cat_g(scale_g * bn_g(u_g))`` for the channel blocks u_g of u (one per BN module, each
     ``num_features`` wide), as each ``nn.BatchNorm2d`` computes it in its current mode (running
     statistics and ``num_batches_tracked`` updated as the module does, but only on the first run
-    of ``state``). Modules with the same settings share one normalisation. ``stats``: the
-    primitives' ``batch_stats`` (None: ``F.batch_norm``'s own)."""
+    of ``state``). Modules with the same settings share one normalisation. ``scales``: a list of
+    None (1) / 0-d tensors, or one (G,) tensor, or None (all 1). ``stats``: the primitives'
+    ``batch_stats`` (None: ``F.batch_norm``'s own)."""
+    scales = _scale_vector(scales, u)
     if len(bns) > 1 and len({_bn_key(b) for b in bns}) > 1:
         return _split_calls(u, bns, scales, state, stats)
     b0 = bns[0]
@@ -131,19 +135,17 @@ def group_batch_norm(u, bns, scales, state: RunState, stats=None):
     tracks = b0.training and b0.track_running_stats  # the module would update its statistics
     update = tracks and state.first
     if tracks and b0.num_batches_tracked is not None:
+        counts = [b.num_batches_tracked for b in bns]
         if update:
-            for b in bns:
-                b.num_batches_tracked.add_(1)
+            torch._foreach_add_(counts, 1)
         if b0.momentum is None:
-            if len({int(b.num_batches_tracked) for b in bns}) > 1:
+            if len({int(c) for c in counts}) > 1:
                 # cumulative averages over different counts: one call per module
                 if update:
-                    for b in bns:
-                        b.num_batches_tracked.sub_(1)
+                    torch._foreach_sub_(counts, 1)
                 return _split_calls(u, bns, scales, state, stats)
             factor = 1.0 / float(b0.num_batches_tracked)
-    weight = _group_affine(bns, scales, u, "w")
-    bias = _group_affine(bns, scales, u, "b")
+    weight, bias = _group_affine(bns, scales, u)
     bn_training = b0.training or b0.running_mean is None
     if bn_training and stats is not None:
         got = stats_batch_norm(u, weight, bias, b0.eps, stats)
@@ -151,13 +153,12 @@ def group_batch_norm(u, bns, scales, state: RunState, stats=None):
             y, mean64, var64 = got
             if update and b0.running_mean is not None:
                 n = u.numel() // u.shape[1]
+                rms, rvs = [b.running_mean for b in bns], [b.running_var for b in bns]
+                dt = rms[0].dtype  # (one dtype: part of _bn_key)
                 with torch.no_grad():  # as torch: momentum * batch + (1 - momentum) * running,
-                    for i, b in enumerate(bns):  # the variance unbiased
-                        sl = slice(i * C, (i + 1) * C)
-                        b.running_mean.mul_(1 - factor).add_(
-                            (factor * mean64[sl]).to(b.running_mean.dtype))
-                        b.running_var.mul_(1 - factor).add_(
-                            (factor * n / (n - 1) * var64[sl]).to(b.running_var.dtype))
+                    torch._foreach_mul_(rms + rvs, 1 - factor)  # the variance unbiased
+                    torch._foreach_add_(rms, (factor * mean64).to(dt).split(C))
+                    torch._foreach_add_(rvs, (factor * n / (n - 1) * var64).to(dt).split(C))
             return y
     rm = rv = None
     if b0.running_mean is not None and (tracks or not bn_training):

@@ -128,6 +128,62 @@ def _avg_pool_3x3(x, s, prims):
     return y / (counts(H).view(-1, 1) * counts(W).view(1, -1))
 
 
+class _EvenPixels(torch.autograd.Function):
+    """``z[:, :, ::2, ::2].contiguous()``; its backward writes the gradient into one zero-filled
+    tensor (the two slices' backward would zero-fill and copy twice)."""
+
+    @staticmethod
+    def forward(ctx, z):
+        ctx.shape = z.shape
+        return z[:, :, ::2, ::2].contiguous()
+
+    @staticmethod
+    def backward(ctx, g):
+        gz = g.new_zeros(ctx.shape)
+        gz[:, :, ::2, ::2] = g
+        return gz
+
+
+def _strided_stage1(x, dws, P: Plan, prims):
+    """The stride-2 first depthwise stage of the sep/dil candidates from the stride-1 primitive.
+    A candidate with an even dilation d (DARTS' dil convs) reads only even pixels (every tap
+    offset d * (a - k // 2) is even): it is the stride-1 conv of the even-pixel image with
+    dilation d / 2, on a quarter of the pixels. The others run at stride 1 on x and keep the even
+    output pixels. Groups in the plan's order (odd dilations first, as sep precede dil; otherwise
+    every group takes the second route)."""
+    ks, ds = P.st1_ksizes, P.st1_dils
+    n_odd = sum(d % 2 for d in ds)
+    if any(d % 2 for d in ds[n_odd:]):
+        n_odd = len(ds)
+    parts = []
+    if n_odd:
+        k = torch.stack([pad_to(m.weight[:, 0], max(ks[:n_odd])) for m in dws[:n_odd]])
+        z = prims.grouped_dw(x, k, ks[:n_odd], ds[:n_odd], True, True)
+        parts.append(_EvenPixels.apply(z))
+    if n_odd < len(ds):
+        k = torch.stack([pad_to(m.weight[:, 0], max(ks[n_odd:])) for m in dws[n_odd:]])
+        parts.append(prims.grouped_dw(_EvenPixels.apply(x), k, ks[n_odd:],
+                                      tuple(d // 2 for d in ds[n_odd:]), True, True))
+    return parts[0] if len(parts) == 1 else torch.cat(parts, 1)
+
+
+def _factorized_reduce(xr, fr):
+    """DARTS' FactorizedReduce before its BN, ``cat(conv_1(xr), conv_2(xr[:, :, 1:, 1:]), 1)``
+    with 1x1 stride-2 convs, on ``xr = relu(x)``. With an even height and width both halves are
+    1x1 convs of one phase of xr (the even pixels, the odd ones): one batched GEMM over the two
+    stacked phases (stock CPU stride-2 1x1 convs copy their input and are several times slower).
+    Otherwise the convs (the plain module's error included)."""
+    N, C, H, W = xr.shape
+    w1, w2 = fr.conv_1.weight, fr.conv_2.weight
+    if H % 2 or W % 2 or w1.shape != w2.shape or xr.device.type != "cpu":
+        return torch.cat([F.conv2d(xr, w1, stride=2), F.conv2d(xr[:, :, 1:, 1:], w2, stride=2)], 1)
+    xv = xr.view(N, C, H // 2, 2, W // 2, 2)
+    ph = torch.stack([xv[:, :, :, 0, :, 0], xv[:, :, :, 1, :, 1]], 1)  # (N, 2, C, H/2, W/2)
+    wk = torch.stack([w1[:, :, 0, 0], w2[:, :, 0, 0]])  # (2, C/2, C)
+    y = torch.matmul(wk, ph.view(N, 2, C, (H // 2) * (W // 2)))
+    return y.view(N, 2 * w1.shape[0], H // 2, W // 2)
+
+
 def _grouped_pw(z, w):
     """Per-group 1x1 convs as one batched GEMM: z (N, G*C, H, W), w (G, C, C)."""
     N, _, H, W = z.shape
@@ -177,6 +233,7 @@ class MixedOp(nn.Module):
             self.mp = nn.MaxPool2d(2, 2)
         self.plan = darts_plan(names)
         self._single: dict = {}  # GDAS: index -> (plan, [module]) of one candidate
+        self._layers: dict = {}  # (plan, candidates) -> their layers by role (_layers_of)
 
     @classmethod
     def from_module(cls, module: nn.Module, backend: str = "fused", recompute: bool = True,
@@ -259,6 +316,19 @@ class MixedOp(nn.Module):
                               use_reentrant=False, preserve_rng_state=False)
         return self._fused(x, weights, prims, state, plan, ops)
 
+    def _layers_of(self, P: Plan, ops):
+        """The candidates' layers the fused path reads, per role, for the candidates of ``P``
+        (looked up once per plan and candidate list: indexing nested containers on every call
+        costs more than the small ops' kernels)."""
+        key = (id(P),) + tuple(map(id, ops))
+        got = self._layers.get(key)
+        if got is None:
+            got = {"dw1": [ops[i].op[1] for i in P.st1], "pw1": [ops[i].op[2] for i in P.st1],
+                   "bn1": [ops[i].op[3] for i in P.st1], "dw2": [ops[i].op[5] for i in P.sep],
+                   "pw2": [ops[i].op[6] for i in P.sep], "bn2": [ops[i].op[7] for i in P.sep]}
+            self._layers[key] = got
+        return got
+
     def _fused(self, x, weights, prims, state: _RunState, P: Plan, ops):
         N, C, H, W = x.shape
         s = self.stride
@@ -271,30 +341,31 @@ class MixedOp(nn.Module):
         if P.st1 or (P.skip and s == 2):
             xr = F.relu(x) if (s == 2) else None
         if P.st1:
-            if s == 1 or subsample:
-                k1 = torch.stack([pad_to(ops[i].op[1].weight[:, 0], P.st1_kmax) for i in P.st1])
+            L = self._layers_of(P, ops)
+            if s == 1:
+                k1 = torch.stack([pad_to(m.weight[:, 0], P.st1_kmax) for m in L["dw1"]])
                 z1 = prims.grouped_dw(x, k1, P.st1_ksizes, P.st1_dils, True, True)
-                if s == 2:  # the stride-2 outputs are the even pixels of the stride-1 ones
-                    z1 = z1[:, :, ::2, ::2].contiguous()
+            elif subsample:
+                z1 = _strided_stage1(x, L["dw1"], P, prims)
             else:
-                z1 = torch.cat([F.conv2d(xr, ops[i].op[1].weight, stride=2, padding=d * (k // 2),
+                z1 = torch.cat([F.conv2d(xr, m.weight, stride=2, padding=d * (k // 2),
                                          dilation=d, groups=C)
-                                for i, k, d in zip(P.st1, P.st1_ksizes, P.st1_dils)], 1)
-            pw1 = torch.stack([ops[i].op[2].weight[:, :, 0, 0] for i in P.st1])
-            u1 = _grouped_pw(z1, pw1)
-            v1 = group_batch_norm(u1, [ops[i].op[3] for i in P.st1],
-                                  [None] * len(P.sep) + [w[i] for i in P.dil], state, bst)
+                                for m, k, d in zip(L["dw1"], P.st1_ksizes, P.st1_dils)], 1)
+            u1 = _grouped_pw(z1, torch.stack([m.weight[:, :, 0, 0] for m in L["pw1"]]))
             Gs, Gd = len(P.sep), len(P.dil)
+            # the sep groups' BN unscaled, the dil groups' scaled by their weights
+            sc1 = None if not Gd else (w[P.dil] if not Gs else
+                                       torch.cat([w.new_ones(Gs), w[P.dil]]))
+            v1 = group_batch_norm(u1, L["bn1"], sc1, state, bst)
             Ho, Wo = v1.shape[-2:]
             # one split (its backward is one cat) rather than two slices (each of whose backward
             # zero-fills and copies a whole v1-sized gradient)
             v_sep, vd = v1.split([Gs * C, Gd * C], dim=1)
             if Gs:
-                k2 = torch.stack([pad_to(ops[i].op[5].weight[:, 0], P.st2_kmax) for i in P.sep])
+                k2 = torch.stack([pad_to(m.weight[:, 0], P.st2_kmax) for m in L["dw2"]])
                 z2 = prims.grouped_dw(v_sep, k2, P.st2_ksizes, (1,) * Gs, True, False)
-                pw2 = torch.stack([ops[i].op[6].weight[:, :, 0, 0] for i in P.sep])
-                v2 = group_batch_norm(_grouped_pw(z2, pw2), [ops[i].op[7] for i in P.sep],
-                                      [w[i] for i in P.sep], state, bst)
+                pw2 = torch.stack([m.weight[:, :, 0, 0] for m in L["pw2"]])
+                v2 = group_batch_norm(_grouped_pw(z2, pw2), L["bn2"], w[P.sep], state, bst)
                 terms.append(v2.view(N, Gs, C, Ho, Wo).sum(1) if Gs > 1 else v2)
             if Gd:
                 terms.append(vd.reshape(N, Gd, C, Ho, Wo).sum(1) if Gd > 1 else vd)
@@ -306,22 +377,21 @@ class MixedOp(nn.Module):
         # accumulates its statistics far less accurately (5e-5 vs 3e-7 relative, fp32)
         for i in P.max_pool:
             mp = F.max_pool2d(xp, 3, s, 1).contiguous()
-            terms.append(group_batch_norm(mp, [ops[i][1]], [w[i]], state, bst))
+            terms.append(group_batch_norm(mp, [ops[i][1]], w[i:i + 1], state, bst))
         for i in P.avg_pool:
             if subsample:
                 ap = _avg_pool_3x3(x, s, prims)
             else:
                 ap = F.avg_pool2d(xp, 3, s, 1, count_include_pad=False).contiguous()
-            terms.append(group_batch_norm(ap, [ops[i][1]], [w[i]], state, bst))
+            terms.append(group_batch_norm(ap, [ops[i][1]], w[i:i + 1], state, bst))
         for i in P.skip:
             if s == 1:
                 terms.append(w[i] * x)
             else:
                 fr = ops[i]
                 xr = F.relu(x) if xr is None else xr
-                y = torch.cat([F.conv2d(xr, fr.conv_1.weight, stride=2),
-                               F.conv2d(xr[:, :, 1:, 1:], fr.conv_2.weight, stride=2)], 1)
-                terms.append(group_batch_norm(y, [fr.bn], [w[i]], state, bst))
+                terms.append(group_batch_norm(_factorized_reduce(xr, fr), [fr.bn], w[i:i + 1],
+                                              state, bst))
         state.first = False
         if not terms:  # only 'none': w * x.mul(0) as the plain loop (a zero weight gradient)
             return (x[:, :, ::s, ::s].mul(0.) if s > 1 else x.mul(0.)) * w.sum()
