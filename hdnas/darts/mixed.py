@@ -128,6 +128,20 @@ def _avg_pool_3x3(x, s, prims):
     return y / (counts(H).view(-1, 1) * counts(W).view(1, -1))
 
 
+class _ContiguousGrad(torch.autograd.Function):
+    """Identity whose backward makes the incoming gradient contiguous once: a DARTS cell hands
+    each edge a slice of its concatenation's gradient, and every term of the fused sum (each BN's
+    and pool's backward) would otherwise copy it to a contiguous tensor on its own."""
+
+    @staticmethod
+    def forward(ctx, y):
+        return y.view_as(y)
+
+    @staticmethod
+    def backward(ctx, g):
+        return g.contiguous()
+
+
 class _EvenPixels(torch.autograd.Function):
     """``z[:, :, ::2, ::2].contiguous()``; its backward writes the gradient into one zero-filled
     tensor (the two slices' backward would zero-fill and copy twice)."""
@@ -312,9 +326,11 @@ class MixedOp(nn.Module):
             return sum(w * op(x) for w, op in zip(weights, ops))
         state = _RunState()
         if self.recompute and torch.is_grad_enabled():
-            return checkpoint(self._fused, x, weights, prims, state, plan, ops,
-                              use_reentrant=False, preserve_rng_state=False)
-        return self._fused(x, weights, prims, state, plan, ops)
+            out = checkpoint(self._fused, x, weights, prims, state, plan, ops,
+                             use_reentrant=False, preserve_rng_state=False)
+        else:
+            out = self._fused(x, weights, prims, state, plan, ops)
+        return _ContiguousGrad.apply(out) if out.requires_grad else out
 
     def _layers_of(self, P: Plan, ops):
         """The candidates' layers the fused path reads, per role, for the candidates of ``P``
