@@ -7,8 +7,10 @@ and computes ``sum_k w_k op_k(x)`` as:
 
 1. the first depthwise stage of every sep/dil candidate: at stride 1 one
    ``primitives.grouped_dw`` call (one read of x, the ReLU applied on read, one output group per
-   candidate); at stride 2, which the primitives do not offer, one stock strided depthwise conv
-   per candidate on one shared ``relu(x)``;
+   candidate); at stride 2, which the primitives do not offer: with the native CPU primitives
+   the stride-1 call keeping the even pixels, the dil candidates (even dilation) on the even-pixel
+   image alone (``_strided_stage1``); otherwise one stock strided depthwise conv per candidate on
+   one shared ``relu(x)``;
 2. the pointwise convs after it (sep: first pw; dil: its only pw): one grouped GEMM;
 3. the BatchNorms after those: one ``F.batch_norm`` over all groups (batch statistics in training
    mode; every module's running statistics and ``num_batches_tracked`` updated as
@@ -19,7 +21,9 @@ and computes ``sum_k w_k op_k(x)`` as:
 5. pools (on a channels-last copy of x on CPU: the same result, several times faster) with
    their BN (``w_k`` folded in; the BN reads an NCHW copy of the pool output, as accurate as the
    plain loop), ``skip_connect`` (``w x``, or FactorizedReduce from the
-   shared ``relu(x)`` with its BN), ``none`` (contributes exactly 0) with stock ops; the sum.
+   shared ``relu(x)`` with its BN: one batched GEMM over the even and odd pixel phases),
+   ``none`` (contributes exactly 0) with stock ops; the sum (its incoming gradient made
+   contiguous once).
 
 ``recompute=True`` (default) runs this under ``torch.utils.checkpoint``: only the op's input is
 kept for backward, every per-candidate intermediate is recomputed there (running statistics are

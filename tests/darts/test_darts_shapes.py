@@ -98,3 +98,24 @@ def test_fp32_no_less_accurate_than_the_plain_loop(stride):
                 assert ef <= 4 * ep + 1e-6, (prims, (H, W), k, ef, ep)
     assert worst  # the comparison ran
     assert statistics.median(worst) <= 2.0, sorted(worst)
+
+
+@pytest.mark.parametrize("prims", [
+    PRIMITIVES,  # sep before dil: the dil groups on the even-pixel image
+    ("dil_conv_3x3", "sep_conv_3x3", "skip_connect", "dil_conv_5x5", "sep_conv_5x5"),  # interleaved
+    ("dil_conv_5x5", "skip_connect")])
+@pytest.mark.parametrize("H,W", [(8, 8), (6, 10), (9, 6), (4, 5)])
+def test_fp64_stride2_routes_equal_the_plain_loop(prims, H, W):
+    """The stride-2 routes of the native fused path (even-pixel dil stage, interleaved candidate
+    orders, FactorizedReduce as one GEMM over the pixel phases where H and W are even, the convs
+    otherwise) on larger even and odd sizes: fp64 to 1e-10, or DARTS' own error."""
+    ref, x, w = _case(prims, 2, H, W, torch.float64, seed=H * 11 + W)
+    ours = hd.MixedOp.from_module(copy.deepcopy(ref), backend="fused")
+    if not _plain_accepts(ref, x, w):
+        with pytest.raises(RuntimeError):
+            ours(x, w)
+        return
+    g = torch.randn_like(copy.deepcopy(ref)(x, w))
+    for k, (a, b) in enumerate(zip(_run(ours, x, w, g), _run(copy.deepcopy(ref), x, w, g))):
+        assert a.shape == b.shape and torch.allclose(a, b, rtol=1e-10, atol=1e-10), \
+            (k, (a - b).abs().max().item())
