@@ -30,7 +30,10 @@ batches 32 and 64 (the mixed op alone: C 16 at 32x32, stride 1 and 2, batch 64).
 * ``saved_mb`` (mixed op only): bytes of the distinct tensors autograd keeps for backward after
   one forward (``saved_tensors_hooks``; parameters not counted).
 
-``--markdown FILE`` appends a table with the CPU model, vector ISA, torch version, date and load;
+``--live-memory``: the children run with glibc's ``MALLOC_MMAP_THRESHOLD_=65536`` (every block of
+64 KiB or more is its own mapping, returned to the system when freed), so the peak RSS follows
+the peak of live memory rather than the heap's high-water mark; times of such a run are not
+comparable (page faults). ``--markdown FILE`` appends a table with the CPU model, vector ISA, torch version, date and load;
 ratios are against the original of the same round.
 """
 from __future__ import annotations
@@ -183,6 +186,15 @@ def _configs(a):
                                    threads=a.threads)
 
 
+def child_env(live_memory: bool) -> dict:
+    """The children's environment: this one, plus glibc's 64 KiB mmap threshold for
+    ``--live-memory``."""
+    env = dict(os.environ)
+    if live_memory:
+        env["MALLOC_MMAP_THRESHOLD_"] = "65536"
+    return env
+
+
 def main(argv=None):
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--what", default="op,step", help="op, step or op,step")
@@ -201,6 +213,9 @@ def main(argv=None):
     ap.add_argument("--threads", type=int, default=1, help="intra-op threads of each process")
     ap.add_argument("--no-recompute-too", action="store_true",
                     help="also measure the swapped backends with recompute=False")
+    ap.add_argument("--live-memory", action="store_true",
+                    help="children with MALLOC_MMAP_THRESHOLD_=65536 (glibc): peak RSS ~ peak live "
+                         "memory; times not comparable")
     ap.add_argument("--markdown", default=None, help="append a Markdown table to this file")
     ap.add_argument("--child", default=None, help=argparse.SUPPRESS)
     a = ap.parse_args(argv)
@@ -208,9 +223,10 @@ def main(argv=None):
         print("RESULT " + json.dumps(child(json.loads(a.child))), flush=True)
         return
     rows = []
+    env = child_env(a.live_memory)
     for cfg in _configs(a):
         p = subprocess.run([sys.executable, "-m", "bench.bench_darts", "--child", json.dumps(cfg)],
-                           capture_output=True, text=True)
+                           capture_output=True, text=True, env=env)
         line = [ln for ln in p.stdout.splitlines() if ln.startswith("RESULT ")]
         if p.returncode or not line:
             res = {"error": (p.stderr.strip().splitlines() or ["?"])[-1]}
@@ -235,7 +251,9 @@ def write_markdown(path, rows_in, info, a):
              f"load average {info['load_average']} at the end",
              "", f"C {a.C}, {a.size}x{a.size}, step: {a.layers} cells; {a.iters} timed "
              f"iteration(s) after 1 warm-up, fresh process each, original and swapped "
-             f"alternating for {a.rounds} round(s).", ""]
+             f"alternating for {a.rounds} round(s)."
+             + (" **Live-memory run** (`--live-memory`: MALLOC_MMAP_THRESHOLD_=65536, peak RSS "
+                "~ peak live memory; times not comparable)." if a.live_memory else ""), ""]
     rows = []
     for r in rows_in:
         head = [r["what"], r["model"], r["order"] or "", r["stride"] or "", r["batch"],

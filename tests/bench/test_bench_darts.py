@@ -36,3 +36,10 @@ def test_tiny_run_writes_a_table(tmp_path):
         ("darts", "2", "reference"), ("darts", "2", "fused"),
         ("pcdarts", "1", "reference"), ("pcdarts", "1", "fused")]
     assert cells[0][9] == "1.00" and float(cells[1][9]) > 0  # ratio against its own original
+
+
+def test_live_memory_sets_the_glibc_threshold_for_the_children_only():
+    import os
+    assert bench_darts.child_env(True)["MALLOC_MMAP_THRESHOLD_"] == "65536"
+    assert bench_darts.child_env(False).get("MALLOC_MMAP_THRESHOLD_") == os.environ.get(
+        "MALLOC_MMAP_THRESHOLD_")
