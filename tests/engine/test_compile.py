@@ -16,7 +16,6 @@ from hdnas.engine.search import Search, SearchConfig
 from hdnas.mixed import dense, resolve_backend
 from hdnas.model.network import SuperNet
 
-pytestmark = pytest.mark.filterwarnings("ignore:Dynamo detected a call to a:UserWarning")
 
 #: one candidate of each family the merged composition computes
 FAMILIES = ["conv_3x3", "sep_conv_3x3", "dil_conv_3x3", "skip_connect"]
