@@ -136,6 +136,20 @@ SLOW = {
        "aot_eager compiles of searches" for p in ("joint-aot_eager-native",
                                                   "darts1-aot_eager-merged",
                                                   "darts2-aot_eager-native")},
+    # subprocesses and repeated runs whose behaviour has a quick in-process twin (2026-12-07: the
+    # fast tier reached 5.5-5.9 min of its 6 on the 2-core AVX2 box)
+    "tests/engine/test_allocator.py::test_tuned_heap_reuses_freed_pages":
+        "child processes measuring page reuse (8 s). Fast: test_opt_out_is_reported",
+    "tests/bench/test_bench_fuzz.py::test_printed_replay_command_runs":
+        "replays in a child process (5 s). Fast: tests/mixed/test_fuzz.py::test_replay_command_line",
+    "tests/mixed/test_fuzz.py::test_cases_are_reproducible":
+        "draws the case list twice (5 s). Fast: test_ci_cases_cover_the_space",
+    "tests/bench/test_bench_gpu.py::test_sanitizer_runs_the_case":
+        "sanitizer run of a case (5 s). Fast: test_sanitizer_error_fails",
+    "tests/commands/test_evaluate.py::test_help_runs":
+        "--help in a child process (4.5 s). Fast: the in-process CLI tests of that file",
+    "tests/engine/test_compile.py::test_native_dense_conv_routes_are_one_graph":
+        "Dynamo traces per dense route (3 x 3.6 s). Fast: test_supernet_forward_is_one_graph",
 }
 
 
