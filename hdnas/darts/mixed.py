@@ -123,7 +123,7 @@ def _avg_pool_3x3(x, s, prims):
     ones = x.new_ones(1, C, 3, 3)
     y = prims.grouped_dw(x, ones, (3,), (1,), False, True)
     if s == 2:
-        y = y[:, :, ::2, ::2]
+        y = _EvenPixels.apply(y)
 
     def counts(n):
         pos = torch.arange(0, n, s, device=x.device)
@@ -251,7 +251,6 @@ class MixedOp(nn.Module):
             self.mp = nn.MaxPool2d(2, 2)
         self.plan = darts_plan(names)
         self._single: dict = {}  # GDAS: index -> (plan, [module]) of one candidate
-        self._layers: dict = {}  # (plan, candidates) -> their layers by role (_layers_of)
 
     @classmethod
     def from_module(cls, module: nn.Module, backend: str = "fused", recompute: bool = True,
@@ -336,18 +335,12 @@ class MixedOp(nn.Module):
             out = self._fused(x, weights, prims, state, plan, ops)
         return _ContiguousGrad.apply(out) if out.requires_grad else out
 
-    def _layers_of(self, P: Plan, ops):
-        """The candidates' layers the fused path reads, per role, for the candidates of ``P``
-        (looked up once per plan and candidate list: indexing nested containers on every call
-        costs more than the small ops' kernels)."""
-        key = (id(P),) + tuple(map(id, ops))
-        got = self._layers.get(key)
-        if got is None:
-            got = {"dw1": [ops[i].op[1] for i in P.st1], "pw1": [ops[i].op[2] for i in P.st1],
-                   "bn1": [ops[i].op[3] for i in P.st1], "dw2": [ops[i].op[5] for i in P.sep],
-                   "pw2": [ops[i].op[6] for i in P.sep], "bn2": [ops[i].op[7] for i in P.sep]}
-            self._layers[key] = got
-        return got
+    @staticmethod
+    def _layers_of(P: Plan, ops):
+        """The candidates' layers the fused path reads, per role, for the candidates of ``P``."""
+        return {"dw1": [ops[i].op[1] for i in P.st1], "pw1": [ops[i].op[2] for i in P.st1],
+                "bn1": [ops[i].op[3] for i in P.st1], "dw2": [ops[i].op[5] for i in P.sep],
+                "pw2": [ops[i].op[6] for i in P.sep], "bn2": [ops[i].op[7] for i in P.sep]}
 
     def _fused(self, x, weights, prims, state: _RunState, P: Plan, ops):
         N, C, H, W = x.shape
@@ -374,8 +367,7 @@ class MixedOp(nn.Module):
             u1 = _grouped_pw(z1, torch.stack([m.weight[:, :, 0, 0] for m in L["pw1"]]))
             Gs, Gd = len(P.sep), len(P.dil)
             # the sep groups' BN unscaled, the dil groups' scaled by their weights
-            sc1 = None if not Gd else (w[P.dil] if not Gs else
-                                       torch.cat([w.new_ones(Gs), w[P.dil]]))
+            sc1 = torch.cat([w.new_ones(Gs), w[P.dil]]) if Gd else None
             v1 = group_batch_norm(u1, L["bn1"], sc1, state, bst)
             Ho, Wo = v1.shape[-2:]
             # one split (its backward is one cat) rather than two slices (each of whose backward
