@@ -57,14 +57,15 @@ class _StatsNorm(torch.autograd.Function):
                 gb if ctx.has_b and need[2] else None, None, None, None)
 
 
-def stats_batch_norm(u, weight, bias, eps, stats):
+def stats_batch_norm(u, weight, bias, eps, stats, state: "RunState | None" = None):
     """``F.batch_norm(u, None, None, weight, bias, True, 0, eps)`` with the batch statistics from
     ``stats(u)`` (a ``Primitives.batch_stats``); returns (y, mean64, var64), or None where
-    ``stats`` does not serve ``u``."""
+    ``stats`` does not serve ``u``. With a ``state`` being recomputed, the statistics its first
+    run computed (in call order) instead: the same numbers, not read again."""
     if u.numel() // max(u.shape[1], 1) <= 1:
         return None
     u = u.contiguous()
-    got = stats(u.detach())
+    got = stats(u.detach()) if state is None else state.batch_stats(u, stats)
     if got is None:
         return None
     mean64, var64 = got
@@ -73,12 +74,29 @@ def stats_batch_norm(u, weight, bias, eps, stats):
 
 class RunState:
     """Whether the fused function runs for the first time (update running statistics) or is
-    being recomputed in backward (normalise only)."""
+    being recomputed in backward (normalise only, with the batch statistics of the first run)."""
 
-    __slots__ = ("first",)
+    __slots__ = ("first", "kept", "pos")
 
     def __init__(self):
         self.first = True
+        self.kept = []  # the first run's batch statistics, in call order
+        self.pos = 0
+
+    def start(self):
+        """Called as the fused function starts: a recomputation reads the kept statistics from
+        the first."""
+        self.pos = 0
+
+    def batch_stats(self, u, stats):
+        """``stats(u)`` on the first run (kept); the kept result of the same call when recomputed."""
+        if self.first:
+            got = stats(u.detach())
+            self.kept.append(got)
+            return got
+        got = self.kept[self.pos]
+        self.pos += 1
+        return got
 
 
 def _bn_key(bn):
@@ -148,7 +166,7 @@ def group_batch_norm(u, bns, scales, state: RunState, stats=None):
     weight, bias = _group_affine(bns, scales, u)
     bn_training = b0.training or b0.running_mean is None
     if bn_training and stats is not None:
-        got = stats_batch_norm(u, weight, bias, b0.eps, stats)
+        got = stats_batch_norm(u, weight, bias, b0.eps, stats, state)
         if got is not None:
             y, mean64, var64 = got
             if update and b0.running_mean is not None:

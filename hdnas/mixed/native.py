@@ -33,7 +33,7 @@ from hdnas.mixed.base import BackendError, register_backend
 from hdnas.mixed.merged import DecomposedBackend
 from hdnas.kernels.checks import check_dw_args
 from hdnas.kernels.stencil import Table as _Table, grouped_table as _grouped_table, union_table as _union_table
-from hdnas.mixed.primitives import Primitives
+from hdnas.mixed.primitives import Primitives, engine_needs
 from hdnas.model.ops import set_native_depthwise
 
 # Limits of the CUDA kernels (csrc/hdnas_dw.h); the CPU kernels have none.
@@ -72,8 +72,8 @@ def _register_python_side():
 
     def _backward(ctx, grad_y):
         x, w = ctx.saved_tensors
-        need_gx = ctx.needs_input_grad[0] and _engine_needs(x)
-        need_gw = ctx.needs_input_grad[1] and _engine_needs(w)
+        need_gx = ctx.needs_input_grad[0] and engine_needs(x)
+        need_gw = ctx.needs_input_grad[1] and engine_needs(w)
         gx, gw = torch.ops.hdnas_native.dw_bwd(grad_y, x, w, *ctx.args, need_gx, need_gw)
         return (gx if need_gx else None), (gw if need_gw else None), None, None, None, None
 
@@ -109,20 +109,6 @@ def _register_python_side():
 
     torch.library.register_autograd("hdnas_native::dw_bwd", _backward_bwd, setup_context=_setup_bwd)
     _registered = True
-
-
-def _engine_needs(t) -> bool:
-    """Whether this backward pass will use the gradient of the non-leaf ``t`` (False e.g. for
-    the op kernels in an architecture step, ``backward(inputs=arch)``, which needs only the
-    input gradient). ``ctx.needs_input_grad`` only says that ``t`` requires grad; built-in ops
-    skip such gradients, so the native ops do too. Leaves and any doubt: True."""
-    fn = t.grad_fn
-    if fn is None or not hasattr(torch._C, "_will_engine_execute_node"):
-        return True
-    try:
-        return bool(torch._C._will_engine_execute_node(fn))
-    except Exception:  # noqa: BLE001 - not in a backward pass, or an API change
-        return True
 
 
 def available(device="cpu") -> bool:

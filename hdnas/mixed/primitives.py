@@ -53,6 +53,21 @@ def mixed_dw_ref(x, weights, kernels, ksizes, dilations, relu_input: bool, skip_
     return y
 
 
+def engine_needs(t) -> bool:
+    """Whether the running backward pass will use the gradient of ``t`` (a leaf's included: its
+    gradient accumulator is asked). False e.g. for the op kernels in an architecture step,
+    ``backward(inputs=arch)``, which needs only the input gradient: ``ctx.needs_input_grad`` only
+    says that ``t`` requires grad, and built-in ops skip such gradients, so the backends' custom
+    autograd does too. Outside a backward pass and in any doubt: ``t.requires_grad``."""
+    if not t.requires_grad:
+        return False
+    try:
+        node = torch.autograd.graph._get_grad_fn_or_grad_acc(t)
+        return bool(torch._C._will_engine_execute_node(node))
+    except Exception:  # noqa: BLE001 - not in a backward pass, or an API change
+        return True
+
+
 @dataclass(frozen=True)
 class Primitives:
     """A set of primitives: two depthwise functions with the signatures of the twins above, and

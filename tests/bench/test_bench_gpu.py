@@ -14,6 +14,7 @@ import pytest
 import torch
 
 from bench import bytes_model, gpu, gpu_check, gpu_time
+from hdnas.darts.batchnorm import RunState
 from hdnas.mixed.merged import DecomposedBackend
 from hdnas.mixed.primitives import Primitives, grouped_dw_ref, mixed_dw_ref
 
@@ -124,7 +125,7 @@ def test_broken_backend_fails_and_is_not_timed(tmp_path, capsys):
     assert "broken: not timed (a check failed)" in data["notes"]
 
 
-class _AlwaysFirst:
+class _AlwaysFirst(RunState):
     """A ``_RunState`` that never leaves its first run: the recomputation in backward updates
     the BN running statistics a second time (outputs and gradients stay right)."""
     first = property(lambda self: True, lambda self, value: None)

@@ -220,6 +220,54 @@ def test_recompute_keeps_only_the_input():
         assert s_off > (4 if stride == 1 else 1.5) * nx, (stride, s_off, nx)
 
 
+@pytest.mark.parametrize("backend", backends())
+def test_recompute_second_derivatives(backend):
+    """Recomputation stays differentiable under create_graph=True: a gradient penalty's gradients
+    (x, alpha, every parameter) equal those of the op without recomputation, fp64."""
+    out = []
+    for recompute in (True, False):
+        _, op = _pair(4, 1, torch.float64, backend, recompute=recompute)
+        torch.manual_seed(2)
+        x = torch.randn(2, 4, 6, 6, dtype=torch.float64, requires_grad=True)
+        alpha = torch.randn(8, dtype=torch.float64, requires_grad=True)
+        y = op(x, alpha.softmax(0))
+        gx, ga = torch.autograd.grad((y * y.detach().cos()).sum(), (x, alpha), create_graph=True)
+        params = [p for p in op.parameters() if p.requires_grad]
+        second = torch.autograd.grad((gx ** 2).sum() + (ga ** 2).sum(), [x, alpha] + params,
+                                     allow_unused=True)
+        out.append([y, gx, ga] + [torch.zeros_like(p) if g is None else g
+                                  for g, p in zip(second, [x, alpha] + params)])
+    assert any(t.abs().max() > 0 for t in out[0][3:])
+    for i, (a, b) in enumerate(zip(*out)):
+        torch.testing.assert_close(a, b, **TOL[torch.float64], msg=lambda m, i=i: f"tensor {i}: {m}")
+
+
+@pytest.mark.parametrize("backend", backends())
+def test_architecture_step_recomputes_no_parameter_gradient(backend, monkeypatch):
+    """``backward(inputs=alpha)`` (an architecture step): the recomputation asks autograd for the
+    weights' gradient only (not the candidates' parameters', not x's when x needs none), and
+    alpha's gradient equals the plain loop's."""
+    ref, ours = _pair(4, 2, torch.float64, backend)
+    x = torch.randn(2, 4, 8, 8, dtype=torch.float64)
+    asked = []
+    grad = torch.autograd.grad
+
+    def spy(outputs, inputs, *a, **k):
+        asked.append(len(inputs))
+        return grad(outputs, inputs, *a, **k)
+
+    monkeypatch.setattr(torch.autograd, "grad", spy)
+    got = []
+    for op in (ref, ours):
+        alpha = torch.randn(8, dtype=torch.float64, generator=torch.Generator().manual_seed(4))
+        alpha.requires_grad_()
+        op(x, alpha.softmax(0)).square().sum().backward(inputs=[alpha])
+        got.append(alpha.grad)
+        assert all(p.grad is None for p in op.parameters())
+    assert asked == [1]
+    torch.testing.assert_close(got[1], got[0], **TOL[torch.float64])
+
+
 def test_state_dict_layout_loads_by_name():
     ref = hd.PlainMixedOp(4, 2)
     ours = hd.MixedOp(4, 2, backend="merged")
