@@ -8,6 +8,8 @@
 
 namespace hdnas {
 std::tuple<at::Tensor, at::Tensor> bn_stats_cpu(const at::Tensor& x);
+at::Tensor max_pool3x3_cpu(const at::Tensor& x, int64_t stride);
+at::Tensor max_pool3x3_backward_cpu(const at::Tensor& grad_y, const at::Tensor& x, int64_t stride);
 }
 
 TORCH_LIBRARY(hdnas_native, m) {
@@ -22,6 +24,9 @@ TORCH_LIBRARY(hdnas_native, m) {
   // The batch statistics of training-mode BN: (mean, biased variance) per channel, float64
   // (csrc/cpu/bn_stats.cpp).
   m.def("bn_stats(Tensor x) -> (Tensor, Tensor)");
+  // 3x3 max pooling, padding 1, stride 1 or 2, NCHW, and its backward (csrc/cpu/max_pool.cpp).
+  m.def("max_pool3x3(Tensor x, int stride) -> Tensor");
+  m.def("max_pool3x3_backward(Tensor grad_y, Tensor x, int stride) -> Tensor");
   m.def("isa() -> str", &hdnas::cpu::isa_op);
   m.def("set_isa(str name) -> str", &hdnas::cpu::set_isa_op);
   m.def("isa_supported() -> str[]", &hdnas::cpu::isa_supported_op);
@@ -33,4 +38,6 @@ TORCH_LIBRARY_IMPL(hdnas_native, CPU, m) {
   m.impl("dw_fwd", &hdnas::dw_fwd_cpu);
   m.impl("dw_bwd", &hdnas::dw_bwd_cpu);
   m.impl("bn_stats", &hdnas::bn_stats_cpu);
+  m.impl("max_pool3x3", &hdnas::max_pool3x3_cpu);
+  m.impl("max_pool3x3_backward", &hdnas::max_pool3x3_backward_cpu);
 }

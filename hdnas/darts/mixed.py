@@ -18,8 +18,9 @@ and computes ``sum_k w_k op_k(x)`` as:
    BN's per-channel scale, so ``w_k * BN(u)`` is one pass;
 4. the sep candidates' second stage: ``primitives.grouped_dw`` (ReLU on read, per-group input),
    one grouped GEMM, one ``F.batch_norm`` with ``w_k`` folded in;
-5. pools (on a channels-last copy of x on CPU: the same result, several times faster) with
-   their BN (``w_k`` folded in; the BN reads an NCHW copy of the pool output, as accurate as the
+5. pools (the primitives' own max pool where they have one: the native CPU kernel; else on a
+   channels-last copy of x on CPU: the same result, several times faster than PyTorch's NCHW
+   pool) with their BN (``w_k`` folded in; the BN reads an NCHW copy of the pool output, as accurate as the
    plain loop), ``skip_connect`` (``w x``, or FactorizedReduce from the
    shared ``relu(x)`` with its BN: one batched GEMM over the even and odd pixel phases),
    ``none`` (contributes exactly 0) with stock ops; the sum (its incoming gradient made
@@ -114,6 +115,11 @@ def darts_plan(names) -> Plan:
 #: strided convs (bench/bench_darts.py, the mixed op at stride 2); they also run the 3x3 average
 #: pool (count_include_pad=False) as a depthwise box sum divided by the window counts.
 SUBSAMPLED_STRIDE2 = ("native",)
+
+
+def _channels_last(x):
+    """x as channels-last on a CPU (PyTorch's pools are several times faster there), else x."""
+    return x.contiguous(memory_format=torch.channels_last) if x.device.type == "cpu" else x
 
 
 def _avg_pool_3x3(x, s, prims):
@@ -417,19 +423,25 @@ class MixedOp(nn.Module):
                 terms.append(v2.view(N, Gs, C, Ho, Wo).sum(1) if Gs > 1 else v2)
             if Gd:
                 terms.append(vd.reshape(N, Gd, C, Ho, Wo).sum(1) if Gd > 1 else vd)
-        if P.max_pool or (P.avg_pool and not subsample):
-            # PyTorch's CPU pools are several times faster on channels-last tensors, with the same
-            # windows, scan order and tie rule (the first maximum in row-major order)
-            xp = x.contiguous(memory_format=torch.channels_last) if x.device.type == "cpu" else x
-        # the BNs read NCHW tensors: torch's channels-last training-mode batch_norm on CPU
+        # PyTorch's NCHW CPU pools are several times slower than its channels-last ones (same
+        # windows, scan order and tie rule: the first maximum in row-major order); where the
+        # primitives have no pool of their own, the pools read a channels-last copy of x and the
+        # BNs an NCHW copy of their output: torch's channels-last training-mode batch_norm on CPU
         # accumulates its statistics far less accurately (5e-5 vs 3e-7 relative, fp32)
+        xp = None
         for i in P.max_pool:
-            mp = F.max_pool2d(xp, 3, s, 1).contiguous()
+            # the primitives' own pool (native: 1.5-2x the channels-last route with its copies,
+            # forward and backward; python -m bench.bench_pool)
+            mp = None if prims.max_pool_3x3 is None else prims.max_pool_3x3(x, s)
+            if mp is None:
+                xp = _channels_last(x) if xp is None else xp
+                mp = F.max_pool2d(xp, 3, s, 1).contiguous()
             terms.append(group_batch_norm(mp, [ops[i][1]], w[i:i + 1], state, bst))
         for i in P.avg_pool:
             if subsample:
                 ap = _avg_pool_3x3(x, s, prims)
             else:
+                xp = _channels_last(x) if xp is None else xp
                 ap = F.avg_pool2d(xp, 3, s, 1, count_include_pad=False).contiguous()
             terms.append(group_batch_norm(ap, [ops[i][1]], w[i:i + 1], state, bst))
         for i in P.skip:

@@ -108,6 +108,31 @@ def _register_python_side():
         return d_gy, d_x, d_w, None, None, None, None, None, None
 
     torch.library.register_autograd("hdnas_native::dw_bwd", _backward_bwd, setup_context=_setup_bwd)
+
+    @torch.library.register_fake("hdnas_native::max_pool3x3")
+    def _max_pool_fake(x, stride):
+        return x.new_empty((x.shape[0], x.shape[1], (x.shape[2] - 1) // stride + 1,
+                            (x.shape[3] - 1) // stride + 1))
+
+    @torch.library.register_fake("hdnas_native::max_pool3x3_backward")
+    def _max_pool_bwd_fake(grad_y, x, stride):
+        return torch.empty_like(x, memory_format=torch.contiguous_format)
+
+    def _setup_pool(ctx, inputs, output):
+        ctx.save_for_backward(inputs[0])
+        ctx.stride = inputs[1]
+
+    def _backward_pool(ctx, grad_y):
+        (x,) = ctx.saved_tensors
+        if torch.is_grad_enabled():  # create_graph=True: the twin's differentiable backward
+            with torch.enable_grad():
+                xd = x.detach().requires_grad_()
+                y = torch.nn.functional.max_pool2d(xd, 3, ctx.stride, 1)
+                return torch.autograd.grad(y, xd, grad_y, create_graph=True)[0], None
+        return torch.ops.hdnas_native.max_pool3x3_backward(grad_y, x, ctx.stride), None
+
+    torch.library.register_autograd("hdnas_native::max_pool3x3", _backward_pool,
+                                    setup_context=_setup_pool)
     _registered = True
 
 
@@ -224,9 +249,22 @@ def batch_stats(x):
     return torch.ops.hdnas_native.bn_stats(x)
 
 
+def max_pool_3x3(x, stride: int):
+    """``F.max_pool2d(x, 3, stride, 1)`` of a float32/float64 (N, C, H, W) CPU tensor, NCHW
+    (``csrc/cpu/max_pool.cpp``: PyTorch's windows and tie rule, several times faster than its
+    NCHW kernel, with no channels-last copies), or None where the kernel does not serve (other
+    devices or dtypes, strides other than 1 and 2, the library unavailable)."""
+    if (x.device.type != "cpu" or x.dtype not in (torch.float32, torch.float64) or x.dim() != 4
+            or stride not in (1, 2) or x.shape[2] < 1 or x.shape[3] < 1
+            or _reason("cpu", x.dtype, 1, 1, 0) is not None):
+        return None
+    return torch.ops.hdnas_native.max_pool3x3(x, int(stride))
+
+
 #: The C++/CUDA depthwise primitives (``--fused`` on a CPU uses these), with the merged dense
 #: conv by FFT where that is measured faster (hdnas.mixed.dense).
-NATIVE_PRIMITIVES = Primitives("native", grouped_dw, mixed_dw, dense.dense_conv, batch_stats)
+NATIVE_PRIMITIVES = Primitives("native", grouped_dw, mixed_dw, dense.dense_conv, batch_stats,
+                               max_pool_3x3)
 
 
 class NativeBackend(DecomposedBackend):

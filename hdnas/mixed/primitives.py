@@ -75,13 +75,15 @@ class Primitives:
     ``hdnas.mixed.dense.conv_same``). The stock set is the twins themselves (PyTorch convs).
     ``batch_stats(x)``: optional, the per-channel (mean, biased variance) of a training-mode
     BatchNorm in float64, or None where it does not serve (twin: ``batch_stats_ref``); None:
-    ``F.batch_norm`` computes them."""
+    ``F.batch_norm`` computes them. ``max_pool_3x3(x, stride)``: optional, DARTS' 3x3 max pool
+    with padding 1, or None where it does not serve (twin: ``max_pool_3x3_ref``)."""
 
     name: str = "torch"
     grouped_dw: Callable = grouped_dw_ref
     mixed_dw: Callable = mixed_dw_ref
     dense_conv: Callable = conv_same
     batch_stats: Callable | None = None
+    max_pool_3x3: Callable | None = None
 
 
 def batch_stats_ref(x):
@@ -91,3 +93,8 @@ def batch_stats_ref(x):
 
 
 TORCH_PRIMITIVES = Primitives()
+
+
+def max_pool_3x3_ref(x, stride: int):
+    """The twin of ``Primitives.max_pool_3x3``."""
+    return F.max_pool2d(x, 3, stride, 1)

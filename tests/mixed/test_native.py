@@ -521,3 +521,72 @@ def test_derived_net_depthwise_modes(nat):
     assert not any("hdnas_native" in t for t in targets), targets
     assert any("conv2d" in t for t in targets)
     assert ops.check_depthwise_mode("torch") == "torch"
+
+
+# ---------------------------------------------------------------------------------------------
+# The 3x3 max pool (csrc/cpu/max_pool.cpp) against its twin, F.max_pool2d(x, 3, stride, 1)
+
+def _pool_input(shape, kind, dtype, gen):
+    if kind == "ties":  # few distinct values: the first maximum in scan order must win
+        x = torch.randint(0, 3, shape, generator=gen).to(dtype)
+    else:
+        x = _rand(*shape, dtype=dtype, gen=gen)
+    if kind == "inf":  # windows of -inf only: the first real pixel gets the gradient
+        x[x < 0.3] = -float("inf")
+    if kind == "nan":  # NaN propagates, and the last NaN of a window gets the gradient
+        x.view(-1)[::7] = float("nan")
+    return x
+
+
+@pytest.mark.parametrize("dtype", [torch.float64, torch.float32])
+@pytest.mark.parametrize("stride", [1, 2])
+@pytest.mark.parametrize("kind", ["randn", "ties", "inf", "nan"])
+@pytest.mark.parametrize("shape", [(2, 3, 1, 1), (2, 3, 5, 7), (1, 2, 2, 2), (3, 2, 6, 1),
+                                   (2, 2, 1, 9), (2, 4, 8, 8), (2, 16, 32, 32)])
+def test_max_pool_equals_torch_bit_for_bit(nat, dtype, stride, kind, shape):
+    """Outputs and input gradients equal PyTorch's NCHW pool exactly (same windows, tie rule,
+    NaN rule and order of the gradient sums), on odd, 1-pixel and DARTS sizes."""
+    gen = torch.Generator().manual_seed(zlib.crc32(repr((dtype, stride, kind, shape)).encode()))
+    x = _pool_input(shape, kind, dtype, gen)
+    a, b = x.clone().requires_grad_(), x.clone().requires_grad_()
+    y, want = nat.max_pool_3x3(a, stride), F.max_pool2d(b, 3, stride, 1)
+    assert y.shape == want.shape
+    assert torch.equal(y.isnan(), want.isnan()) and torch.equal(y.nan_to_num(), want.nan_to_num())
+    g = _rand(*want.shape, dtype=dtype, gen=gen)
+    y.backward(g)
+    want.backward(g)
+    assert torch.equal(a.grad, b.grad)
+
+
+def test_max_pool_layouts_threads_and_double_backward(nat):
+    gen = torch.Generator().manual_seed(5)
+    x = _rand(3, 6, 9, 10, gen=gen)
+    want = F.max_pool2d(x, 3, 1, 1)
+    for v in (x[:, 1:4], x.transpose(2, 3), x.contiguous(memory_format=torch.channels_last)):
+        assert torch.equal(nat.max_pool_3x3(v, 1), F.max_pool2d(v, 3, 1, 1))
+    g = _rand(*want.shape, gen=gen)
+    old = torch.get_num_threads()
+    grads = []
+    try:
+        for nt in (1, 2):
+            torch.set_num_threads(nt)
+            xg = x.clone().requires_grad_()
+            grads.append(torch.autograd.grad(nat.max_pool_3x3(xg, 1), xg, g)[0])
+    finally:
+        torch.set_num_threads(old)
+    assert torch.equal(grads[0], grads[1])
+    xg = x.clone().requires_grad_()
+    assert torch.autograd.gradcheck(lambda t: nat.max_pool_3x3(t, 2), (xg,))
+    assert torch.autograd.gradgradcheck(lambda t: nat.max_pool_3x3(t, 1), (xg,))
+    torch.library.opcheck(torch.ops.hdnas_native.max_pool3x3.default, (xg, 2))
+
+
+def test_max_pool_serves_only_what_it_can(nat):
+    assert nat.max_pool_3x3(torch.randn(1, 2, 4, 4, dtype=torch.float16), 1) is None
+    assert nat.max_pool_3x3(torch.randn(1, 2, 4, 4), 3) is None
+    assert nat.max_pool_3x3(torch.randn(2, 4, 4), 1) is None
+    assert nat.max_pool_3x3(torch.randn(1, 2, 4, 4, device="meta"), 1) is None
+    with pytest.raises(RuntimeError, match="stride 1 or 2"):
+        torch.ops.hdnas_native.max_pool3x3(torch.randn(1, 2, 4, 4), 3)
+    with pytest.raises(RuntimeError, match="does not fit"):
+        torch.ops.hdnas_native.max_pool3x3_backward(torch.randn(1, 2, 3, 3), torch.randn(1, 2, 4, 4), 1)
