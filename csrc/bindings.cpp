@@ -10,6 +10,12 @@ namespace hdnas {
 std::tuple<at::Tensor, at::Tensor> bn_stats_cpu(const at::Tensor& x);
 at::Tensor max_pool3x3_cpu(const at::Tensor& x, int64_t stride);
 at::Tensor max_pool3x3_backward_cpu(const at::Tensor& grad_y, const at::Tensor& x, int64_t stride);
+at::Tensor bn_sum_cpu(const at::Tensor& u, const at::Tensor& mean, const at::Tensor& var,
+                      const at::Tensor& scale, double eps, int64_t groups);
+std::tuple<at::Tensor, at::Tensor> bn_sum_backward_cpu(const at::Tensor& grad_y, const at::Tensor& u,
+                                                       const at::Tensor& mean, const at::Tensor& var,
+                                                       const at::Tensor& scale, double eps,
+                                                       int64_t groups);
 }
 
 TORCH_LIBRARY(hdnas_native, m) {
@@ -27,6 +33,11 @@ TORCH_LIBRARY(hdnas_native, m) {
   // 3x3 max pooling, padding 1, stride 1 or 2, NCHW, and its backward (csrc/cpu/max_pool.cpp).
   m.def("max_pool3x3(Tensor x, int stride) -> Tensor");
   m.def("max_pool3x3_backward(Tensor grad_y, Tensor x, int stride) -> Tensor");
+  // Training-mode BN of channel groups, scaled per channel and summed over the groups, with the
+  // batch statistics given (float64), and its backward (csrc/cpu/bn_sum.cpp).
+  m.def("bn_sum(Tensor u, Tensor mean, Tensor var, Tensor scale, float eps, int groups) -> Tensor");
+  m.def("bn_sum_backward(Tensor grad_y, Tensor u, Tensor mean, Tensor var, Tensor scale, float eps,"
+        " int groups) -> (Tensor, Tensor)");
   m.def("isa() -> str", &hdnas::cpu::isa_op);
   m.def("set_isa(str name) -> str", &hdnas::cpu::set_isa_op);
   m.def("isa_supported() -> str[]", &hdnas::cpu::isa_supported_op);
@@ -40,4 +51,6 @@ TORCH_LIBRARY_IMPL(hdnas_native, CPU, m) {
   m.impl("bn_stats", &hdnas::bn_stats_cpu);
   m.impl("max_pool3x3", &hdnas::max_pool3x3_cpu);
   m.impl("max_pool3x3_backward", &hdnas::max_pool3x3_backward_cpu);
+  m.impl("bn_sum", &hdnas::bn_sum_cpu);
+  m.impl("bn_sum_backward", &hdnas::bn_sum_backward_cpu);
 }

@@ -62,14 +62,20 @@ def stats_batch_norm(u, weight, bias, eps, stats, state: "RunState | None" = Non
     ``stats(u)`` (a ``Primitives.batch_stats``); returns (y, mean64, var64), or None where
     ``stats`` does not serve ``u``. With a ``state`` being recomputed, the statistics its first
     run computed (in call order) instead: the same numbers, not read again."""
-    if u.numel() // max(u.shape[1], 1) <= 1:
-        return None
     u = u.contiguous()
-    got = stats(u.detach()) if state is None else state.batch_stats(u, stats)
+    got = _batch_stats(u, stats, state)
     if got is None:
         return None
     mean64, var64 = got
     return _StatsNorm.apply(u, weight, bias, mean64, var64, eps), mean64, var64
+
+
+def _batch_stats(u, stats, state):
+    """(mean64, var64) of a contiguous u from ``stats`` (kept in / read from ``state``), or None
+    where it does not serve (or u has one value per channel: F.batch_norm says so)."""
+    if u.numel() // max(u.shape[1], 1) <= 1:
+        return None
+    return stats(u.detach()) if state is None else state.batch_stats(u, stats)
 
 
 class RunState:
@@ -144,9 +150,27 @@ def group_batch_norm(u, bns, scales, state: RunState, stats=None):
     of ``state``). Modules with the same settings share one normalisation. ``scales``: a list of
     None (1) / 0-d tensors, or one (G,) tensor, or None (all 1). ``stats``: the primitives'
     ``batch_stats`` (None: ``F.batch_norm``'s own)."""
+    return _group_batch_norm(u, bns, scales, state, stats, None)[0]
+
+
+def group_batch_norm_sum(u, bns, scales, state: RunState, stats=None, bn_sum=None):
+    """``sum_g scale_g * bn_g(u_g)``: ``group_batch_norm`` summed over the groups, (N, C, H, W).
+    With the primitives' ``bn_sum`` (training mode, their ``batch_stats``, no affine BN) in one
+    pass that writes only the sum (and whose backward reads the output gradient once, not an
+    expanded copy per group); otherwise the normalisation, then the sum."""
+    y, summed = _group_batch_norm(u, bns, scales, state, stats, bn_sum)
+    G = len(bns)
+    if summed or G == 1:
+        return y
+    N, GC, H, W = y.shape
+    return y.view(N, G, GC // G, H, W).sum(1)
+
+
+def _group_batch_norm(u, bns, scales, state: RunState, stats, bn_sum):
+    """(y, whether y is already summed over the groups): see the two functions above."""
     scales = _scale_vector(scales, u)
     if len(bns) > 1 and len({_bn_key(b) for b in bns}) > 1:
-        return _split_calls(u, bns, scales, state, stats)
+        return _split_calls(u, bns, scales, state, stats), False
     b0 = bns[0]
     C = b0.num_features
     factor = 0.0 if b0.momentum is None else b0.momentum
@@ -161,12 +185,23 @@ def group_batch_norm(u, bns, scales, state: RunState, stats=None):
                 # cumulative averages over different counts: one call per module
                 if update:
                     torch._foreach_sub_(counts, 1)
-                return _split_calls(u, bns, scales, state, stats)
+                return _split_calls(u, bns, scales, state, stats), False
             factor = 1.0 / float(b0.num_batches_tracked)
     weight, bias = _group_affine(bns, scales, u)
     bn_training = b0.training or b0.running_mean is None
     if bn_training and stats is not None:
-        got = stats_batch_norm(u, weight, bias, b0.eps, stats, state)
+        got = summed = None
+        if bn_sum is not None and bias is None:
+            u = u.contiguous()
+            st = _batch_stats(u, stats, state)
+            if st is not None:
+                scale = weight if weight is not None else u.new_ones(u.shape[1])
+                summed = bn_sum(u, *st, scale, b0.eps, len(bns))
+                got = None if summed is None else (summed, *st)
+            if got is None and st is not None:  # (the statistics are taken: normalise with them)
+                got = (_StatsNorm.apply(u, weight, bias, *st, b0.eps), *st)
+        else:
+            got = stats_batch_norm(u, weight, bias, b0.eps, stats, state)
         if got is not None:
             y, mean64, var64 = got
             if update and b0.running_mean is not None:
@@ -177,7 +212,7 @@ def group_batch_norm(u, bns, scales, state: RunState, stats=None):
                     torch._foreach_mul_(rms + rvs, 1 - factor)  # the variance unbiased
                     torch._foreach_add_(rms, (factor * mean64).to(dt).split(C))
                     torch._foreach_add_(rvs, (factor * n / (n - 1) * var64).to(dt).split(C))
-            return y
+            return y, summed is not None
     rm = rv = None
     if b0.running_mean is not None and (tracks or not bn_training):
         if len(bns) == 1:
@@ -195,4 +230,4 @@ def group_batch_norm(u, bns, scales, state: RunState, stats=None):
             for i, b in enumerate(bns):
                 b.running_mean.copy_(rm[i * C:(i + 1) * C])
                 b.running_var.copy_(rv[i * C:(i + 1) * C])
-    return y
+    return y, False

@@ -5,26 +5,27 @@ so a DARTS state dict loads by name and ``patch`` can adopt an existing model's 
 thereby its parameter objects and BN buffers) unchanged. The fused path reads their parameters
 and computes ``sum_k w_k op_k(x)`` as:
 
-1. the first depthwise stage of every sep/dil candidate: at stride 1 one
-   ``primitives.grouped_dw`` call (one read of x, the ReLU applied on read, one output group per
-   candidate); at stride 2, which the primitives do not offer: with the native CPU primitives
-   the stride-1 call keeping the even pixels, the dil candidates (even dilation) on the even-pixel
-   image alone (``_strided_stage1``); otherwise one stock strided depthwise conv per candidate on
-   one shared ``relu(x)``;
-2. the pointwise convs after it (sep: first pw; dil: its only pw): one grouped GEMM;
-3. the BatchNorms after those: one ``F.batch_norm`` over all groups (batch statistics in training
+1. the first depthwise stage of the sep candidates, and apart that of the dil candidates: at
+   stride 1 one ``primitives.grouped_dw`` call each (one read of x, the ReLU applied on read, one
+   output group per candidate); at stride 2, which the primitives do not offer: with the native
+   CPU primitives the stride-1 call keeping the even pixels, the dil candidates (even dilation)
+   on the even-pixel image alone (``_strided_stage1``); otherwise one stock strided depthwise
+   conv per candidate on one shared ``relu(x)``;
+2. the pointwise convs after it (sep: first pw; dil: its only pw): one grouped GEMM each;
+3. the BatchNorms after those: one normalisation over the groups (batch statistics in training
    mode; every module's running statistics and ``num_batches_tracked`` updated as
-   ``nn.BatchNorm2d`` does); for the dil groups the architecture weight ``w_k`` is folded into the
-   BN's per-channel scale, so ``w_k * BN(u)`` is one pass;
+   ``nn.BatchNorm2d`` does); the dil groups' scaled by their architecture weights ``w_k`` and
+   summed in the same pass where the primitives have ``bn_sum`` (native), so only the sum is
+   written;
 4. the sep candidates' second stage: ``primitives.grouped_dw`` (ReLU on read, per-group input),
-   one grouped GEMM, one ``F.batch_norm`` with ``w_k`` folded in;
+   one grouped GEMM, one normalisation with ``w_k`` folded in, summed over the candidates (one
+   ``bn_sum`` pass where the primitives have it);
 5. pools (the primitives' own max pool where they have one: the native CPU kernel; else on a
    channels-last copy of x on CPU: the same result, several times faster than PyTorch's NCHW
-   pool) with their BN (``w_k`` folded in; the BN reads an NCHW copy of the pool output, as accurate as the
-   plain loop), ``skip_connect`` (``w x``, or FactorizedReduce from the
-   shared ``relu(x)`` with its BN: one batched GEMM over the even and odd pixel phases),
-   ``none`` (contributes exactly 0) with stock ops; the sum (its incoming gradient made
-   contiguous once).
+   pool) with their BN (``w_k`` folded in; the BN reads an NCHW tensor, as accurate as the plain
+   loop), ``skip_connect`` (``w x``, or FactorizedReduce from the shared ``relu(x)`` with its
+   BN: one batched GEMM over the even and odd pixel phases), ``none`` (contributes exactly 0)
+   with stock ops; the sum (its incoming gradient made contiguous once).
 
 ``recompute=True`` (default) runs this without an autograd graph and again in backward
 (``_Recomputed``): only the op's inputs are kept for backward, every per-candidate intermediate
@@ -46,7 +47,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from hdnas.darts.batchnorm import RunState as _RunState
-from hdnas.darts.batchnorm import group_batch_norm
+from hdnas.darts.batchnorm import group_batch_norm, group_batch_norm_sum
 from hdnas.darts.operations import (DARTS_FAMILIES, OPS, PRIMITIVES, NotRecognised,
                                     build_candidates, channel_shuffle, check_primitives,
                                     check_stride, identify_candidate)
@@ -203,14 +204,13 @@ class _EvenPixels(torch.autograd.Function):
         return gz
 
 
-def _strided_stage1(x, dws, P: Plan, prims):
-    """The stride-2 first depthwise stage of the sep/dil candidates from the stride-1 primitive.
-    A candidate with an even dilation d (DARTS' dil convs) reads only even pixels (every tap
-    offset d * (a - k // 2) is even): it is the stride-1 conv of the even-pixel image with
-    dilation d / 2, on a quarter of the pixels. The others run at stride 1 on x and keep the even
-    output pixels. Groups in the plan's order (odd dilations first, as sep precede dil; otherwise
-    every group takes the second route)."""
-    ks, ds = P.st1_ksizes, P.st1_dils
+def _strided_stage1(x, dws, ks, ds, prims):
+    """The stride-2 first depthwise stage of sep/dil candidates (layers ``dws``, kernel sizes
+    ``ks``, dilations ``ds``) from the stride-1 primitive. A candidate with an even dilation d
+    (DARTS' dil convs) reads only even pixels (every tap offset d * (a - k // 2) is even): it is
+    the stride-1 conv of the even-pixel image with dilation d / 2, on a quarter of the pixels.
+    The others run at stride 1 on x and keep the even output pixels. Odd dilations first (as sep
+    precede dil; otherwise every group takes the second route)."""
     n_odd = sum(d % 2 for d in ds)
     if any(d % 2 for d in ds[n_odd:]):
         n_odd = len(ds)
@@ -224,6 +224,22 @@ def _strided_stage1(x, dws, P: Plan, prims):
         parts.append(prims.grouped_dw(_EvenPixels.apply(x), k, ks[n_odd:],
                                       tuple(d // 2 for d in ds[n_odd:]), True, True))
     return parts[0] if len(parts) == 1 else torch.cat(parts, 1)
+
+
+def _stage1(x, xr, dws, pws, ks, ds, s, prims, subsample):
+    """The first depthwise stage (ReLU on read) and the pointwise convs after it of the sep/dil
+    candidates whose layers are ``dws`` / ``pws`` (kernel sizes ``ks``, dilations ``ds``):
+    u (N, G*C, H', W'). At stride 1 one ``grouped_dw`` call; at stride 2 ``_strided_stage1``
+    (``subsample``) or stock strided convs on ``xr = relu(x)``."""
+    if s == 1:
+        k = torch.stack([pad_to(m.weight[:, 0], max(ks)) for m in dws])
+        z = prims.grouped_dw(x, k, ks, ds, True, True)
+    elif subsample:
+        z = _strided_stage1(x, dws, ks, ds, prims)
+    else:
+        z = torch.cat([F.conv2d(xr, m.weight, stride=2, padding=d * (k // 2), dilation=d,
+                                groups=x.shape[1]) for m, k, d in zip(dws, ks, ds)], 1)
+    return _grouped_pw(z, torch.stack([m.weight[:, :, 0, 0] for m in pws]))
 
 
 def _factorized_reduce(xr, fr):
@@ -384,7 +400,6 @@ class MixedOp(nn.Module):
                 "pw2": [ops[i].op[6] for i in P.sep], "bn2": [ops[i].op[7] for i in P.sep]}
 
     def _fused(self, x, weights, prims, state: _RunState, P: Plan, ops):
-        N, C, H, W = x.shape
         s = self.stride
         state.start()
         w = weights.to(x.dtype)
@@ -397,32 +412,23 @@ class MixedOp(nn.Module):
             xr = F.relu(x) if (s == 2) else None
         if P.st1:
             L = self._layers_of(P, ops)
-            if s == 1:
-                k1 = torch.stack([pad_to(m.weight[:, 0], P.st1_kmax) for m in L["dw1"]])
-                z1 = prims.grouped_dw(x, k1, P.st1_ksizes, P.st1_dils, True, True)
-            elif subsample:
-                z1 = _strided_stage1(x, L["dw1"], P, prims)
-            else:
-                z1 = torch.cat([F.conv2d(xr, m.weight, stride=2, padding=d * (k // 2),
-                                         dilation=d, groups=C)
-                                for m, k, d in zip(L["dw1"], P.st1_ksizes, P.st1_dils)], 1)
-            u1 = _grouped_pw(z1, torch.stack([m.weight[:, :, 0, 0] for m in L["pw1"]]))
-            Gs, Gd = len(P.sep), len(P.dil)
-            # the sep groups' BN unscaled, the dil groups' scaled by their weights
-            sc1 = torch.cat([w.new_ones(Gs), w[P.dil]]) if Gd else None
-            v1 = group_batch_norm(u1, L["bn1"], sc1, state, bst)
-            Ho, Wo = v1.shape[-2:]
-            # one split (its backward is one cat) rather than two slices (each of whose backward
-            # zero-fills and copies a whole v1-sized gradient)
-            v_sep, vd = v1.split([Gs * C, Gd * C], dim=1)
+            Gs = len(P.sep)
+            # the sep and the dil candidates' first stages apart (two calls, each output
+            # contiguous): the dil candidates' BNs then write only their weighted sum
             if Gs:
+                u1 = _stage1(x, xr, L["dw1"][:Gs], L["pw1"][:Gs], P.st1_ksizes[:Gs],
+                             P.st1_dils[:Gs], s, prims, subsample)
+                v_sep = group_batch_norm(u1, L["bn1"][:Gs], None, state, bst)
                 k2 = torch.stack([pad_to(m.weight[:, 0], P.st2_kmax) for m in L["dw2"]])
                 z2 = prims.grouped_dw(v_sep, k2, P.st2_ksizes, (1,) * Gs, True, False)
                 pw2 = torch.stack([m.weight[:, :, 0, 0] for m in L["pw2"]])
-                v2 = group_batch_norm(_grouped_pw(z2, pw2), L["bn2"], w[P.sep], state, bst)
-                terms.append(v2.view(N, Gs, C, Ho, Wo).sum(1) if Gs > 1 else v2)
-            if Gd:
-                terms.append(vd.reshape(N, Gd, C, Ho, Wo).sum(1) if Gd > 1 else vd)
+                terms.append(group_batch_norm_sum(_grouped_pw(z2, pw2), L["bn2"], w[P.sep], state,
+                                                  bst, prims.bn_sum))
+            if P.dil:
+                u1 = _stage1(x, xr, L["dw1"][Gs:], L["pw1"][Gs:], P.st1_ksizes[Gs:],
+                             P.st1_dils[Gs:], s, prims, subsample)
+                terms.append(group_batch_norm_sum(u1, L["bn1"][Gs:], w[P.dil], state, bst,
+                                                  prims.bn_sum))
         # PyTorch's NCHW CPU pools are several times slower than its channels-last ones (same
         # windows, scan order and tie rule: the first maximum in row-major order); where the
         # primitives have no pool of their own, the pools read a channels-last copy of x and the

@@ -33,7 +33,7 @@ from hdnas.mixed.base import BackendError, register_backend
 from hdnas.mixed.merged import DecomposedBackend
 from hdnas.kernels.checks import check_dw_args
 from hdnas.kernels.stencil import Table as _Table, grouped_table as _grouped_table, union_table as _union_table
-from hdnas.mixed.primitives import Primitives, engine_needs
+from hdnas.mixed.primitives import Primitives, bn_sum_ref, engine_needs
 from hdnas.model.ops import set_native_depthwise
 
 # Limits of the CUDA kernels (csrc/hdnas_dw.h); the CPU kernels have none.
@@ -126,13 +126,44 @@ def _register_python_side():
         (x,) = ctx.saved_tensors
         if torch.is_grad_enabled():  # create_graph=True: the twin's differentiable backward
             with torch.enable_grad():
-                xd = x.detach().requires_grad_()
-                y = torch.nn.functional.max_pool2d(xd, 3, ctx.stride, 1)
-                return torch.autograd.grad(y, xd, grad_y, create_graph=True)[0], None
+                y = torch.nn.functional.max_pool2d(x, 3, ctx.stride, 1)
+                return torch.autograd.grad(y, x, grad_y, create_graph=True)[0], None
         return torch.ops.hdnas_native.max_pool3x3_backward(grad_y, x, ctx.stride), None
 
     torch.library.register_autograd("hdnas_native::max_pool3x3", _backward_pool,
                                     setup_context=_setup_pool)
+
+    @torch.library.register_fake("hdnas_native::bn_sum")
+    def _bn_sum_fake(u, mean, var, scale, eps, groups):
+        return u.new_empty((u.shape[0], u.shape[1] // groups, u.shape[2], u.shape[3]))
+
+    @torch.library.register_fake("hdnas_native::bn_sum_backward")
+    def _bn_sum_bwd_fake(grad_y, u, mean, var, scale, eps, groups):
+        return (torch.empty_like(u, memory_format=torch.contiguous_format),
+                torch.empty_like(scale, memory_format=torch.contiguous_format))
+
+    def _setup_bn_sum(ctx, inputs, output):
+        u, mean, var, scale, eps, groups = inputs
+        ctx.save_for_backward(u, mean, var, scale)
+        ctx.args = (eps, groups)
+
+    def _backward_bn_sum(ctx, grad_y):
+        u, mean, var, scale = ctx.saved_tensors
+        eps, groups = ctx.args
+        if torch.is_grad_enabled():  # create_graph=True: the twin's differentiable backward
+            with torch.enable_grad():  # (on the inputs themselves: gu depends on u)
+                ins = [t for t in (u, scale) if t.requires_grad]
+                y = bn_sum_ref(u, mean, var, scale, eps, groups)
+                got = iter(torch.autograd.grad(y, ins, grad_y, create_graph=True))
+                gu = next(got) if u.requires_grad else None
+                gs = next(got) if scale.requires_grad else None
+        else:
+            gu, gs = torch.ops.hdnas_native.bn_sum_backward(grad_y, u, mean, var, scale, eps, groups)
+        need = ctx.needs_input_grad
+        return (gu if need[0] else None), None, None, (gs if need[3] else None), None, None
+
+    torch.library.register_autograd("hdnas_native::bn_sum", _backward_bn_sum,
+                                    setup_context=_setup_bn_sum)
     _registered = True
 
 
@@ -261,10 +292,25 @@ def max_pool_3x3(x, stride: int):
     return torch.ops.hdnas_native.max_pool3x3(x, int(stride))
 
 
+def bn_sum(u, mean64, var64, scale, eps: float, groups: int):
+    """``sum_g scale_g * BN_g(u_g)`` over the ``groups`` channel groups of a float32/float64
+    (N, G*C, H, W) CPU tensor: training-mode batch normalisation with the batch statistics given
+    (``batch_stats(u)``, float64; the backward accounts for their dependence on u), per-channel
+    scales (G*C,), summed over the groups (``csrc/cpu/bn_sum.cpp``; twin:
+    ``primitives.bn_sum_ref``). None where the kernel does not serve (other devices or dtypes,
+    one value per channel, the library unavailable)."""
+    if (u.device.type != "cpu" or u.dtype not in (torch.float32, torch.float64) or u.dim() != 4
+            or groups < 1 or u.shape[1] % groups or u.numel() // max(u.shape[1], 1) <= 1
+            or _reason("cpu", u.dtype, 1, 1, 0) is not None):
+        return None
+    return torch.ops.hdnas_native.bn_sum(u, mean64, var64, scale.to(u.dtype).contiguous(),
+                                         float(eps), int(groups))
+
+
 #: The C++/CUDA depthwise primitives (``--fused`` on a CPU uses these), with the merged dense
 #: conv by FFT where that is measured faster (hdnas.mixed.dense).
 NATIVE_PRIMITIVES = Primitives("native", grouped_dw, mixed_dw, dense.dense_conv, batch_stats,
-                               max_pool_3x3)
+                               max_pool_3x3, bn_sum)
 
 
 class NativeBackend(DecomposedBackend):

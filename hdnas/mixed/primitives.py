@@ -76,7 +76,10 @@ class Primitives:
     ``batch_stats(x)``: optional, the per-channel (mean, biased variance) of a training-mode
     BatchNorm in float64, or None where it does not serve (twin: ``batch_stats_ref``); None:
     ``F.batch_norm`` computes them. ``max_pool_3x3(x, stride)``: optional, DARTS' 3x3 max pool
-    with padding 1, or None where it does not serve (twin: ``max_pool_3x3_ref``)."""
+    with padding 1, or None where it does not serve (twin: ``max_pool_3x3_ref``).
+    ``bn_sum(u, mean64, var64, scale, eps, groups)``: optional, training-mode BNs of channel
+    groups with the given batch statistics, scaled per channel and summed over the groups, or
+    None where it does not serve (twin: ``bn_sum_ref``)."""
 
     name: str = "torch"
     grouped_dw: Callable = grouped_dw_ref
@@ -84,6 +87,7 @@ class Primitives:
     dense_conv: Callable = conv_same
     batch_stats: Callable | None = None
     max_pool_3x3: Callable | None = None
+    bn_sum: Callable | None = None
 
 
 def batch_stats_ref(x):
@@ -98,3 +102,12 @@ TORCH_PRIMITIVES = Primitives()
 def max_pool_3x3_ref(x, stride: int):
     """The twin of ``Primitives.max_pool_3x3``."""
     return F.max_pool2d(x, 3, stride, 1)
+
+
+def bn_sum_ref(u, mean64, var64, scale, eps: float, groups: int):
+    """The twin of ``Primitives.bn_sum``: ``F.batch_norm`` in training mode over all G*C channels
+    (its own batch statistics: ``mean64``/``var64`` must be u's, and are not read), scaled by
+    ``scale`` (G*C,), summed over the groups: (N, C, H, W)."""
+    N, GC, H, W = u.shape
+    y = F.batch_norm(u, None, None, scale.to(u.dtype), None, True, 0.0, eps)
+    return y.view(N, groups, GC // groups, H, W).sum(1)

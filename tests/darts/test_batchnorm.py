@@ -9,7 +9,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from hdnas.darts.batchnorm import RunState, group_batch_norm, stats_batch_norm
+from hdnas.darts.batchnorm import RunState, group_batch_norm, group_batch_norm_sum, stats_batch_norm
 from hdnas.mixed import native
 from hdnas.mixed.primitives import batch_stats_ref
 
@@ -119,3 +119,33 @@ def test_one_value_per_channel_is_refused_as_nn_batchnorm():
     bn = nn.BatchNorm2d(3)
     with pytest.raises(ValueError, match="more than 1 value per channel"):
         group_batch_norm(torch.randn(1, 3, 1, 1), [bn], [None], RunState(), native.batch_stats)
+
+
+@pytest.mark.parametrize("momentum", [0.1, None])
+@pytest.mark.parametrize("kernel", [True, False], ids=["bn_sum", "fallback"])
+def test_group_sum_as_nn_batchnorms_summed(momentum, kernel):
+    """``group_batch_norm_sum``: sum_g w_g bn_g(u_g) and every module's running statistics as
+    the nn.BatchNorm2d modules compute them (with the native summing pass and without it), and
+    a recomputation (second run of the state) normalises alike without touching the buffers."""
+    torch.manual_seed(4)
+    bns = [nn.BatchNorm2d(4, affine=False, momentum=momentum).double() for _ in range(3)]
+    ref = [nn.BatchNorm2d(4, affine=False, momentum=momentum).double() for _ in range(3)]
+    for a, b in zip(bns, ref):
+        a.running_mean.uniform_(-1, 1), a.running_var.uniform_(0.5, 2)
+        b.load_state_dict(a.state_dict())
+    w = torch.rand(3, dtype=torch.float64) + 0.5
+    bn_sum = native.bn_sum if kernel else None
+    for _ in range(2):
+        u = torch.randn(5, 12, 6, 6, dtype=torch.float64) * 2 + 1
+        state = RunState()
+        y = group_batch_norm_sum(u, bns, w, state, native.batch_stats, bn_sum)
+        want = sum(w[i] * m(u[:, 4 * i:4 * i + 4]) for i, m in enumerate(ref))
+        torch.testing.assert_close(y, want, rtol=1e-12, atol=1e-12)
+        before = [t.clone() for b in bns for t in b.buffers()]
+        state.first = False
+        again = group_batch_norm_sum(u, bns, w, state, native.batch_stats, bn_sum)
+        torch.testing.assert_close(again, y, rtol=0, atol=0)
+        assert all(torch.equal(t, b) for t, b in zip(before, [t for m in bns for t in m.buffers()]))
+    for a, b in zip(bns, ref):
+        for k, v in b.state_dict().items():
+            torch.testing.assert_close(a.state_dict()[k], v, rtol=1e-12, atol=1e-12)

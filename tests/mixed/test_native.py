@@ -590,3 +590,83 @@ def test_max_pool_serves_only_what_it_can(nat):
         torch.ops.hdnas_native.max_pool3x3(torch.randn(1, 2, 4, 4), 3)
     with pytest.raises(RuntimeError, match="does not fit"):
         torch.ops.hdnas_native.max_pool3x3_backward(torch.randn(1, 2, 3, 3), torch.randn(1, 2, 4, 4), 1)
+
+
+# ---------------------------------------------------------------------------------------------
+# bn_sum (csrc/cpu/bn_sum.cpp): training-mode BNs of channel groups, scaled, summed over groups
+
+def _bn_sum_case(N, G, C, H, W, dtype, gen, offset=2.0):
+    u = (_rand(N, G * C, H, W, gen=gen) * 3 + offset).to(dtype)
+    scale = (torch.rand(G * C, generator=gen, dtype=torch.float64) + 0.5).to(dtype)
+    var, mean = torch.var_mean(u.double(), (0, 2, 3), correction=0)
+    return u, scale, mean, var
+
+
+@pytest.mark.parametrize("shape", [(2, 3, 4, 5, 7), (1, 2, 3, 1, 2), (4, 1, 2, 3, 3),
+                                   (8, 3, 16, 16, 16), (3, 2, 5, 1, 1)])
+def test_bn_sum_matches_twin_fp64(nat, shape):
+    from hdnas.mixed.primitives import bn_sum_ref
+    gen = torch.Generator().manual_seed(zlib.crc32(repr(shape).encode()))
+    u, scale, mean, var = _bn_sum_case(*shape, torch.float64, gen)
+    a = [u.clone().requires_grad_(), scale.clone().requires_grad_()]
+    b = [u.clone().requires_grad_(), scale.clone().requires_grad_()]
+    y, z = nat.bn_sum(a[0], mean, var, a[1], 1e-5, shape[1]), bn_sum_ref(b[0], mean, var, b[1], 1e-5, shape[1])
+    assert y.shape == z.shape == (shape[0], shape[2], shape[3], shape[4])
+    g = _rand(*z.shape, gen=gen)
+    for p, q in zip([y, *torch.autograd.grad(y, a, g)], [z, *torch.autograd.grad(z, b, g)]):
+        _close(p, q, 1e-10)
+
+
+def test_bn_sum_fp32_no_less_accurate_than_twin(nat):
+    """Against fp64, the kernel's fp32 outputs and gradients are no less accurate than the fp32
+    twin's (worst over seeds and a large channel mean, where cancellation bites)."""
+    from hdnas.mixed.primitives import bn_sum_ref
+    worst = {"native": 0.0, "twin": 0.0}
+    for seed in range(8):
+        gen = torch.Generator().manual_seed(seed)
+        u, scale, _, _ = _bn_sum_case(4, 3, 5, 6, 6, torch.float64, gen, offset=40.0 * (seed % 2))
+        g = _rand(4, 5, 6, 6, gen=gen)
+        var, mean = torch.var_mean(u, (0, 2, 3), correction=0)
+        t = [u.clone().requires_grad_(), scale.clone().requires_grad_()]
+        truth = [bn_sum_ref(t[0], mean, var, t[1], 1e-5, 3)]
+        truth += torch.autograd.grad(truth[0], t, g)
+        u32 = u.float()
+        v32, m32 = torch.var_mean(u32.double(), (0, 2, 3), correction=0)
+        for name, fn in (("native", nat.bn_sum), ("twin", bn_sum_ref)):
+            a = [u32.clone().requires_grad_(), scale.float().clone().requires_grad_()]
+            y = fn(a[0], m32, v32, a[1], 1e-5, 3)
+            got = [y, *torch.autograd.grad(y, a, g.float())]
+            worst[name] = max(worst[name], *[((p.double() - q).abs().max() / q.abs().max()).item()
+                                              for p, q in zip(got, truth)])
+    assert worst["native"] <= 1.5 * worst["twin"] + 1e-7, worst
+
+
+def test_bn_sum_threads_checks_and_double_backward(nat):
+    gen = torch.Generator().manual_seed(9)
+    u, scale, mean, var = _bn_sum_case(4, 2, 3, 5, 5, torch.float32, gen)
+    g = torch.randn(4, 3, 5, 5, generator=gen)
+    old = torch.get_num_threads()
+    outs = []
+    try:
+        for nt in (1, 2):
+            torch.set_num_threads(nt)
+            a = [u.clone().requires_grad_(), scale.clone().requires_grad_()]
+            outs.append(torch.autograd.grad(nat.bn_sum(a[0], mean, var, a[1], 1e-5, 2), a, g))
+    finally:
+        torch.set_num_threads(old)
+    assert all(torch.equal(p, q) for p, q in zip(*outs))
+    u64, s64, m64, v64 = _bn_sum_case(2, 2, 2, 3, 3, torch.float64, gen)
+
+    def f(uu, ss):  # the statistics are u's own (training mode), also when gradcheck moves u
+        v, m = torch.var_mean(uu.detach(), (0, 2, 3), correction=0)
+        return nat.bn_sum(uu, m, v, ss, 1e-5, 2)
+
+    ins = (u64.clone().requires_grad_(), s64.clone().requires_grad_())
+    assert torch.autograd.gradcheck(f, ins) and torch.autograd.gradgradcheck(f, ins)
+    torch.library.opcheck(torch.ops.hdnas_native.bn_sum.default, (u64, m64, v64, s64, 1e-5, 2))
+    assert nat.bn_sum(torch.randn(1, 4, 1, 1), m64[:4], v64[:4], torch.ones(4), 1e-5, 2) is None
+    assert nat.bn_sum(u.half(), mean, var, scale.half(), 1e-5, 2) is None
+    with pytest.raises(RuntimeError, match="equal groups"):
+        torch.ops.hdnas_native.bn_sum(u, mean, var, scale, 1e-5, 4)
+    with pytest.raises(RuntimeError, match="float64 vectors"):
+        torch.ops.hdnas_native.bn_sum(u, mean.float(), var, scale, 1e-5, 2)
