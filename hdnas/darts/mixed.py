@@ -461,7 +461,9 @@ class MixedOp(nn.Module):
         state.first = False
         if not terms:  # only 'none': w * x.mul(0) as the plain loop (a zero weight gradient)
             return (x[:, :, ::s, ::s].mul(0.) if s > 1 else x.mul(0.)) * w.sum()
-        out = terms[0]
-        for t in terms[1:]:
-            out = out + t
+        if len(terms) == 1:
+            return terms[0]
+        out = terms[0] + terms[1]
+        for t in terms[2:]:  # in place on the fresh sum (no autograd node keeps it): one buffer
+            out.add_(t)
         return out
