@@ -10,7 +10,11 @@ In training mode on float32/float64 CPU tensors with the native primitives, the 
 come from their ``batch_stats`` kernel (``csrc/cpu/bn_stats.cpp``: one read of the tensor, float64
 accumulation, two passes per cached image plane) and the normalisation is ``F.batch_norm`` in
 evaluation form with those statistics; the backward is PyTorch's own training-mode
-``native_batch_norm_backward`` with the same saved mean and inverse deviation. PyTorch's CPU
+``native_batch_norm_backward`` with the same saved mean and inverse deviation;
+``group_batch_norm_sum`` (the dil candidates' BNs, the sep candidates' second BNs: scaled by the
+architecture weights and summed over the candidates) is the primitives' ``bn_sum`` kernel, one
+pass writing only the sum, with the training-mode backward (``csrc/cpu/bn_sum.cpp``). A
+recomputation in backward reuses the batch statistics of the first run (``RunState``). PyTorch's CPU
 training-mode ``batch_norm`` spends most of its time on the statistics (measured on a 2-core AVX2
 EPYC, 1 thread, (32, 64, 32, 32) fp32 not in cache: 6.3 ms, of which the normalisation alone
 1.1-1.5 ms). Elsewhere every normalisation is one ``F.batch_norm`` call. (A normalisation written

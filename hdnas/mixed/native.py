@@ -3,7 +3,11 @@
 Ops (namespace ``hdnas_native``), defined in C++ and given fake (meta) kernels and autograd here:
 
 * ``dw_fwd(x, w[G, C, T], offs, ntaps, relu_input, shared_input)``: the tap-table depthwise
-  engine (see ``csrc/hdnas_dw.h``); ``dw_bwd`` its input/tap gradients (deterministic).
+  engine (see ``csrc/hdnas_dw.h``); ``dw_bwd`` its input/tap gradients (deterministic);
+* CPU only, for the fused DARTS op: ``bn_stats`` (training-mode BN statistics, float64),
+  ``max_pool3x3`` (+ ``_backward``; DARTS' 3x3 max pool, NCHW, PyTorch's choice rules),
+  ``bn_sum`` (+ ``_backward``; training-mode BNs of channel groups, scaled and summed over the
+  groups), each with its twin in ``hdnas.mixed.primitives``.
 
 The contract's primitives are built on it:
 
