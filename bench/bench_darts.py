@@ -30,6 +30,10 @@ batches 32 and 64 (the mixed op alone: C 16 at 32x32, stride 1 and 2, batch 64).
 * ``saved_mb`` (mixed op only): bytes of the distinct tensors autograd keeps for backward after
   one forward (``saved_tensors_hooks``; parameters not counted).
 
+``--malloc tuned``: every child, original and swapped alike, first calls
+``hdnas.engine.allocator.tune()`` (glibc keeps freed memory for reuse: no heap trimming, no
+mmap; what ``hdnas.search`` does), so the step pays no page faults for memory it freed.
+
 ``--live-memory``: the children run with glibc's ``MALLOC_MMAP_THRESHOLD_=65536`` (every block of
 64 KiB or more is its own mapping, returned to the system when freed), so the peak RSS follows
 the peak of live memory rather than the heap's high-water mark; times of such a run are not
@@ -115,6 +119,9 @@ def _step_runner(cfg, device, swapped):
 def child(cfg: dict) -> dict:
     import hdnas.darts as hd
 
+    if cfg.get("malloc") == "tuned":
+        from hdnas.engine import allocator
+        allocator.tune()
     torch.set_num_threads(cfg["threads"])
     device = torch.device(cfg["device"])
     torch.manual_seed(0)
@@ -183,7 +190,7 @@ def _configs(a):
                                 ((True,) if not a.no_recompute_too else (True, False))):
                         yield dict(case, backend=be, recompute=rec, round=rnd, device=a.device,
                                    C=a.C, layers=a.layers, size=a.size, iters=a.iters,
-                                   threads=a.threads)
+                                   threads=a.threads, malloc=getattr(a, "malloc", "default"))
 
 
 def child_env(live_memory: bool) -> dict:
@@ -216,6 +223,9 @@ def main(argv=None):
     ap.add_argument("--live-memory", action="store_true",
                     help="children with MALLOC_MMAP_THRESHOLD_=65536 (glibc): peak RSS ~ peak live "
                          "memory; times not comparable")
+    ap.add_argument("--malloc", choices=("default", "tuned"), default="default",
+                    help="tuned: every child (original and swapped) first calls "
+                         "hdnas.engine.allocator.tune() (glibc: no heap trimming, no mmap)")
     ap.add_argument("--markdown", default=None, help="append a Markdown table to this file")
     ap.add_argument("--child", default=None, help=argparse.SUPPRESS)
     a = ap.parse_args(argv)
@@ -253,7 +263,10 @@ def write_markdown(path, rows_in, info, a):
              f"iteration(s) after 1 warm-up, fresh process each, original and swapped "
              f"alternating for {a.rounds} round(s)."
              + (" **Live-memory run** (`--live-memory`: MALLOC_MMAP_THRESHOLD_=65536, peak RSS "
-                "~ peak live memory; times not comparable)." if a.live_memory else ""), ""]
+                "~ peak live memory; times not comparable)." if a.live_memory else "")
+             + (" **Tuned allocator** (`--malloc tuned`: every process, original and swapped, "
+                "called `hdnas.engine.allocator.tune()` first)." if a.malloc == "tuned" else ""),
+             ""]
     rows = []
     for r in rows_in:
         head = [r["what"], r["model"], r["order"] or "", r["stride"] or "", r["batch"],

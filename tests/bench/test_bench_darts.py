@@ -43,3 +43,21 @@ def test_live_memory_sets_the_glibc_threshold_for_the_children_only():
     assert bench_darts.child_env(True)["MALLOC_MMAP_THRESHOLD_"] == "65536"
     assert bench_darts.child_env(False).get("MALLOC_MMAP_THRESHOLD_") == os.environ.get(
         "MALLOC_MMAP_THRESHOLD_")
+
+
+def test_malloc_tuned_reaches_every_child(monkeypatch):
+    """--malloc tuned: every configuration (original and swapped) carries it, and a child tunes
+    the allocator before it measures."""
+    import argparse
+
+    from hdnas.engine import allocator
+    a = argparse.Namespace(what="step", models="darts", orders="1", batches="2", op_batch=3,
+                           backends=None, device="cpu", C=4, layers=3, size=8, iters=1, rounds=1,
+                           threads=1, no_recompute_too=False, malloc="tuned")
+    cfgs = list(bench_darts._configs(a))
+    assert {c["backend"] for c in cfgs} == {"reference", "fused"}
+    assert all(c["malloc"] == "tuned" for c in cfgs)
+    called = []
+    monkeypatch.setattr(allocator, "tune", lambda: called.append(1) or "tuned")
+    res = bench_darts.child(cfgs[0])
+    assert called == [1] and res["sec"] > 0
