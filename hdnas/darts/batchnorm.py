@@ -194,20 +194,15 @@ def _group_batch_norm(u, bns, scales, state: RunState, stats, bn_sum):
     weight, bias = _group_affine(bns, scales, u)
     bn_training = b0.training or b0.running_mean is None
     if bn_training and stats is not None:
-        got = summed = None
-        if bn_sum is not None and bias is None:
-            u = u.contiguous()
-            st = _batch_stats(u, stats, state)
-            if st is not None:
+        u = u.contiguous()
+        st = _batch_stats(u, stats, state)
+        summed = None
+        if st is not None:
+            if bn_sum is not None and bias is None:
                 scale = weight if weight is not None else u.new_ones(u.shape[1])
                 summed = bn_sum(u, *st, scale, b0.eps, len(bns))
-                got = None if summed is None else (summed, *st)
-            if got is None and st is not None:  # (the statistics are taken: normalise with them)
-                got = (_StatsNorm.apply(u, weight, bias, *st, b0.eps), *st)
-        else:
-            got = stats_batch_norm(u, weight, bias, b0.eps, stats, state)
-        if got is not None:
-            y, mean64, var64 = got
+            y = summed if summed is not None else _StatsNorm.apply(u, weight, bias, *st, b0.eps)
+            mean64, var64 = st
             if update and b0.running_mean is not None:
                 n = u.numel() // u.shape[1]
                 rms, rvs = [b.running_mean for b in bns], [b.running_var for b in bns]
