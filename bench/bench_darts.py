@@ -34,6 +34,13 @@ batches 32 and 64 (the mixed op alone: C 16 at 32x32, stride 1 and 2, batch 64).
 ``hdnas.engine.allocator.tune()`` (glibc keeps freed memory for reuse: no heap trimming, no
 mmap; what ``hdnas.search`` does), so the step pays no page faults for memory it freed.
 
+``--malloc coalesce``: every child, original and swapped alike, runs with glibc's per-thread
+cache and fast bins of small chunks off (``GLIBC_TUNABLES=glibc.malloc.tcache_count=0:
+glibc.malloc.mxfast=0``): a freed small chunk merges with its free neighbours at once instead of
+sitting, still marked in use, between large freed blocks, so the heap's freed tensor memory
+coalesces and is reused rather than the heap growing (what ``docs/darts.md`` recommends for
+the second-order step).
+
 ``--live-memory``: the children run with glibc's ``MALLOC_MMAP_THRESHOLD_=65536`` (every block of
 64 KiB or more is its own mapping, returned to the system when freed), so the peak RSS follows
 the peak of live memory rather than the heap's high-water mark; times of such a run are not
@@ -193,12 +200,19 @@ def _configs(a):
                                    threads=a.threads, malloc=getattr(a, "malloc", "default"))
 
 
-def child_env(live_memory: bool) -> dict:
+#: glibc's small-chunk caches off (``--malloc coalesce``; docs/darts.md)
+COALESCE_TUNABLES = "glibc.malloc.tcache_count=0:glibc.malloc.mxfast=0"
+
+
+def child_env(live_memory: bool, malloc: str = "default") -> dict:
     """The children's environment: this one, plus glibc's 64 KiB mmap threshold for
-    ``--live-memory``."""
+    ``--live-memory`` and its small-chunk caches off for ``--malloc coalesce`` (appended to any
+    ``GLIBC_TUNABLES`` already set)."""
     env = dict(os.environ)
     if live_memory:
         env["MALLOC_MMAP_THRESHOLD_"] = "65536"
+    if malloc == "coalesce":
+        env["GLIBC_TUNABLES"] = ":".join(t for t in (env.get("GLIBC_TUNABLES"), COALESCE_TUNABLES) if t)
     return env
 
 
@@ -223,9 +237,11 @@ def main(argv=None):
     ap.add_argument("--live-memory", action="store_true",
                     help="children with MALLOC_MMAP_THRESHOLD_=65536 (glibc): peak RSS ~ peak live "
                          "memory; times not comparable")
-    ap.add_argument("--malloc", choices=("default", "tuned"), default="default",
+    ap.add_argument("--malloc", choices=("default", "tuned", "coalesce"), default="default",
                     help="tuned: every child (original and swapped) first calls "
-                         "hdnas.engine.allocator.tune() (glibc: no heap trimming, no mmap)")
+                         "hdnas.engine.allocator.tune() (glibc: no heap trimming, no mmap); "
+                         "coalesce: every child runs with GLIBC_TUNABLES="
+                         + COALESCE_TUNABLES + " (glibc's small-chunk caches off)")
     ap.add_argument("--markdown", default=None, help="append a Markdown table to this file")
     ap.add_argument("--child", default=None, help=argparse.SUPPRESS)
     a = ap.parse_args(argv)
@@ -233,7 +249,7 @@ def main(argv=None):
         print("RESULT " + json.dumps(child(json.loads(a.child))), flush=True)
         return
     rows = []
-    env = child_env(a.live_memory)
+    env = child_env(a.live_memory, a.malloc)
     for cfg in _configs(a):
         p = subprocess.run([sys.executable, "-m", "bench.bench_darts", "--child", json.dumps(cfg)],
                            capture_output=True, text=True, env=env)
@@ -265,7 +281,10 @@ def write_markdown(path, rows_in, info, a):
              + (" **Live-memory run** (`--live-memory`: MALLOC_MMAP_THRESHOLD_=65536, peak RSS "
                 "~ peak live memory; times not comparable)." if a.live_memory else "")
              + (" **Tuned allocator** (`--malloc tuned`: every process, original and swapped, "
-                "called `hdnas.engine.allocator.tune()` first)." if a.malloc == "tuned" else ""),
+                "called `hdnas.engine.allocator.tune()` first)." if a.malloc == "tuned" else "")
+             + (" **glibc's small-chunk caches off** (`--malloc coalesce`: every process, "
+                f"original and swapped, ran with `GLIBC_TUNABLES={COALESCE_TUNABLES}`)."
+                if a.malloc == "coalesce" else ""),
              ""]
     rows = []
     for r in rows_in:

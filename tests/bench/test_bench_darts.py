@@ -61,3 +61,25 @@ def test_malloc_tuned_reaches_every_child(monkeypatch):
     monkeypatch.setattr(allocator, "tune", lambda: called.append(1) or "tuned")
     res = bench_darts.child(cfgs[0])
     assert called == [1] and res["sec"] > 0
+
+
+def test_malloc_coalesce_turns_glibcs_small_chunk_caches_off_for_every_child(monkeypatch):
+    """--malloc coalesce: the children's environment carries glibc's tunables (appended to any
+    already set), the same for the original and the swapped configurations."""
+    monkeypatch.delenv("GLIBC_TUNABLES", raising=False)
+    env = bench_darts.child_env(False, "coalesce")
+    assert env["GLIBC_TUNABLES"] == "glibc.malloc.tcache_count=0:glibc.malloc.mxfast=0"
+    assert "GLIBC_TUNABLES" not in bench_darts.child_env(False, "default")
+    monkeypatch.setenv("GLIBC_TUNABLES", "glibc.malloc.check=0")
+    assert bench_darts.child_env(True, "coalesce")["GLIBC_TUNABLES"] == (
+        "glibc.malloc.check=0:glibc.malloc.tcache_count=0:glibc.malloc.mxfast=0")
+
+
+def test_malloc_coalesce_run_says_so_in_its_table(tmp_path):
+    out = tmp_path / "t.md"
+    bench_darts.main(["--what", "step", "--models", "darts", "--orders", "1", "--batches", "2",
+                      "--C", "4", "--layers", "3", "--size", "8", "--rounds", "1",
+                      "--malloc", "coalesce", "--markdown", str(out)])
+    text = out.read_text()
+    assert "`--malloc coalesce`" in text and "error" not in text
+    assert len([ln for ln in text.splitlines() if ln.startswith("| step")]) == 2
