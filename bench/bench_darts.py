@@ -61,6 +61,7 @@ import time
 import torch
 
 from bench import common
+from hdnas.darts.patch import GLIBC_MEMORY_TUNABLES
 from hdnas.testing.memory import saved_bytes
 
 
@@ -201,7 +202,7 @@ def _configs(a):
 
 
 #: glibc's small-chunk caches off (``--malloc coalesce``; docs/darts.md)
-COALESCE_TUNABLES = "glibc.malloc.tcache_count=0:glibc.malloc.mxfast=0"
+COALESCE_TUNABLES = GLIBC_MEMORY_TUNABLES
 
 
 def child_env(live_memory: bool, malloc: str = "default") -> dict:

@@ -1,6 +1,8 @@
 """``hdnas.darts.patch(model)``: swap every DARTS-style MixedOp of a model for ours, in place."""
 from __future__ import annotations
 
+import os
+import platform
 import types
 from dataclasses import dataclass, field
 
@@ -8,6 +10,28 @@ from torch import nn
 
 from hdnas.darts.mixed import MixedOp, check_backend
 from hdnas.darts.operations import NotRecognised
+
+#: glibc's per-thread cache and fast bins of small chunks off: a search's freed tensor memory then
+#: merges and is reused instead of the heap growing (docs/darts.md, "Memory: the heap")
+GLIBC_MEMORY_TUNABLES = "glibc.malloc.tcache_count=0:glibc.malloc.mxfast=0"
+
+
+def memory_tip(environ=None, libc: str | None = None) -> str | None:
+    """The report's one-line memory tip: where the process runs on glibc (``libc``: the C
+    library's name, default ``platform.libc_ver()``) without ``GLIBC_MEMORY_TUNABLES`` in its
+    ``GLIBC_TUNABLES`` (``environ``: default ``os.environ``, read when the process started), the
+    environment line that keeps a search's peak memory near its live tensors; else None."""
+    libc = platform.libc_ver()[0] if libc is None else libc
+    if libc != "glibc":
+        return None
+    environ = os.environ if environ is None else environ
+    have = dict(kv.split("=", 1) for kv in environ.get("GLIBC_TUNABLES", "").split(":") if "=" in kv)
+    want = dict(kv.split("=", 1) for kv in GLIBC_MEMORY_TUNABLES.split(":"))
+    if all(have.get(k) == v for k, v in want.items()):
+        return None
+    return (f"peak memory: start the search with GLIBC_TUNABLES={GLIBC_MEMORY_TUNABLES} "
+            "(glibc keeps freed small chunks between large freed tensors otherwise; "
+            "docs/darts.md, 'Memory: the heap')")
 
 
 @dataclass
@@ -21,6 +45,8 @@ class PatchReport:
     #: whether ``model.new()`` now returns patched copies (DARTS' second-order architect builds
     #: its unrolled model with it)
     wraps_new: bool = False
+    #: ``memory_tip()`` at patch time (None: nothing to suggest)
+    tip: str | None = None
 
     def __str__(self):
         lines = [f"hdnas.darts.patch: swapped {len(self.swapped)} mixed op(s) for the "
@@ -32,6 +58,8 @@ class PatchReport:
         if self.wraps_new:
             lines.append("  model.new() returns patched copies")
         lines += [f"  left {name}: {why}" for name, why in self.skipped.items()]
+        if self.tip:
+            lines.append(f"  tip: {self.tip}")
         return "\n".join(lines)
 
 
@@ -67,9 +95,12 @@ def patch(model: nn.Module, backend: str = "fused", recompute: bool = True,
     (which builds a fresh, unpatched network: DARTS' second-order architect makes its unrolled
     model with it), ``model.new`` is replaced, on this instance, by a method that calls the
     class's ``new()`` and patches the result the same way; ``copy.deepcopy(model)`` copies the
-    swapped ops and rebinds that method to the copy."""
+    swapped ops and rebinds that method to the copy.
+
+    ``report.tip``: on glibc without its small-chunk caches turned off, the environment line that
+    keeps the search's peak memory near its live tensors (``memory_tip``)."""
     check_backend(backend)
-    report = PatchReport(backend)
+    report = PatchReport(backend, tip=memory_tip())
     targets = [(name, m) for name, m in model.named_modules() if _looks_like_mixed_op(m)]
     if _looks_like_mixed_op(model):
         raise ValueError("patch() swaps MixedOps inside a model; to convert a lone MixedOp use "

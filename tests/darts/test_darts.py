@@ -308,6 +308,26 @@ def test_patch_swaps_in_place_and_keeps_parameters():
     assert not hd.patch(net).swapped  # idempotent
 
 
+def test_patch_report_tips_the_glibc_tunables_only_where_they_apply(monkeypatch):
+    """On glibc without its small-chunk caches off the report names the environment line
+    (docs/darts.md, "Memory: the heap"); with both set, or on another C library, it says nothing."""
+    from hdnas.darts.patch import GLIBC_MEMORY_TUNABLES, memory_tip
+    assert GLIBC_MEMORY_TUNABLES in memory_tip({}, "glibc")
+    assert memory_tip({"GLIBC_TUNABLES": "glibc.malloc.tcache_count=0"}, "glibc") is not None
+    assert memory_tip({"GLIBC_TUNABLES": "glibc.malloc.tcache_count=7:glibc.malloc.mxfast=0"},
+                      "glibc") is not None
+    both = "glibc.malloc.check=0:glibc.malloc.mxfast=0:glibc.malloc.tcache_count=0"
+    assert memory_tip({"GLIBC_TUNABLES": both}, "glibc") is None
+    assert memory_tip({}, "") is None  # musl, macOS, Windows: platform.libc_ver() is not glibc
+    net = nn.Sequential(hd.PlainMixedOp(4, 1))
+    monkeypatch.setenv("GLIBC_TUNABLES", both)
+    assert hd.patch(net).tip is None
+    monkeypatch.delenv("GLIBC_TUNABLES")
+    report = hd.patch(nn.Sequential(hd.PlainMixedOp(4, 1)))
+    assert report.tip == memory_tip(libc=None)
+    assert (("tip: " + report.tip) in str(report)) if report.tip else "tip:" not in str(report)
+
+
 def test_identify_rejects_foreign_layouts():
     with pytest.raises(NotRecognised):
         identify_candidate(nn.Conv2d(4, 4, 3))
