@@ -201,10 +201,6 @@ def _configs(a):
                                    threads=a.threads, malloc=getattr(a, "malloc", "default"))
 
 
-#: glibc's small-chunk caches off (``--malloc coalesce``; docs/darts.md)
-COALESCE_TUNABLES = GLIBC_MEMORY_TUNABLES
-
-
 def child_env(live_memory: bool, malloc: str = "default") -> dict:
     """The children's environment: this one, plus glibc's 64 KiB mmap threshold for
     ``--live-memory`` and its small-chunk caches off for ``--malloc coalesce`` (appended to any
@@ -213,7 +209,7 @@ def child_env(live_memory: bool, malloc: str = "default") -> dict:
     if live_memory:
         env["MALLOC_MMAP_THRESHOLD_"] = "65536"
     if malloc == "coalesce":
-        env["GLIBC_TUNABLES"] = ":".join(t for t in (env.get("GLIBC_TUNABLES"), COALESCE_TUNABLES) if t)
+        env["GLIBC_TUNABLES"] = ":".join(t for t in (env.get("GLIBC_TUNABLES"), GLIBC_MEMORY_TUNABLES) if t)
     return env
 
 
@@ -242,7 +238,7 @@ def main(argv=None):
                     help="tuned: every child (original and swapped) first calls "
                          "hdnas.engine.allocator.tune() (glibc: no heap trimming, no mmap); "
                          "coalesce: every child runs with GLIBC_TUNABLES="
-                         + COALESCE_TUNABLES + " (glibc's small-chunk caches off)")
+                         + GLIBC_MEMORY_TUNABLES + " (glibc's small-chunk caches off)")
     ap.add_argument("--markdown", default=None, help="append a Markdown table to this file")
     ap.add_argument("--child", default=None, help=argparse.SUPPRESS)
     a = ap.parse_args(argv)
@@ -284,7 +280,7 @@ def write_markdown(path, rows_in, info, a):
              + (" **Tuned allocator** (`--malloc tuned`: every process, original and swapped, "
                 "called `hdnas.engine.allocator.tune()` first)." if a.malloc == "tuned" else "")
              + (" **glibc's small-chunk caches off** (`--malloc coalesce`: every process, "
-                f"original and swapped, ran with `GLIBC_TUNABLES={COALESCE_TUNABLES}`)."
+                f"original and swapped, ran with `GLIBC_TUNABLES={GLIBC_MEMORY_TUNABLES}`)."
                 if a.malloc == "coalesce" else ""),
              ""]
     rows = []

@@ -61,25 +61,12 @@ class _StatsNorm(torch.autograd.Function):
                 gb if ctx.has_b and need[2] else None, None, None, None)
 
 
-def stats_batch_norm(u, weight, bias, eps, stats, state: "RunState | None" = None):
-    """``F.batch_norm(u, None, None, weight, bias, True, 0, eps)`` with the batch statistics from
-    ``stats(u)`` (a ``Primitives.batch_stats``); returns (y, mean64, var64), or None where
-    ``stats`` does not serve ``u``. With a ``state`` being recomputed, the statistics its first
-    run computed (in call order) instead: the same numbers, not read again."""
-    u = u.contiguous()
-    got = _batch_stats(u, stats, state)
-    if got is None:
-        return None
-    mean64, var64 = got
-    return _StatsNorm.apply(u, weight, bias, mean64, var64, eps), mean64, var64
-
-
 def _batch_stats(u, stats, state):
     """(mean64, var64) of a contiguous u from ``stats`` (kept in / read from ``state``), or None
     where it does not serve (or u has one value per channel: F.batch_norm says so)."""
     if u.numel() // max(u.shape[1], 1) <= 1:
         return None
-    return stats(u.detach()) if state is None else state.batch_stats(u, stats)
+    return state.batch_stats(u, stats)
 
 
 class RunState:
