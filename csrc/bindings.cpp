@@ -16,6 +16,8 @@ std::tuple<at::Tensor, at::Tensor> bn_sum_backward_cpu(const at::Tensor& grad_y,
                                                        const at::Tensor& mean, const at::Tensor& var,
                                                        const at::Tensor& scale, double eps,
                                                        int64_t groups);
+at::Tensor pw_cpu(const at::Tensor& x, const at::Tensor& w);
+at::Tensor pw_wgrad_cpu(const at::Tensor& grad_y, const at::Tensor& x, int64_t groups);
 }
 
 TORCH_LIBRARY(hdnas_native, m) {
@@ -38,6 +40,9 @@ TORCH_LIBRARY(hdnas_native, m) {
   m.def("bn_sum(Tensor u, Tensor mean, Tensor var, Tensor scale, float eps, int groups) -> Tensor");
   m.def("bn_sum_backward(Tensor grad_y, Tensor u, Tensor mean, Tensor var, Tensor scale, float eps,"
         " int groups) -> (Tensor, Tensor)");
+  // Pointwise (1x1) convolutions of channel groups and their weight gradient (csrc/cpu/pw.cpp).
+  m.def("pw(Tensor x, Tensor w) -> Tensor");
+  m.def("pw_wgrad(Tensor grad_y, Tensor x, int groups) -> Tensor");
   m.def("isa() -> str", &hdnas::cpu::isa_op);
   m.def("set_isa(str name) -> str", &hdnas::cpu::set_isa_op);
   m.def("isa_supported() -> str[]", &hdnas::cpu::isa_supported_op);
@@ -53,4 +58,6 @@ TORCH_LIBRARY_IMPL(hdnas_native, CPU, m) {
   m.impl("max_pool3x3_backward", &hdnas::max_pool3x3_backward_cpu);
   m.impl("bn_sum", &hdnas::bn_sum_cpu);
   m.impl("bn_sum_backward", &hdnas::bn_sum_backward_cpu);
+  m.impl("pw", &hdnas::pw_cpu);
+  m.impl("pw_wgrad", &hdnas::pw_wgrad_cpu);
 }

@@ -48,13 +48,33 @@ struct DwArgs {
   const int64_t* dx;     // [G*T]
 };
 
-// The kernels of one ISA.  Each runs the tasks [begin, end) of N * Cin, one task per (n, input
-// plane): the caller splits the range over threads (a task's result does not depend on the
-// split).  Return 0, or -1 when scratch memory could not be allocated.
+// One pointwise (1x1) convolution of channel groups, forward or weight gradient (pw.cpp):
+//   forward  y[n, g, o, p]  = sum_i w[g, o, i] x[n, g, i, p]
+//   gradient gw[g, o, i]    = sum_{n, p} gy[n, g, o, p] x[n, g, i, p]
+// Pointers are contiguous, float32 or float64 (dtype: hdnas::DType).  P = H * W pixels per
+// plane.
+struct PwArgs {
+  int dtype;
+  const void* x;   // [N, G, Ci, P]
+  const void* w;   // [G, Co, Ci] (forward)
+  const void* gy;  // [N, G, Co, P] (gradient)
+  void* y;         // [N, G, Co, P] (forward)
+  void* gw;        // [G, Co, Ci] (gradient)
+  int64_t N, G, Ci, Co, P;
+};
+
+// The kernels of one ISA.  The depthwise ones run the tasks [begin, end) of N * Cin, one task
+// per (n, input plane); the pointwise forward the tasks of N * G, one per (n, group), its
+// gradient pw_wgrad_ntasks(a), one per tile of the result (dw_simd_impl.h): the caller
+// splits the range over threads (a task's result does not depend on the split).  Return 0, -1
+// when scratch memory could not be allocated, -2 for a dtype the kernel does not take.
 struct IsaKernels {
   const char* name;
   int (*fwd)(const DwArgs& a, int64_t begin, int64_t end);
   int (*bwd)(const DwArgs& a, int64_t begin, int64_t end);
+  int (*pw)(const PwArgs& a, int64_t begin, int64_t end);
+  int (*pw_wgrad)(const PwArgs& a, int64_t begin, int64_t end);
+  int64_t (*pw_wgrad_ntasks)(const PwArgs& a);
 };
 
 // Null where the variant is not compiled in (non-x86 targets, compilers without the pragmas).

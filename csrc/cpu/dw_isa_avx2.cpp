@@ -10,6 +10,10 @@
 #define HDNAS_TILE_NV 4
 #define HDNAS_GW_M 8     // 8 accumulators + 1 gradient vector; 8 tap pointers in GPRs
 #define HDNAS_GW_U 1
+#define HDNAS_PW_R 4    // pointwise: 4 x 2 ymm accumulators + 2 inputs + broadcast; 3 x 3 + 3 + 1: of 16
+#define HDNAS_PW_NV 2
+#define HDNAS_PWW_M 3
+#define HDNAS_PWW_U 3
 #define HDNAS_ISA_NAME "avx2"
 #if defined(__clang__)
 #pragma clang attribute push(__attribute__((target("avx2,fma"))), apply_to = function)

@@ -9,6 +9,10 @@
 #define HDNAS_TILE_NV 2
 #define HDNAS_GW_M 8     // 8 taps x 2 zmm = 16 accumulators; 8 tap pointers in GPRs
 #define HDNAS_GW_U 2
+#define HDNAS_PW_R 8    // pointwise: 8 x 2 zmm accumulators + 2 inputs + broadcast; 4 x 4 + 4 + 1: of 32
+#define HDNAS_PW_NV 2
+#define HDNAS_PWW_M 4
+#define HDNAS_PWW_U 4
 #define HDNAS_ISA_NAME "avx512"
 #if defined(__clang__)
 #pragma clang attribute push(__attribute__((target("avx2,fma,avx512f,avx512bw,avx512vl,avx512dq"))), apply_to = function)

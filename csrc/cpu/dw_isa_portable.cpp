@@ -6,6 +6,10 @@
 #define HDNAS_TILE_NV 4
 #define HDNAS_GW_M 8
 #define HDNAS_GW_U 1
+#define HDNAS_PW_R 4    // pointwise: 4 x 2 accumulators + 2 inputs + broadcast; 3 x 3 + 3 + 1: of 16 xmm
+#define HDNAS_PW_NV 2
+#define HDNAS_PWW_M 3
+#define HDNAS_PWW_U 3
 #define HDNAS_ISA_NAME "portable"
 #include "dw_simd_impl.h"
 

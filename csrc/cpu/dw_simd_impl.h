@@ -6,6 +6,10 @@
 //   HDNAS_TILE_NV  vectors per row of a stencil tile   } (+1 broadcast weight) fit the registers
 //   HDNAS_GW_M     taps per weight-gradient pass       } accumulators: M * U vectors, and M tap
 //   HDNAS_GW_U     vectors per row step of that pass   } pointers in general-purpose registers
+//   HDNAS_PW_R     output channels per pointwise tile   } accumulators: R * NV vectors (+ NV
+//   HDNAS_PW_NV    pixel vectors per pointwise tile     } inputs and a broadcast weight)
+//   HDNAS_PWW_M    output channels per pointwise-gradient tile } accumulators: M * U vectors
+//   HDNAS_PWW_U    input channels per pointwise-gradient tile  } (+ M + 1 loaded vectors)
 //   HDNAS_ISA_NAME the variant's name
 // and wrap the include in a target pragma.  This file includes nothing but C headers and keeps
 // every definition in an anonymous namespace (internal linkage): nothing compiled here for one
@@ -422,7 +426,190 @@ int bwd_entry(const DwArgs& a, i64 begin, i64 end) {
   return -2;
 }
 
-const IsaKernels kTable = {HDNAS_ISA_NAME, &fwd_entry, &bwd_entry};
+// ---------------------------------------------------------------------------------------------
+// Pointwise (1x1) convolutions of channel groups (see PwArgs in dw_isa.h), float32 / float64.
+//
+//   forward  a tile of R output channels x NV vectors of pixels in registers; per input channel
+//            NV loads, R broadcast weights, R * NV FMAs (the input tile stays in L1 across the
+//            output-channel blocks of one pixel block)
+//   gradient a tile of M output x U input channels, each a vector of lane-wise partial sums over
+//            every image's pixels; per pixel vector M + U loads and M * U FMAs; then each sum's
+//            lanes in a fixed order, plus the pixels past the last whole vector (one task per
+//            tile: no partial sums to add, the same result on any number of threads)
+// Every value is summed in an order fixed by the shapes alone.
+
+constexpr int kPwR = HDNAS_PW_R, kPwNV = HDNAS_PW_NV, kPwwM = HDNAS_PWW_M, kPwwU = HDNAS_PWW_U;
+
+// y[r * P + v * L + l] = sum_i w[r * Ci + i] * x[i * P + v * L + l]  (r < R, v < NV, l < L)
+template <typename A, int R, int NV>
+void pw_tile(const A* __restrict x, i64 P, const A* __restrict w, i64 Ci, A* __restrict y) {
+  typedef typename Vec<A>::type V;
+  constexpr int L = Vec<A>::L;
+  V acc[R][NV];
+  HDNAS_UNROLL for (int r = 0; r < R; ++r) HDNAS_UNROLL for (int v = 0; v < NV; ++v) acc[r][v] = V{};
+  for (i64 i = 0; i < Ci; ++i) {
+    V xv[NV];
+    HDNAS_UNROLL for (int v = 0; v < NV; ++v) xv[v] = vload<V>(x + i * P + v * L);
+    HDNAS_UNROLL for (int r = 0; r < R; ++r) {
+      const V k = V{} + w[r * Ci + i];
+      HDNAS_UNROLL for (int v = 0; v < NV; ++v) acc[r][v] += k * xv[v];
+    }
+  }
+  HDNAS_UNROLL for (int r = 0; r < R; ++r)
+    HDNAS_UNROLL for (int v = 0; v < NV; ++v) vstore(y + r * P + v * L, acc[r][v]);
+}
+
+// The last n (< kPwR) output channels: pw_tile<A, n, NV> (n known only at run time).
+template <typename A, int NV, int N>
+inline void pw_rows_rest(i64 n, const A* x, i64 P, const A* w, i64 Ci, A* y) {
+  if constexpr (N > 0) {
+    if (n == N) return pw_tile<A, N, NV>(x, P, w, Ci, y);
+    pw_rows_rest<A, NV, N - 1>(n, x, P, w, Ci, y);
+  }
+}
+
+// All Co output channels of NV vectors of pixels.
+template <typename A, int NV>
+void pw_block(const A* x, i64 P, const A* w, i64 Ci, i64 Co, A* y) {
+  i64 r = 0;
+  for (; r + kPwR <= Co; r += kPwR) pw_tile<A, kPwR, NV>(x, P, w + r * Ci, Ci, y + r * P);
+  pw_rows_rest<A, NV, kPwR - 1>(Co - r, x, P, w + r * Ci, Ci, y + r * P);
+}
+
+template <typename A>
+void pw_plane(const A* x, i64 P, const A* w, i64 Ci, i64 Co, A* y) {
+  constexpr int L = Vec<A>::L;
+  const i64 nvec = P / L;
+  i64 j = 0;
+  for (; j + kPwNV <= nvec; j += kPwNV) pw_block<A, kPwNV>(x + j * L, P, w, Ci, Co, y + j * L);
+  for (; j < nvec; ++j) pw_block<A, 1>(x + j * L, P, w, Ci, Co, y + j * L);
+  for (i64 o = 0; o < Co; ++o) {  // the pixels past the last whole vector
+    for (i64 p = nvec * L; p < P; ++p) {
+      A s = 0;
+      for (i64 i = 0; i < Ci; ++i) s += w[o * Ci + i] * x[i * P + p];
+      y[o * P + p] = s;
+    }
+  }
+}
+
+// out[m * Ci + u] = sum_{n < N, p < P} g[n * gs + m * P + p] * x[n * xs + u * P + p]  (m < M, u < U)
+// Two-level sums (accuracy): the register partials of at most kPwwChunk pixel vectors of one
+// image at a time are added to running totals, which stay in L1.
+constexpr i64 kPwwChunk = 32;
+
+template <typename A, int M, int U>
+void pww_tile(const A* __restrict g, i64 gs, const A* __restrict x, i64 xs, i64 N, i64 P,
+              A* __restrict out, i64 Ci) {
+  typedef typename Vec<A>::type V;
+  constexpr int L = Vec<A>::L;
+  const i64 nvec = P / L;
+  V tot[M][U];
+  A tail[M][U];
+  HDNAS_UNROLL for (int m = 0; m < M; ++m) HDNAS_UNROLL for (int u = 0; u < U; ++u) {
+    tot[m][u] = V{};
+    tail[m][u] = A(0);
+  }
+  for (i64 n = 0; n < N; ++n) {
+    const A* gn = g + n * gs;
+    const A* xn = x + n * xs;
+    for (i64 j0 = 0; j0 < nvec; j0 += kPwwChunk) {
+      const i64 j1 = j0 + kPwwChunk < nvec ? j0 + kPwwChunk : nvec;
+      V acc[M][U];
+      HDNAS_UNROLL for (int m = 0; m < M; ++m) HDNAS_UNROLL for (int u = 0; u < U; ++u) acc[m][u] = V{};
+      for (i64 j = j0; j < j1; ++j) {
+        V gv[M];
+        HDNAS_UNROLL for (int m = 0; m < M; ++m) gv[m] = vload<V>(gn + m * P + j * L);
+        HDNAS_UNROLL for (int u = 0; u < U; ++u) {
+          const V xv = vload<V>(xn + u * P + j * L);
+          HDNAS_UNROLL for (int m = 0; m < M; ++m) acc[m][u] += gv[m] * xv;
+        }
+      }
+      HDNAS_UNROLL for (int m = 0; m < M; ++m) HDNAS_UNROLL for (int u = 0; u < U; ++u) tot[m][u] += acc[m][u];
+    }
+    for (i64 p = nvec * L; p < P; ++p)  // the pixels past the last whole vector
+      HDNAS_UNROLL for (int m = 0; m < M; ++m)
+        HDNAS_UNROLL for (int u = 0; u < U; ++u) tail[m][u] += gn[m * P + p] * xn[u * P + p];
+  }
+  HDNAS_UNROLL for (int m = 0; m < M; ++m) {
+    HDNAS_UNROLL for (int u = 0; u < U; ++u) {
+      A s = 0;
+      for (int l = 0; l < L; ++l) s += tot[m][u][l];
+      out[m * Ci + u] = s + tail[m][u];
+    }
+  }
+}
+
+// pww_tile<A, M, u> for u <= U known only at run time.
+template <typename A, int M, int U>
+inline void pww_cols(i64 u, const A* g, i64 gs, const A* x, i64 xs, i64 N, i64 P, A* out, i64 Ci) {
+  if constexpr (U > 0) {
+    if (u == U) return pww_tile<A, M, U>(g, gs, x, xs, N, P, out, Ci);
+    pww_cols<A, M, U - 1>(u, g, gs, x, xs, N, P, out, Ci);
+  }
+}
+
+// pww_tile<A, m, u> for m <= M, u <= kPwwU known only at run time.
+template <typename A, int M>
+inline void pww_rows(i64 m, i64 u, const A* g, i64 gs, const A* x, i64 xs, i64 N, i64 P, A* out,
+                     i64 Ci) {
+  if constexpr (M > 0) {
+    if (m == M) return pww_cols<A, M, kPwwU>(u, g, gs, x, xs, N, P, out, Ci);
+    pww_rows<A, M - 1>(m, u, g, gs, x, xs, N, P, out, Ci);
+  }
+}
+
+template <typename A>
+int pw_tasks(const PwArgs& a, i64 begin, i64 end) {
+  const A* x = static_cast<const A*>(a.x);
+  const A* w = static_cast<const A*>(a.w);
+  A* y = static_cast<A*>(a.y);
+  for (i64 task = begin; task < end; ++task) {  // task = n * G + g
+    const i64 g = task % a.G;
+    pw_plane(x + task * a.Ci * a.P, a.P, w + g * a.Co * a.Ci, a.Ci, a.Co, y + task * a.Co * a.P);
+  }
+  return 0;
+}
+
+// A gradient task (pw_wgrad_ntasks of them) is one tile: (g, block of kPwwM output channels, block of kPwwU input
+// channels), summed over every image and pixel.
+template <typename A>
+int pw_wgrad_run(const PwArgs& a, i64 begin, i64 end) {
+  const A* x = static_cast<const A*>(a.x);
+  const A* gy = static_cast<const A*>(a.gy);
+  A* out = static_cast<A*>(a.gw);
+  const i64 nmb = (a.Co + kPwwM - 1) / kPwwM, nub = (a.Ci + kPwwU - 1) / kPwwU;
+  for (i64 task = begin; task < end; ++task) {
+    const i64 g = task / (nmb * nub), m = (task / nub) % nmb * kPwwM, u = task % nub * kPwwU;
+    const i64 rows = a.Co - m < kPwwM ? a.Co - m : kPwwM, cols = a.Ci - u < kPwwU ? a.Ci - u : kPwwU;
+    pww_rows<A, kPwwM>(rows, cols, gy + (g * a.Co + m) * a.P, a.G * a.Co * a.P,
+                       x + (g * a.Ci + u) * a.P, a.G * a.Ci * a.P, a.N, a.P,
+                       out + (g * a.Co + m) * a.Ci + u, a.Ci);
+  }
+  return 0;
+}
+
+int pw_entry(const PwArgs& a, i64 begin, i64 end) {
+  switch (a.dtype) {
+    case kFloat32: return pw_tasks<float>(a, begin, end);
+    case kFloat64: return pw_tasks<double>(a, begin, end);
+  }
+  return -2;
+}
+
+int pw_wgrad_entry(const PwArgs& a, i64 begin, i64 end) {
+  switch (a.dtype) {
+    case kFloat32: return pw_wgrad_run<float>(a, begin, end);
+    case kFloat64: return pw_wgrad_run<double>(a, begin, end);
+  }
+  return -2;
+}
+
+i64 pw_wgrad_ntasks(const PwArgs& a) {
+  return a.G * ((a.Co + kPwwM - 1) / kPwwM) * ((a.Ci + kPwwU - 1) / kPwwU);
+}
+
+const IsaKernels kTable = {HDNAS_ISA_NAME, &fwd_entry, &bwd_entry, &pw_entry, &pw_wgrad_entry,
+                           &pw_wgrad_ntasks};
 
 }  // namespace
 }  // namespace cpu

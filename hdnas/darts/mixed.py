@@ -11,20 +11,22 @@ and computes ``sum_k w_k op_k(x)`` as:
    CPU primitives the stride-1 call keeping the even pixels, the dil candidates (even dilation)
    on the even-pixel image alone (``_strided_stage1``); otherwise one stock strided depthwise
    conv per candidate on one shared ``relu(x)``;
-2. the pointwise convs after it (sep: first pw; dil: its only pw): one grouped GEMM each;
+2. the pointwise convs after it (sep: first pw; dil: its only pw): one grouped 1x1 conv each
+   (``primitives.pointwise``: the primitives' own kernel where they have one, native on a CPU;
+   else one batched GEMM);
 3. the BatchNorms after those: one normalisation over the groups (batch statistics in training
    mode; every module's running statistics and ``num_batches_tracked`` updated as
    ``nn.BatchNorm2d`` does); the dil groups' scaled by their architecture weights ``w_k`` and
    summed in the same pass where the primitives have ``bn_sum`` (native), so only the sum is
    written;
 4. the sep candidates' second stage: ``primitives.grouped_dw`` (ReLU on read, per-group input),
-   one grouped GEMM, one normalisation with ``w_k`` folded in, summed over the candidates (one
+   one grouped 1x1 conv, one normalisation with ``w_k`` folded in, summed over the candidates (one
    ``bn_sum`` pass where the primitives have it);
 5. pools (the primitives' own max pool where they have one: the native CPU kernel; else on a
    channels-last copy of x on CPU: the same result, several times faster than PyTorch's NCHW
    pool) with their BN (``w_k`` folded in; the BN reads an NCHW tensor, as accurate as the plain
    loop), ``skip_connect`` (``w x``, or FactorizedReduce from the shared ``relu(x)`` with its
-   BN: one batched GEMM over the even and odd pixel phases), ``none`` (contributes exactly 0)
+   BN: one grouped 1x1 conv over the even and odd pixel phases), ``none`` (contributes exactly 0)
    with stock ops; the sum (its incoming gradient made contiguous once).
 
 ``recompute=True`` (default) runs this without an autograd graph and again in backward
@@ -55,7 +57,7 @@ from hdnas.kernels.checks import check_weight_vector
 from hdnas.mixed.base import BackendError, get_backend, resolve
 from hdnas.mixed.merged import DecomposedBackend
 from hdnas.mixed.plan import Plan, pad_to
-from hdnas.mixed.primitives import engine_needs
+from hdnas.mixed.primitives import engine_needs, pointwise
 
 BACKENDS = ("reference", "merged", "native", "triton", "fused")
 
@@ -239,14 +241,15 @@ def _stage1(x, xr, dws, pws, ks, ds, s, prims, subsample):
     else:
         z = torch.cat([F.conv2d(xr, m.weight, stride=2, padding=d * (k // 2), dilation=d,
                                 groups=x.shape[1]) for m, k, d in zip(dws, ks, ds)], 1)
-    return _grouped_pw(z, torch.stack([m.weight[:, :, 0, 0] for m in pws]))
+    return pointwise(prims, z, torch.stack([m.weight[:, :, 0, 0] for m in pws]))
 
 
-def _factorized_reduce(xr, fr):
+def _factorized_reduce(xr, fr, prims):
     """DARTS' FactorizedReduce before its BN, ``cat(conv_1(xr), conv_2(xr[:, :, 1:, 1:]), 1)``
     with 1x1 stride-2 convs, on ``xr = relu(x)``. With an even height and width both halves are
-    1x1 convs of one phase of xr (the even pixels, the odd ones): one batched GEMM over the two
-    stacked phases (stock CPU stride-2 1x1 convs copy their input and are several times slower).
+    1x1 convs of one phase of xr (the even pixels, the odd ones): one grouped 1x1 conv over the two
+    stacked phases (``primitives.pointwise``; stock CPU stride-2 1x1 convs copy their input and
+    are several times slower).
     Otherwise the convs (the plain module's error included)."""
     N, C, H, W = xr.shape
     w1, w2 = fr.conv_1.weight, fr.conv_2.weight
@@ -255,15 +258,9 @@ def _factorized_reduce(xr, fr):
     xv = xr.view(N, C, H // 2, 2, W // 2, 2)
     ph = torch.stack([xv[:, :, :, 0, :, 0], xv[:, :, :, 1, :, 1]], 1)  # (N, 2, C, H/2, W/2)
     wk = torch.stack([w1[:, :, 0, 0], w2[:, :, 0, 0]])  # (2, C/2, C)
-    y = torch.matmul(wk, ph.view(N, 2, C, (H // 2) * (W // 2)))
-    return y.view(N, 2 * w1.shape[0], H // 2, W // 2)
+    return pointwise(prims, ph.view(N, 2 * C, H // 2, W // 2), wk)
 
 
-def _grouped_pw(z, w):
-    """Per-group 1x1 convs as one batched GEMM: z (N, G*C, H, W), w (G, C, C)."""
-    N, _, H, W = z.shape
-    G, C = w.shape[:2]
-    return torch.matmul(w, z.reshape(N, G, C, H * W)).view(N, G * C, H, W)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -422,7 +419,7 @@ class MixedOp(nn.Module):
                 k2 = torch.stack([pad_to(m.weight[:, 0], P.st2_kmax) for m in L["dw2"]])
                 z2 = prims.grouped_dw(v_sep, k2, P.st2_ksizes, (1,) * Gs, True, False)
                 pw2 = torch.stack([m.weight[:, :, 0, 0] for m in L["pw2"]])
-                terms.append(group_batch_norm_sum(_grouped_pw(z2, pw2), L["bn2"], w[P.sep], state,
+                terms.append(group_batch_norm_sum(pointwise(prims, z2, pw2), L["bn2"], w[P.sep], state,
                                                   bst, prims.bn_sum))
             if P.dil:
                 u1 = _stage1(x, xr, L["dw1"][Gs:], L["pw1"][Gs:], P.st1_ksizes[Gs:],
@@ -456,7 +453,7 @@ class MixedOp(nn.Module):
             else:
                 fr = ops[i]
                 xr = F.relu(x) if xr is None else xr
-                terms.append(group_batch_norm(_factorized_reduce(xr, fr), [fr.bn], w[i:i + 1],
+                terms.append(group_batch_norm(_factorized_reduce(xr, fr, prims), [fr.bn], w[i:i + 1],
                                               state, bst))
         state.first = False
         if not terms:  # only 'none': w * x.mul(0) as the plain loop (a zero weight gradient)

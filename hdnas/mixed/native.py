@@ -7,7 +7,8 @@ Ops (namespace ``hdnas_native``), defined in C++ and given fake (meta) kernels a
 * CPU only, for the fused DARTS op: ``bn_stats`` (training-mode BN statistics, float64),
   ``max_pool3x3`` (+ ``_backward``; DARTS' 3x3 max pool, NCHW, PyTorch's choice rules),
   ``bn_sum`` (+ ``_backward``; training-mode BNs of channel groups, scaled and summed over the
-  groups), each with its twin in ``hdnas.mixed.primitives``.
+  groups), ``pw`` (+ ``pw_wgrad``; 1x1 convs of channel groups), each with its twin in
+  ``hdnas.mixed.primitives``.
 
 The contract's primitives are built on it:
 
@@ -168,6 +169,45 @@ def _register_python_side():
 
     torch.library.register_autograd("hdnas_native::bn_sum", _backward_bn_sum,
                                     setup_context=_setup_bn_sum)
+
+    @torch.library.register_fake("hdnas_native::pw")
+    def _pw_fake(x, w):
+        return x.new_empty((x.shape[0], w.shape[0] * w.shape[1], x.shape[2], x.shape[3]))
+
+    @torch.library.register_fake("hdnas_native::pw_wgrad")
+    def _pw_wgrad_fake(grad_y, x, groups):
+        return x.new_empty((groups, grad_y.shape[1] // groups, x.shape[1] // groups))
+
+    # pw is linear in x and in w, pw_wgrad in grad_y and in x: every gradient is again a pw or
+    # pw_wgrad call, so derivatives of any order come from these two formulas
+    def _setup_pw(ctx, inputs, output):
+        ctx.save_for_backward(*inputs)
+
+    def _backward_pw(ctx, grad_y):
+        x, w = ctx.saved_tensors
+        ops = torch.ops.hdnas_native
+        gx = gw = None
+        if ctx.needs_input_grad[0] and engine_needs(x):
+            gx = ops.pw(grad_y, w.transpose(1, 2))
+        if ctx.needs_input_grad[1] and engine_needs(w):
+            gw = ops.pw_wgrad(grad_y, x, w.shape[0])
+        return gx, gw
+
+    torch.library.register_autograd("hdnas_native::pw", _backward_pw, setup_context=_setup_pw)
+
+    def _setup_pw_wgrad(ctx, inputs, output):
+        grad_y, x, groups = inputs
+        ctx.save_for_backward(grad_y, x)
+
+    def _backward_pw_wgrad(ctx, ggw):
+        grad_y, x = ctx.saved_tensors
+        ops = torch.ops.hdnas_native
+        d_gy = ops.pw(x, ggw) if ctx.needs_input_grad[0] else None
+        d_x = ops.pw(grad_y, ggw.transpose(1, 2)) if ctx.needs_input_grad[1] else None
+        return d_gy, d_x, None
+
+    torch.library.register_autograd("hdnas_native::pw_wgrad", _backward_pw_wgrad,
+                                    setup_context=_setup_pw_wgrad)
     _registered = True
 
 
@@ -311,10 +351,23 @@ def bn_sum(u, mean64, var64, scale, eps: float, groups: int):
                                          float(eps), int(groups))
 
 
+def pointwise(x, w):
+    """The 1x1 convs of channel groups, x (N, G*Ci, H, W), w (G, Co, Ci) -> (N, G*Co, H, W),
+    of float32/float64 CPU tensors (``csrc/cpu/pw.cpp``: register-tiled, faster than the BLAS's
+    batched GEMM at DARTS' 16-64 channels; twin: ``primitives.pointwise_ref``), or None where the
+    kernel does not serve (other devices or dtypes, shapes that do not match, the library
+    unavailable)."""
+    if (x.device.type != "cpu" or w.device.type != "cpu" or x.dtype not in (torch.float32, torch.float64)
+            or w.dtype != x.dtype or x.dim() != 4 or w.dim() != 3
+            or x.shape[1] != w.shape[0] * w.shape[2] or _reason("cpu", x.dtype, 1, 1, 0) is not None):
+        return None
+    return torch.ops.hdnas_native.pw(x, w)
+
+
 #: The C++/CUDA depthwise primitives (``--fused`` on a CPU uses these), with the merged dense
 #: conv by FFT where that is measured faster (hdnas.mixed.dense).
 NATIVE_PRIMITIVES = Primitives("native", grouped_dw, mixed_dw, dense.dense_conv, batch_stats,
-                               max_pool_3x3, bn_sum)
+                               max_pool_3x3, bn_sum, pointwise)
 
 
 class NativeBackend(DecomposedBackend):

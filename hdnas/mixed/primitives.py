@@ -79,7 +79,8 @@ class Primitives:
     with padding 1, or None where it does not serve (twin: ``max_pool_3x3_ref``).
     ``bn_sum(u, mean64, var64, scale, eps, groups)``: optional, training-mode BNs of channel
     groups with the given batch statistics, scaled per channel and summed over the groups, or
-    None where it does not serve (twin: ``bn_sum_ref``)."""
+    None where it does not serve (twin: ``bn_sum_ref``). ``pointwise(x, w)``: optional, the
+    1x1 convs of channel groups, or None where it does not serve (twin: ``pointwise_ref``)."""
 
     name: str = "torch"
     grouped_dw: Callable = grouped_dw_ref
@@ -88,6 +89,7 @@ class Primitives:
     batch_stats: Callable | None = None
     max_pool_3x3: Callable | None = None
     bn_sum: Callable | None = None
+    pointwise: Callable | None = None
 
 
 def batch_stats_ref(x):
@@ -97,6 +99,21 @@ def batch_stats_ref(x):
 
 
 TORCH_PRIMITIVES = Primitives()
+
+
+def pointwise_ref(x, w):
+    """The twin of ``Primitives.pointwise``: 1x1 convs of channel groups, x (N, G*Ci, H, W) and
+    w (G, Co, Ci) -> y (N, G*Co, H, W) with y[:, g*Co + o] = sum_i w[g, o, i] x[:, g*Ci + i]:
+    one batched GEMM."""
+    N, _, H, W = x.shape
+    G, Co, Ci = w.shape
+    return torch.matmul(w, x.reshape(N, G, Ci, H * W)).view(N, G * Co, H, W)
+
+
+def pointwise(prims: Primitives, x, w):
+    """``prims.pointwise(x, w)`` where it serves, else its twin."""
+    y = None if prims.pointwise is None else prims.pointwise(x, w)
+    return pointwise_ref(x, w) if y is None else y
 
 
 def max_pool_3x3_ref(x, stride: int):

@@ -221,3 +221,92 @@ def test_env_var_refused_with_a_clear_error(nat):
     for v in [v for v in VARIANTS if v not in native_build.isa_supported()][:1]:
         why = _child(v)
         assert f"HDNAS_NATIVE_ISA={v}: this CPU cannot run the {v} kernels: it lacks" in why, why
+
+
+# The pointwise (1x1) convs of channel groups, pw / pw_wgrad (csrc/cpu/pw.cpp): (N, G, Co, Ci,
+# H, W, input layout). Channel counts off the register tiles (8/4/3 rows, 4/3 columns), planes
+# off the vector length and the pixel tiles, a 1x1 image, DARTS' shapes.
+PW_CASES = [
+    (2, 2, 16, 16, 32, 32, "contiguous"),
+    (3, 1, 9, 11, 5, 7, "channel_slice"),
+    (2, 3, 7, 5, 1, 1, "contiguous"),
+    (1, 2, 64, 64, 8, 8, "transposed"),
+    (4, 1, 3, 2, 17, 3, "contiguous"),
+    (2, 2, 8, 16, 4, 4, "contiguous"),  # FactorizedReduce: Co = Ci / 2
+]
+
+
+def _pw_case(case, dtype, gen):
+    N, G, Co, Ci, H, W, layout = PW_CASES[case]
+    if layout == "channel_slice":
+        x = torch.randn(N, G * Ci + 3, H, W, generator=gen, dtype=torch.float64)[:, 2:2 + G * Ci]
+    elif layout == "transposed":
+        x = torch.randn(N, G * Ci, W, H, generator=gen, dtype=torch.float64).transpose(2, 3)
+    else:
+        x = torch.randn(N, G * Ci, H, W, generator=gen, dtype=torch.float64)
+    w = torch.randn(G, Co, Ci, generator=gen, dtype=torch.float64)
+    gy = torch.randn(N, G * Co, H, W, generator=gen, dtype=torch.float64)
+    return x.to(dtype), w.to(dtype), gy.to(dtype)
+
+
+@pytest.mark.parametrize("dtype", [torch.float64, torch.float32], ids=str)
+@pytest.mark.parametrize("case", range(len(PW_CASES)))
+def test_pointwise_matches_twin(variant, nat, dtype, case):
+    """Forward, input and weight gradients against the fp64 twin (a batched GEMM)."""
+    from hdnas.mixed.primitives import pointwise_ref
+    gen = torch.Generator().manual_seed(zlib.crc32(repr(("pw", case, str(dtype))).encode()))
+    x, w, gy = _pw_case(case, dtype, gen)
+    args = [x.clone().requires_grad_(True), w.clone().requires_grad_(True)]
+    refs = [x.double().requires_grad_(True), w.double().requires_grad_(True)]
+    y, yr = nat.pointwise(*args), pointwise_ref(*refs)
+    assert y.dtype == dtype and y.shape == yr.shape
+    got = [y, *torch.autograd.grad(y, args, gy)]
+    want = [yr, *torch.autograd.grad(yr, refs, gy.double())]
+    for name, a, b in zip(("y", "grad x", "grad w"), got, want):
+        err = _rel_err(a, b)
+        assert err <= TOL[dtype], f"{variant} {dtype} case {case} {name}: relative error {err:.3g}"
+
+
+def test_pointwise_fp32_no_less_accurate_than_twin(variant, nat):
+    """Against fp64, the kernels' fp32 output and gradients are no less accurate than the fp32
+    twin's (DARTS' shape: 16 channels, 32x32, a batch of 8; worst over seeds)."""
+    from hdnas.mixed.primitives import pointwise_ref
+    worst = {"native": 0.0, "twin": 0.0}
+    for seed in range(3):
+        gen = torch.Generator().manual_seed(seed)
+        x = torch.randn(8, 32, 32, 32, generator=gen, dtype=torch.float64) + 0.5 * seed
+        w = torch.randn(2, 16, 16, generator=gen, dtype=torch.float64)
+        gy = torch.randn(8, 32, 32, 32, generator=gen, dtype=torch.float64)
+        refs = [x.clone().requires_grad_(True), w.clone().requires_grad_(True)]
+        yr = pointwise_ref(*refs)
+        truth = [yr, *torch.autograd.grad(yr, refs, gy)]
+        for name, fn in (("native", nat.pointwise), ("twin", pointwise_ref)):
+            a = [x.float().requires_grad_(True), w.float().requires_grad_(True)]
+            y = fn(*a)
+            got = [y, *torch.autograd.grad(y, a, gy.float())]
+            worst[name] = max(worst[name], *[_rel_err(p, q) for p, q in zip(got, truth)])
+    assert worst["native"] <= 1.5 * worst["twin"] + 1e-7, worst
+
+
+def test_pointwise_threads_and_derivatives(variant, nat):
+    """Bit-identical on 1 and 2 threads; gradcheck and gradgradcheck (every derivative is again
+    a pw / pw_wgrad call) in fp64."""
+    gen = torch.Generator().manual_seed(31)
+    x = torch.randn(5, 2 * 11, 9, 7, generator=gen)
+    w = torch.randn(2, 13, 11, generator=gen)
+    gy = torch.randn(5, 2 * 13, 9, 7, generator=gen)
+    old = torch.get_num_threads()
+    outs = []
+    try:
+        for nt in (1, 2):
+            torch.set_num_threads(nt)
+            a = [x.clone().requires_grad_(True), w.clone().requires_grad_(True)]
+            y = nat.pointwise(*a)
+            outs.append([y, *torch.autograd.grad(y, a, gy)])
+    finally:
+        torch.set_num_threads(old)
+    assert all(torch.equal(p, q) for p, q in zip(*outs))
+    xs = torch.randn(2, 3 * 3, 2, 3, generator=gen, dtype=torch.float64, requires_grad=True)
+    ws = torch.randn(3, 2, 3, generator=gen, dtype=torch.float64, requires_grad=True)
+    assert torch.autograd.gradcheck(nat.pointwise, (xs, ws))
+    assert torch.autograd.gradgradcheck(nat.pointwise, (xs, ws))

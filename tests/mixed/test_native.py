@@ -670,3 +670,28 @@ def test_bn_sum_threads_checks_and_double_backward(nat):
         torch.ops.hdnas_native.bn_sum(u, mean, var, scale, 1e-5, 4)
     with pytest.raises(RuntimeError, match="float64 vectors"):
         torch.ops.hdnas_native.bn_sum(u, mean.float(), var, scale, 1e-5, 2)
+
+
+def test_pointwise_ops_checks_and_refusals(nat):
+    """opcheck of pw / pw_wgrad (fake kernels, autograd registration, schema); the primitive
+    declines what the kernel does not take (None: the caller runs the twin); the ops name the
+    problem."""
+    gen = torch.Generator().manual_seed(41)
+    x = torch.randn(3, 2 * 5, 4, 6, generator=gen, dtype=torch.float64)
+    w = torch.randn(2, 7, 5, generator=gen, dtype=torch.float64)
+    gy = torch.randn(3, 2 * 7, 4, 6, generator=gen, dtype=torch.float64)
+    ops = torch.ops.hdnas_native
+    torch.library.opcheck(ops.pw.default, (x, w))
+    torch.library.opcheck(ops.pw.default, (x.requires_grad_(), w.requires_grad_()))
+    torch.library.opcheck(ops.pw_wgrad.default, (gy, x.detach(), 2))
+    assert nat.pointwise(x.detach().half(), w.detach().half()) is None
+    assert nat.pointwise(x.detach(), w.detach().float()) is None
+    assert nat.pointwise(x.detach()[:, :9], w.detach()) is None
+    with pytest.raises(RuntimeError, match="unsupported dtype"):
+        ops.pw(x.detach().half(), w.detach().half())
+    with pytest.raises(RuntimeError, match="input has 9 channels"):
+        ops.pw(x.detach()[:, :9], w.detach())
+    with pytest.raises(RuntimeError, match="groups do not divide"):
+        ops.pw_wgrad(gy, x.detach(), 3)
+    with pytest.raises(RuntimeError, match="differ in batch or pixels"):
+        ops.pw_wgrad(gy[:2], x.detach(), 2)
