@@ -256,26 +256,29 @@ void gw_taps(const A* xp, const A* gp, i64 ss, i64 H, i64 nvec, const i64* off, 
 // ---------------------------------------------------------------------------------------------
 // Tasks
 
-// Copies act(src) (H x W) into a zeroed Hp x Ws buffer at (P, P).
+// Copies act(src) (H x W) into an Hp x Ws buffer at (P, P).  Only the H x W interior is
+// written: the rest (the P-wide border and the columns past W) is zeroed once, when a task loop
+// allocates the buffer (zero_padded), and never written, as every task of a call has the same
+// geometry.  (Zeroing the border per plane cost up to 5x the copy on 8x8 planes.)
 template <typename S, typename A>
-void fill_padded(A* __restrict pad, const S* __restrict src, i64 H, i64 W, i64 P, i64 Ws, i64 Hp,
-                 bool relu) {
-  for (i64 i = 0; i < P * Ws; ++i) pad[i] = A(0);
-  for (i64 i = (P + H) * Ws; i < Hp * Ws; ++i) pad[i] = A(0);
+void fill_padded(A* __restrict pad, const S* __restrict src, i64 H, i64 W, i64 P, i64 Ws, bool relu) {
   for (i64 h = 0; h < H; ++h) {
-    A* __restrict row = pad + (h + P) * Ws;
+    A* __restrict row = pad + (h + P) * Ws + P;
     const S* __restrict s = src + h * W;
-    for (i64 i = 0; i < P; ++i) row[i] = A(0);
     if (relu) {
       for (i64 i = 0; i < W; ++i) {
         const A v = Storage<S>::get(s[i]);
-        row[P + i] = v > A(0) ? v : A(0);
+        row[i] = v > A(0) ? v : A(0);
       }
     } else {
-      for (i64 i = 0; i < W; ++i) row[P + i] = Storage<S>::get(s[i]);
+      for (i64 i = 0; i < W; ++i) row[i] = Storage<S>::get(s[i]);
     }
-    for (i64 i = P + W; i < Ws; ++i) row[i] = A(0);
   }
+}
+
+template <typename A>
+void zero_padded(A* pad, i64 n) {
+  for (i64 i = 0; i < n; ++i) pad[i] = A(0);
 }
 
 struct Geometry {
@@ -307,12 +310,13 @@ int fwd_tasks(const DwArgs& a, i64 begin, i64 end) {
   void* mem = malloc(sizeof(A) * (geo.plane + (direct ? 0 : H * geo.Wc) + T) + sizeof(i64) * T);
   if (mem == nullptr) return -1;
   A* pad = static_cast<A*>(mem);
+  zero_padded(pad, geo.plane);
   A* out = pad + geo.plane;
   A* wt = out + (direct ? 0 : H * geo.Wc);
   i64* off = reinterpret_cast<i64*>(wt + T);
   for (i64 task = begin; task < end; ++task) {
     const i64 n = task / Cin, ci = task % Cin;
-    fill_padded(pad, x + task * H * W, H, W, P, geo.Ws, geo.Hp, a.relu != 0);
+    fill_padded(pad, x + task * H * W, H, W, P, geo.Ws, a.relu != 0);
     const i64 g0 = a.shared ? 0 : ci / C, g1 = a.shared ? G : g0 + 1;
     const i64 c = a.shared ? ci : ci % C;
     for (i64 g = g0; g < g1; ++g) {
@@ -355,6 +359,7 @@ int bwd_tasks(const DwArgs& a, i64 begin, i64 end) {
   if (mem == nullptr) return -1;
   A* xpad = static_cast<A*>(mem);
   A* gpad = xpad + n_xpad;
+  zero_padded(xpad, n_xpad + Gt * geo.plane);  // both padded buffers: their borders stay zero
   A* acc = gpad + Gt * geo.plane;
   A* wt = acc + n_acc;
   i64* off = reinterpret_cast<i64*>(wt + Gt * T);
@@ -363,10 +368,10 @@ int bwd_tasks(const DwArgs& a, i64 begin, i64 end) {
     const i64 g0 = a.shared ? 0 : ci / C;
     const i64 c = a.shared ? ci : ci % C;
     const S* xp = x + task * H * W;
-    if (need_gw) fill_padded(xpad, xp, H, W, P, geo.Ws, geo.Hp, a.relu != 0);
+    if (need_gw) fill_padded(xpad, xp, H, W, P, geo.Ws, a.relu != 0);
     for (i64 k = 0; k < Gt; ++k)
       fill_padded(gpad + k * geo.plane, gy + ((n * G + g0 + k) * C + c) * H * W, H, W, P, geo.Ws,
-                  geo.Hp, false);
+                  false);
     if (need_gx) {  // one stencil over the taps of every group, flipped
       i64 nt = 0;
       for (i64 k = 0; k < Gt; ++k) {
