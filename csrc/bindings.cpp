@@ -21,10 +21,11 @@ at::Tensor pw_wgrad_cpu(const at::Tensor& grad_y, const at::Tensor& x, int64_t g
 }
 
 TORCH_LIBRARY(hdnas_native, m) {
-  m.def("dw_fwd(Tensor x, Tensor w, int[] offs, int[] ntaps, bool relu_input, bool shared_input)"
-        " -> Tensor");
+  // stride 2 (CPU): the even output pixels, y[..., h, i] of the stride-1 op at (2h, 2i)
+  m.def("dw_fwd(Tensor x, Tensor w, int[] offs, int[] ntaps, bool relu_input, bool shared_input,"
+        " int stride=1) -> Tensor");
   m.def("dw_bwd(Tensor grad_y, Tensor x, Tensor w, int[] offs, int[] ntaps, bool relu_input,"
-        " bool shared_input, bool need_gx, bool need_gw) -> (Tensor, Tensor)");
+        " bool shared_input, bool need_gx, bool need_gw, int stride=1) -> (Tensor, Tensor)");
   // The CPU kernel variant (vector ISA, see csrc/cpu/dw_isa.h): the one running (chosen at the
   // first call from HDNAS_NATIVE_ISA or the CPU's features), a switch (for tests and benchmarks;
   // '' or 'auto': the best this CPU runs), the variants this CPU runs, the pure choice for a

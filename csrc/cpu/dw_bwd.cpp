@@ -33,18 +33,21 @@ static void reduce_partials(const at::opmath_type<scalar_t>* part, scalar_t* gw,
 std::tuple<at::Tensor, at::Tensor> dw_bwd_cpu(const at::Tensor& gy_, const at::Tensor& x_,
                                               const at::Tensor& w_, at::IntArrayRef offs,
                                               at::IntArrayRef ntaps, bool relu_input,
-                                              bool shared_input, bool need_gx, bool need_gw) {
+                                              bool shared_input, bool need_gx, bool need_gw,
+                                              int64_t stride) {
   TORCH_CHECK(x_.device().is_cpu(), "hdnas_native::dw_bwd (CPU): input on ", x_.device());
+  TORCH_CHECK(stride == 1 || stride == 2, "hdnas_native::dw_bwd: stride 1 or 2, got ", stride);
   CpuTaps tp;
   const int64_t C = check_and_build_taps(x_, w_, offs, ntaps, shared_input, tp, "hdnas_native::dw_bwd");
   const at::Tensor x = x_.contiguous(), w = w_.contiguous(), gy = gy_.contiguous();
   const int64_t N = x.size(0), H = x.size(2), W = x.size(3);
   TORCH_CHECK(gy.scalar_type() == x.scalar_type() && gy.device() == x.device(),
               "hdnas_native::dw_bwd: grad_output dtype/device differ from the input's");
-  TORCH_CHECK(gy.dim() == 4 && gy.size(0) == N && gy.size(1) == tp.G * C && gy.size(2) == H &&
-                  gy.size(3) == W,
+  const int64_t Ho = (H - 1) / stride + 1, Wo = (W - 1) / stride + 1;
+  TORCH_CHECK(gy.dim() == 4 && gy.size(0) == N && gy.size(1) == tp.G * C && gy.size(2) == Ho &&
+                  gy.size(3) == Wo,
               "hdnas_native::dw_bwd: grad_output has shape ", gy.sizes(), ", expected ",
-              at::IntArrayRef({N, tp.G * C, H, W}));
+              at::IntArrayRef({N, tp.G * C, Ho, Wo}));
   // Gradients not asked for come back as empty (0-element) tensors.
   at::Tensor gx = need_gx ? at::empty_like(x) : at::empty({0}, x.options());
   at::Tensor gw = need_gw ? at::empty_like(w) : at::empty({0}, w.options());
@@ -54,7 +57,7 @@ std::tuple<at::Tensor, at::Tensor> dw_bwd_cpu(const at::Tensor& gy_, const at::T
   }
   const auto acc_type = at::toOpMathType(x.scalar_type());
   at::Tensor part = need_gw ? at::empty({N, tp.G, C, tp.T}, x.options().dtype(acc_type)) : at::Tensor();
-  cpu::DwArgs a = make_args(x, tp, C, relu_input, shared_input);
+  cpu::DwArgs a = make_args(x, tp, C, relu_input, shared_input, stride);
   a.x = x.data_ptr();
   a.w = w.data_ptr();
   a.gy = gy.data_ptr();

@@ -28,19 +28,20 @@ int64_t check_and_build_taps(const at::Tensor& x, const at::Tensor& w, at::IntAr
 
 // The DwArgs of a call (no tensor pointers yet).
 cpu::DwArgs make_args(const at::Tensor& x, const CpuTaps& tp, int64_t C, bool relu_input,
-                      bool shared_input);
+                      bool shared_input, int64_t stride);
 
 // Runs kernel `fn` of the active variant over the N * Cin tasks, split over torch's threads.
 void run_tasks(int (*const cpu::IsaKernels::*fn)(const cpu::DwArgs&, int64_t, int64_t),
                const cpu::DwArgs& a, const char* op);
 
 at::Tensor dw_fwd_cpu(const at::Tensor& x, const at::Tensor& w, at::IntArrayRef offs,
-                      at::IntArrayRef ntaps, bool relu_input, bool shared_input);
+                      at::IntArrayRef ntaps, bool relu_input, bool shared_input, int64_t stride);
 
 std::tuple<at::Tensor, at::Tensor> dw_bwd_cpu(const at::Tensor& gy, const at::Tensor& x,
                                               const at::Tensor& w, at::IntArrayRef offs,
                                               at::IntArrayRef ntaps, bool relu_input,
-                                              bool shared_input, bool need_gx, bool need_gw);
+                                              bool shared_input, bool need_gx, bool need_gw,
+                                              int64_t stride);
 
 namespace cpu {
 

@@ -57,7 +57,7 @@ int64_t check_and_build_taps(const at::Tensor& x, const at::Tensor& w, at::IntAr
 }
 
 cpu::DwArgs make_args(const at::Tensor& x, const CpuTaps& tp, int64_t C, bool relu_input,
-                      bool shared_input) {
+                      bool shared_input, int64_t stride) {
   cpu::DwArgs a{};
   switch (x.scalar_type()) {
     case at::kFloat: a.dtype = kFloat32; break;
@@ -73,6 +73,9 @@ cpu::DwArgs make_args(const at::Tensor& x, const CpuTaps& tp, int64_t C, bool re
   a.G = tp.G;
   a.T = tp.T;
   a.P = tp.radius;
+  a.S = stride;
+  a.Ho = (a.H - 1) / stride + 1;
+  a.Wo = (a.W - 1) / stride + 1;
   a.relu = relu_input;
   a.shared = shared_input;
   a.ntaps = tp.ntaps.data();
@@ -97,15 +100,16 @@ void run_tasks(int (*const cpu::IsaKernels::*fn)(const cpu::DwArgs&, int64_t, in
 }
 
 at::Tensor dw_fwd_cpu(const at::Tensor& x_, const at::Tensor& w_, at::IntArrayRef offs,
-                      at::IntArrayRef ntaps, bool relu_input, bool shared_input) {
+                      at::IntArrayRef ntaps, bool relu_input, bool shared_input, int64_t stride) {
   TORCH_CHECK(x_.device().is_cpu(), "hdnas_native::dw_fwd (CPU): input on ", x_.device());
+  TORCH_CHECK(stride == 1 || stride == 2, "hdnas_native::dw_fwd: stride 1 or 2, got ", stride);
   CpuTaps tp;
   const int64_t C = check_and_build_taps(x_, w_, offs, ntaps, shared_input, tp, "hdnas_native::dw_fwd");
   const at::Tensor x = x_.contiguous(), w = w_.contiguous();
   const int64_t N = x.size(0), H = x.size(2), W = x.size(3);
-  at::Tensor y = at::empty({N, tp.G * C, H, W}, x.options());
+  at::Tensor y = at::empty({N, tp.G * C, (H - 1) / stride + 1, (W - 1) / stride + 1}, x.options());
   if (y.numel() == 0) return y;
-  cpu::DwArgs a = make_args(x, tp, C, relu_input, shared_input);
+  cpu::DwArgs a = make_args(x, tp, C, relu_input, shared_input, stride);
   a.x = x.data_ptr();
   a.w = w.data_ptr();
   a.y = y.data_ptr();

@@ -42,6 +42,7 @@ struct DwArgs {
   void* gx;
   void* part;
   int64_t N, C, H, W, G, T, P;  // P: the largest |dy|, |dx|
+  int64_t S, Ho, Wo;             // output stride (1 or 2) and size: Ho = (H - 1) / S + 1
   int relu, shared;
   const int64_t* ntaps;  // [G]
   const int64_t* dy;     // [G*T]

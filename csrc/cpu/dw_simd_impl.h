@@ -21,6 +21,9 @@
 // is a whole number of vectors, reads beyond it see zeros, so there is no scalar tail code.
 //
 //   forward  y[h, i]  = sum_t w_t xpad[h + P + dy_t, i + P + dx_t]            (stencil tiles)
+//            (stride S = 2: y[h, i] of the even pixels (S h, S i): the stencil on the even rows,
+//            then the even columns kept; the gradients below read the output gradient
+//            scattered onto the even pixels of a zeroed plane)
 //   grad x   gx[h, i] = sum_{g, t} w_gt gpad_g[h + P - dy_t, i + P - dx_t]    (same tiles over the
 //                       padded output-gradient planes of all groups reading the plane)
 //   grad w   part[t]  = sum_{h, i} xpad[h + P + dy_t, i + P + dx_t] gpad[h + P, i + P]
@@ -276,6 +279,17 @@ void fill_padded(A* __restrict pad, const S* __restrict src, i64 H, i64 W, i64 P
   }
 }
 
+// Stride 2: the gradient of the even output pixels, src (Ho x Wo), into the even interior
+// positions (P + 2h, P + 2i); the odd ones stay zero, as the border does (zero_padded).
+template <typename S, typename A>
+void fill_padded_s2(A* __restrict pad, const S* __restrict src, i64 Ho, i64 Wo, i64 P, i64 Ws) {
+  for (i64 h = 0; h < Ho; ++h) {
+    A* __restrict row = pad + (2 * h + P) * Ws + P;
+    const S* __restrict s = src + h * Wo;
+    for (i64 i = 0; i < Wo; ++i) row[2 * i] = Storage<S>::get(s[i]);
+  }
+}
+
 template <typename A>
 void zero_padded(A* pad, i64 n) {
   for (i64 i = 0; i < n; ++i) pad[i] = A(0);
@@ -306,13 +320,14 @@ int fwd_tasks(const DwArgs& a, i64 begin, i64 end) {
   const S* x = static_cast<const S*>(a.x);
   const S* w = static_cast<const S*>(a.w);
   S* y = static_cast<S*>(a.y);
-  const bool direct = Same<S, A>::value && geo.Wc == W;  // tiles write y itself
-  void* mem = malloc(sizeof(A) * (geo.plane + (direct ? 0 : H * geo.Wc) + T) + sizeof(i64) * T);
+  const i64 st = a.S, Ho = a.Ho, Wo = a.Wo;  // stride 2: the even rows, then the even columns
+  const bool direct = Same<S, A>::value && geo.Wc == W && st == 1;  // tiles write y itself
+  void* mem = malloc(sizeof(A) * (geo.plane + (direct ? 0 : Ho * geo.Wc) + T) + sizeof(i64) * T);
   if (mem == nullptr) return -1;
   A* pad = static_cast<A*>(mem);
   zero_padded(pad, geo.plane);
   A* out = pad + geo.plane;
-  A* wt = out + (direct ? 0 : H * geo.Wc);
+  A* wt = out + (direct ? 0 : Ho * geo.Wc);
   i64* off = reinterpret_cast<i64*>(wt + T);
   for (i64 task = begin; task < end; ++task) {
     const i64 n = task / Cin, ci = task % Cin;
@@ -326,13 +341,13 @@ int fwd_tasks(const DwArgs& a, i64 begin, i64 end) {
         wt[t] = Storage<S>::get(wp[t]);
         off[t] = (P + a.dy[g * T + t]) * geo.Ws + P + a.dx[g * T + t];
       }
-      S* yp = y + ((n * G + g) * C + c) * H * W;
+      S* yp = y + ((n * G + g) * C + c) * Ho * Wo;
       if (direct) {
         stencil_plane(pad, geo.Ws, off, wt, nt, H, geo.nvec, reinterpret_cast<A*>(yp), W);
-      } else {
-        stencil_plane(pad, geo.Ws, off, wt, nt, H, geo.nvec, out, geo.Wc);
-        for (i64 h = 0; h < H; ++h)
-          for (i64 i = 0; i < W; ++i) yp[h * W + i] = Storage<S>::put(out[h * geo.Wc + i]);
+      } else {  // (stride 2: source rows 2 * Ws apart)
+        stencil_plane(pad, st * geo.Ws, off, wt, nt, Ho, geo.nvec, out, geo.Wc);
+        for (i64 h = 0; h < Ho; ++h)
+          for (i64 i = 0; i < Wo; ++i) yp[h * Wo + i] = Storage<S>::put(out[h * geo.Wc + st * i]);
       }
     }
   }
@@ -369,9 +384,11 @@ int bwd_tasks(const DwArgs& a, i64 begin, i64 end) {
     const i64 c = a.shared ? ci : ci % C;
     const S* xp = x + task * H * W;
     if (need_gw) fill_padded(xpad, xp, H, W, P, geo.Ws, a.relu != 0);
-    for (i64 k = 0; k < Gt; ++k)
-      fill_padded(gpad + k * geo.plane, gy + ((n * G + g0 + k) * C + c) * H * W, H, W, P, geo.Ws,
-                  false);
+    for (i64 k = 0; k < Gt; ++k) {
+      const S* gk = gy + ((n * G + g0 + k) * C + c) * a.Ho * a.Wo;
+      if (a.S == 1) fill_padded(gpad + k * geo.plane, gk, H, W, P, geo.Ws, false);
+      else fill_padded_s2(gpad + k * geo.plane, gk, a.Ho, a.Wo, P, geo.Ws);
+    }
     if (need_gx) {  // one stencil over the taps of every group, flipped
       i64 nt = 0;
       for (i64 k = 0; k < Gt; ++k) {
@@ -402,7 +419,8 @@ int bwd_tasks(const DwArgs& a, i64 begin, i64 end) {
         const i64 g = g0 + k, nt = a.ntaps[g];
         A* pp = part + ((n * G + g) * C + c) * T;
         for (i64 t = 0; t < nt; ++t) off[t] = a.dy[g * T + t] * geo.Ws + a.dx[g * T + t];
-        gw_taps(x0, gpad + k * geo.plane + P * geo.Ws + P, geo.Ws, H, geo.nvec, off, nt, pp);
+        // (stride 2: only the even rows of the gradient are nonzero: rows 2 * Ws apart)
+        gw_taps(x0, gpad + k * geo.plane + P * geo.Ws + P, a.S * geo.Ws, a.Ho, geo.nvec, off, nt, pp);
         for (i64 t = nt; t < T; ++t) pp[t] = A(0);
       }
     }

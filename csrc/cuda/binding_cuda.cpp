@@ -62,7 +62,8 @@ void build(const at::Tensor& x, const at::Tensor& w, at::IntArrayRef offs, at::I
 }
 
 at::Tensor dw_fwd_cuda_op(const at::Tensor& x_, const at::Tensor& w_, at::IntArrayRef offs,
-                          at::IntArrayRef ntaps, bool relu, bool shared) {
+                          at::IntArrayRef ntaps, bool relu, bool shared, int64_t stride) {
+  TORCH_CHECK(stride == 1, "hdnas_native::dw_fwd (CUDA): stride 1 only, got ", stride);
   TapTable tt;
   DwShape s;
   build(x_, w_, offs, ntaps, relu, shared, tt, s, "hdnas_native::dw_fwd");
@@ -78,7 +79,8 @@ at::Tensor dw_fwd_cuda_op(const at::Tensor& x_, const at::Tensor& w_, at::IntArr
 std::tuple<at::Tensor, at::Tensor> dw_bwd_cuda_op(const at::Tensor& gy_, const at::Tensor& x_,
                                                   const at::Tensor& w_, at::IntArrayRef offs,
                                                   at::IntArrayRef ntaps, bool relu, bool shared,
-                                                  bool need_gx, bool need_gw) {
+                                                  bool need_gx, bool need_gw, int64_t stride) {
+  TORCH_CHECK(stride == 1, "hdnas_native::dw_bwd (CUDA): stride 1 only, got ", stride);
   TapTable tt;
   DwShape s;
   build(x_, w_, offs, ntaps, relu, shared, tt, s, "hdnas_native::dw_bwd");

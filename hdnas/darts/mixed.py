@@ -7,10 +7,10 @@ and computes ``sum_k w_k op_k(x)`` as:
 
 1. the first depthwise stage of the sep candidates, and apart that of the dil candidates: at
    stride 1 one ``primitives.grouped_dw`` call each (one read of x, the ReLU applied on read, one
-   output group per candidate); at stride 2, which the primitives do not offer: with the native
-   CPU primitives the stride-1 call keeping the even pixels, the dil candidates (even dilation)
-   on the even-pixel image alone (``_strided_stage1``); otherwise one stock strided depthwise
-   conv per candidate on one shared ``relu(x)``;
+   output group per candidate); at stride 2, with the native CPU primitives: the sep
+   candidates by their stride-2 call (``grouped_dw_s2``: only the even output pixels computed),
+   the dil candidates (even dilation) on the even-pixel image alone (``_strided_stage1``);
+   otherwise one stock strided depthwise conv per candidate on one shared ``relu(x)``;
 2. the pointwise convs after it (sep: first pw; dil: its only pw): one grouped 1x1 conv each
    (``primitives.pointwise``: the primitives' own kernel where they have one, native on a CPU;
    else one batched GEMM);
@@ -127,13 +127,11 @@ def _channels_last(x):
 
 def _avg_pool_3x3(x, s, prims):
     """``F.avg_pool2d(x, 3, s, 1, count_include_pad=False)`` as a depthwise 3x3 box sum (one
-    ``grouped_dw`` call, stride 1, subsampled for s = 2) divided by each window's count of real
+    ``grouped_dw`` call at stride s, ``_grouped_dw_at``) divided by each window's count of real
     pixels: PyTorch's CPU average-pool backward is several times slower than the primitives'."""
     N, C, H, W = x.shape
     ones = x.new_ones(1, C, 3, 3)
-    y = prims.grouped_dw(x, ones, (3,), (1,), False, True)
-    if s == 2:
-        y = _EvenPixels.apply(y)
+    y = _grouped_dw_at(s, prims, x, ones, (3,), (1,), False, True)
 
     def counts(n):
         pos = torch.arange(0, n, s, device=x.device)
@@ -206,12 +204,23 @@ class _EvenPixels(torch.autograd.Function):
         return gz
 
 
+def _grouped_dw_at(s, prims, *args):
+    """``prims.grouped_dw(*args)`` at stride ``s`` (1, or 2 from the stride-1 op): the
+    primitives' own stride-2 op where they have one, else the even pixels of the stride-1
+    output."""
+    if s == 1:
+        return prims.grouped_dw(*args)
+    y = None if prims.grouped_dw_s2 is None else prims.grouped_dw_s2(*args)
+    return _EvenPixels.apply(prims.grouped_dw(*args)) if y is None else y
+
+
 def _strided_stage1(x, dws, ks, ds, prims):
     """The stride-2 first depthwise stage of sep/dil candidates (layers ``dws``, kernel sizes
     ``ks``, dilations ``ds``) from the stride-1 primitive. A candidate with an even dilation d
     (DARTS' dil convs) reads only even pixels (every tap offset d * (a - k // 2) is even): it is
     the stride-1 conv of the even-pixel image with dilation d / 2, on a quarter of the pixels.
-    The others run at stride 1 on x and keep the even output pixels. Odd dilations first (as sep
+    The others are the even output pixels of the stride-1 op (``_grouped_dw_at``: native on a
+    CPU computes only those rows and writes only those pixels). Odd dilations first (as sep
     precede dil; otherwise every group takes the second route)."""
     n_odd = sum(d % 2 for d in ds)
     if any(d % 2 for d in ds[n_odd:]):
@@ -219,8 +228,7 @@ def _strided_stage1(x, dws, ks, ds, prims):
     parts = []
     if n_odd:
         k = torch.stack([pad_to(m.weight[:, 0], max(ks[:n_odd])) for m in dws[:n_odd]])
-        z = prims.grouped_dw(x, k, ks[:n_odd], ds[:n_odd], True, True)
-        parts.append(_EvenPixels.apply(z))
+        parts.append(_grouped_dw_at(2, prims, x, k, ks[:n_odd], ds[:n_odd], True, True))
     if n_odd < len(ds):
         k = torch.stack([pad_to(m.weight[:, 0], max(ks[n_odd:])) for m in dws[n_odd:]])
         parts.append(prims.grouped_dw(_EvenPixels.apply(x), k, ks[n_odd:],

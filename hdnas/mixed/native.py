@@ -2,8 +2,9 @@
 
 Ops (namespace ``hdnas_native``), defined in C++ and given fake (meta) kernels and autograd here:
 
-* ``dw_fwd(x, w[G, C, T], offs, ntaps, relu_input, shared_input)``: the tap-table depthwise
-  engine (see ``csrc/hdnas_dw.h``); ``dw_bwd`` its input/tap gradients (deterministic);
+* ``dw_fwd(x, w[G, C, T], offs, ntaps, relu_input, shared_input, stride=1)``: the tap-table
+  depthwise engine (see ``csrc/hdnas_dw.h``; stride 2 on the CPU only); ``dw_bwd`` its input/tap
+  gradients (deterministic);
 * CPU only, for the fused DARTS op: ``bn_stats`` (training-mode BN statistics, float64),
   ``max_pool3x3`` (+ ``_backward``; DARTS' 3x3 max pool, NCHW, PyTorch's choice rules),
   ``bn_sum`` (+ ``_backward``; training-mode BNs of channel groups, scaled and summed over the
@@ -56,8 +57,9 @@ def _register_python_side():
         return
 
     @torch.library.register_fake("hdnas_native::dw_fwd")
-    def _dw_fwd_fake(x, w, offs, ntaps, relu_input, shared_input):
-        return x.new_empty((x.shape[0], w.shape[0] * w.shape[1], x.shape[2], x.shape[3]))
+    def _dw_fwd_fake(x, w, offs, ntaps, relu_input, shared_input, stride=1):
+        return x.new_empty((x.shape[0], w.shape[0] * w.shape[1], (x.shape[2] - 1) // stride + 1,
+                            (x.shape[3] - 1) // stride + 1))
 
     @torch.library.register_fake("hdnas_native::bn_stats")
     def _bn_stats_fake(x):
@@ -65,52 +67,55 @@ def _register_python_side():
                 x.new_empty((x.shape[1],), dtype=torch.float64))
 
     @torch.library.register_fake("hdnas_native::dw_bwd")
-    def _dw_bwd_fake(grad_y, x, w, offs, ntaps, relu_input, shared_input, need_gx, need_gw):
+    def _dw_bwd_fake(grad_y, x, w, offs, ntaps, relu_input, shared_input, need_gx, need_gw, stride=1):
         gx = torch.empty_like(x, memory_format=torch.contiguous_format) if need_gx else x.new_empty((0,))
         gw = torch.empty_like(w, memory_format=torch.contiguous_format) if need_gw else w.new_empty((0,))
         return gx, gw
 
     def _setup(ctx, inputs, output):
-        x, w, offs, ntaps, relu_input, shared_input = inputs
+        x, w, offs, ntaps, relu_input, shared_input, *stride = inputs
         ctx.save_for_backward(x, w)
         ctx.args = (offs, ntaps, relu_input, shared_input)
+        ctx.stride = stride[0] if stride else 1
 
     def _backward(ctx, grad_y):
         x, w = ctx.saved_tensors
         need_gx = ctx.needs_input_grad[0] and engine_needs(x)
         need_gw = ctx.needs_input_grad[1] and engine_needs(w)
-        gx, gw = torch.ops.hdnas_native.dw_bwd(grad_y, x, w, *ctx.args, need_gx, need_gw)
-        return (gx if need_gx else None), (gw if need_gw else None), None, None, None, None
+        gx, gw = torch.ops.hdnas_native.dw_bwd(grad_y, x, w, *ctx.args, need_gx, need_gw, ctx.stride)
+        return (gx if need_gx else None), (gw if need_gw else None), None, None, None, None, None
 
     torch.library.register_autograd("hdnas_native::dw_fwd", _backward, setup_context=_setup)
 
     # Double backward: dw_bwd is bilinear in (grad_y, w) and (act(x), grad_y), so its own
     # gradients are again dw_fwd / dw_bwd calls (ReLU' is 0 almost everywhere).
     def _setup_bwd(ctx, inputs, output):
-        gy, x, w, offs, ntaps, relu_input, shared_input, need_gx, need_gw = inputs
+        gy, x, w, offs, ntaps, relu_input, shared_input, need_gx, need_gw, *stride = inputs
         ctx.save_for_backward(gy, x, w)
         ctx.args = (offs, ntaps, relu_input, shared_input)
         ctx.need = (need_gx, need_gw)
+        ctx.stride = stride[0] if stride else 1
 
     def _backward_bwd(ctx, ggx, ggw):
         gy, x, w = ctx.saved_tensors
         offs, ntaps, relu, shared = ctx.args
         need_gx, need_gw = ctx.need
+        s = ctx.stride
         ops = torch.ops.hdnas_native
         d_gy = d_x = d_w = None
         if need_gx and ggx is not None:
             mg = ggx * (x > 0).to(ggx.dtype) if relu else ggx
             if ctx.needs_input_grad[0]:
-                d_gy = ops.dw_fwd(mg, w, offs, ntaps, False, shared)
+                d_gy = ops.dw_fwd(mg, w, offs, ntaps, False, shared, s)
             if ctx.needs_input_grad[2]:
-                d_w = ops.dw_bwd(gy, mg, w, offs, ntaps, False, shared, False, True)[1]
+                d_w = ops.dw_bwd(gy, mg, w, offs, ntaps, False, shared, False, True, s)[1]
         if need_gw and ggw is not None:
             if ctx.needs_input_grad[0]:
-                t = ops.dw_fwd(x, ggw, offs, ntaps, relu, shared)
+                t = ops.dw_fwd(x, ggw, offs, ntaps, relu, shared, s)
                 d_gy = t if d_gy is None else d_gy + t
             if ctx.needs_input_grad[1]:
-                d_x = ops.dw_bwd(gy, x, ggw, offs, ntaps, relu, shared, True, False)[0]
-        return d_gy, d_x, d_w, None, None, None, None, None, None
+                d_x = ops.dw_bwd(gy, x, ggw, offs, ntaps, relu, shared, True, False, s)[0]
+        return d_gy, d_x, d_w, None, None, None, None, None, None, None
 
     torch.library.register_autograd("hdnas_native::dw_bwd", _backward_bwd, setup_context=_setup_bwd)
 
@@ -283,8 +288,9 @@ def _require(x, G, T, radius):
 # ---------------------------------------------------------------------------------------------
 # The primitives
 
-def grouped_dw(x, kernels, ksizes, dilations, relu_input: bool, shared_input: bool):
-    """Native ``grouped_dw`` (same contract as ``primitives.grouped_dw_ref``)."""
+def grouped_dw(x, kernels, ksizes, dilations, relu_input: bool, shared_input: bool, stride: int = 1):
+    """Native ``grouped_dw`` (same contract as ``primitives.grouped_dw_ref``); ``stride=2`` (CPU
+    only): its even output pixels, ``grouped_dw(...)[:, :, ::2, ::2]``, computed as such."""
     check_dw_args(x, kernels, ksizes, dilations, shared_input)
     ksizes, dilations = tuple(int(k) for k in ksizes), tuple(int(d) for d in dilations)
     G, C, kmax = kernels.shape[0], kernels.shape[1], kernels.shape[-1]
@@ -292,6 +298,9 @@ def grouped_dw(x, kernels, ksizes, dilations, relu_input: bool, shared_input: bo
     _require(x, G, table.shape[-1], table.radius)
     onehot = _onehot(table, x.device, x.dtype, x)
     w = torch.matmul(kernels.reshape(G, C, kmax * kmax), onehot)  # [G, C, T], exact gather
+    if stride != 1:
+        return torch.ops.hdnas_native.dw_fwd(x, w, table.offs, table.ntaps, bool(relu_input),
+                                             bool(shared_input), int(stride))
     return torch.ops.hdnas_native.dw_fwd(x, w, table.offs, table.ntaps, bool(relu_input),
                                          bool(shared_input))
 
@@ -351,6 +360,16 @@ def bn_sum(u, mean64, var64, scale, eps: float, groups: int):
                                          float(eps), int(groups))
 
 
+def grouped_dw_s2(x, kernels, ksizes, dilations, relu_input: bool, shared_input: bool):
+    """``grouped_dw`` at stride 2 (twin: ``primitives.grouped_dw_s2_ref``) on a CPU: the stencil on
+    the even rows only, the output gradient read straight into the kernels' zeroed scratch
+    planes (no full-resolution output or gradient tensor); None on other devices (the CUDA
+    kernels have stride 1 only)."""
+    if x.device.type != "cpu":
+        return None
+    return grouped_dw(x, kernels, ksizes, dilations, relu_input, shared_input, stride=2)
+
+
 def pointwise(x, w):
     """The 1x1 convs of channel groups, x (N, G*Ci, H, W), w (G, Co, Ci) -> (N, G*Co, H, W),
     of float32/float64 CPU tensors (``csrc/cpu/pw.cpp``: register-tiled, faster than the BLAS's
@@ -367,7 +386,7 @@ def pointwise(x, w):
 #: The C++/CUDA depthwise primitives (``--fused`` on a CPU uses these), with the merged dense
 #: conv by FFT where that is measured faster (hdnas.mixed.dense).
 NATIVE_PRIMITIVES = Primitives("native", grouped_dw, mixed_dw, dense.dense_conv, batch_stats,
-                               max_pool_3x3, bn_sum, pointwise)
+                               max_pool_3x3, bn_sum, pointwise, grouped_dw_s2)
 
 
 class NativeBackend(DecomposedBackend):

@@ -42,6 +42,20 @@ def grouped_dw_ref(x, kernels, ksizes, dilations, relu_input: bool, shared_input
     return torch.cat(outs, dim=1)
 
 
+def grouped_dw_s2_ref(x, kernels, ksizes, dilations, relu_input: bool, shared_input: bool):
+    """The twin of ``Primitives.grouped_dw_s2``: ``grouped_dw_ref`` at stride 2, i.e. its output
+    pixels (2h, 2w) (strided convs with the same 'same' padding)."""
+    check_dw_args(x, kernels, ksizes, dilations, shared_input)
+    G, C = kernels.shape[:2]
+    xa = F.relu(x) if relu_input else x
+    outs = []
+    for g, (k, d) in enumerate(zip(ksizes, dilations)):
+        xg = xa if shared_input else xa[:, g * C:(g + 1) * C]
+        outs.append(F.conv2d(xg, _kernel(kernels, g, k), stride=2, padding=d * (k // 2),
+                             dilation=d, groups=C))
+    return torch.cat(outs, dim=1)
+
+
 def mixed_dw_ref(x, weights, kernels, ksizes, dilations, relu_input: bool, skip_weight=None):
     check_dw_args(x, kernels, ksizes, dilations, True, weights)
     y = grouped_dw_ref(x, kernels, ksizes, dilations, relu_input, True)
@@ -80,7 +94,9 @@ class Primitives:
     ``bn_sum(u, mean64, var64, scale, eps, groups)``: optional, training-mode BNs of channel
     groups with the given batch statistics, scaled per channel and summed over the groups, or
     None where it does not serve (twin: ``bn_sum_ref``). ``pointwise(x, w)``: optional, the
-    1x1 convs of channel groups, or None where it does not serve (twin: ``pointwise_ref``)."""
+    1x1 convs of channel groups, or None where it does not serve (twin: ``pointwise_ref``).
+    ``grouped_dw_s2``: optional, ``grouped_dw`` at stride 2, or None where it does not serve
+    (twin: ``grouped_dw_s2_ref``)."""
 
     name: str = "torch"
     grouped_dw: Callable = grouped_dw_ref
@@ -90,6 +106,7 @@ class Primitives:
     max_pool_3x3: Callable | None = None
     bn_sum: Callable | None = None
     pointwise: Callable | None = None
+    grouped_dw_s2: Callable | None = None
 
 
 def batch_stats_ref(x):

@@ -310,3 +310,60 @@ def test_pointwise_threads_and_derivatives(variant, nat):
     ws = torch.randn(3, 2, 3, generator=gen, dtype=torch.float64, requires_grad=True)
     assert torch.autograd.gradcheck(nat.pointwise, (xs, ws))
     assert torch.autograd.gradgradcheck(nat.pointwise, (xs, ws))
+
+
+# Stride 2 (dw_fwd / dw_bwd with stride=2, CPU): (shared, kernel sizes, dilations, relu, N, H, W)
+# with odd and even sizes (the output is ceil(H / 2) x ceil(W / 2)), a 1x1 image, widths off the
+# vector length, DARTS' sep first stage (3x3, 5x5) and its average pool's box sum.
+S2_CASES = [
+    (True, (3, 5), (1, 1), True, 2, 9, 7),
+    (True, (3, 5), (1, 1), True, 2, 16, 16),
+    (False, (3, 5, 7), (1, 1, 1), False, 1, 1, 1),
+    (True, (3, 5, 3, 5), (1, 1, 2, 2), True, 2, 5, 37),
+    (True, (3,), (1,), False, 3, 6, 3),
+]
+
+
+@pytest.mark.parametrize("dtype", list(TOL), ids=str)
+@pytest.mark.parametrize("case", range(len(S2_CASES)))
+def test_grouped_dw_stride2_matches_twin(variant, nat, dtype, case):
+    from hdnas.mixed.primitives import grouped_dw_s2_ref
+    shared, ks, ds, relu, N, H, W = S2_CASES[case]
+    gen = torch.Generator().manual_seed(zlib.crc32(repr(("s2", case, str(dtype))).encode()))
+    G, C = len(ks), 3
+    cin = C if shared else G * C
+    x = torch.randn(N, cin, H, W, generator=gen, dtype=torch.float64).to(dtype)
+    K = torch.randn(G, C, 7, 7, generator=gen, dtype=torch.float64).to(dtype)
+    gy = torch.randn(N, G * C, (H + 1) // 2, (W + 1) // 2, generator=gen, dtype=torch.float64)
+    xn, Kn = x.clone().requires_grad_(True), K.clone().requires_grad_(True)
+    xr, Kr = x.double().requires_grad_(True), K.double().requires_grad_(True)
+    y = nat.grouped_dw_s2(xn, Kn, ks, ds, relu, shared)
+    yr = grouped_dw_s2_ref(xr, Kr, ks, ds, relu, shared)
+    assert y.dtype == dtype and y.shape == yr.shape
+    got = [y, *torch.autograd.grad(y, (xn, Kn), gy.to(dtype))]
+    want = [yr, *torch.autograd.grad(yr, (xr, Kr), gy)]
+    for name, a, b in zip(("y", "grad x", "grad kernels"), got, want):
+        err = _rel_err(a, b)
+        assert err <= TOL[dtype], f"{variant} {dtype} case {case} {name}: relative error {err:.3g}"
+
+
+def test_grouped_dw_stride2_derivatives_and_threads(variant, nat):
+    gen = torch.Generator().manual_seed(32)
+    x = torch.randn(1, 2, 5, 6, generator=gen, dtype=torch.float64, requires_grad=True)
+    K = torch.randn(2, 2, 5, 5, generator=gen, dtype=torch.float64, requires_grad=True)
+    f = lambda x, K: nat.grouped_dw_s2(x, K, (3, 5), (1, 1), True, True)  # noqa: E731
+    assert torch.autograd.gradcheck(f, (x, K))
+    assert torch.autograd.gradgradcheck(f, (x, K))
+    x32 = torch.randn(5, 4, 12, 11, generator=gen, requires_grad=True)
+    K32 = torch.randn(2, 4, 5, 5, generator=gen, requires_grad=True)
+    gy = torch.randn(5, 8, 6, 6, generator=gen)
+    old = torch.get_num_threads()
+    outs = []
+    try:
+        for nt in (1, 2):
+            torch.set_num_threads(nt)
+            y = nat.grouped_dw_s2(x32, K32, (3, 5), (1, 1), True, True)
+            outs.append([y, *torch.autograd.grad(y, (x32, K32), gy)])
+    finally:
+        torch.set_num_threads(old)
+    assert all(torch.equal(p, q) for p, q in zip(*outs))

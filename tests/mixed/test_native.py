@@ -695,3 +695,28 @@ def test_pointwise_ops_checks_and_refusals(nat):
         ops.pw_wgrad(gy, x.detach(), 3)
     with pytest.raises(RuntimeError, match="differ in batch or pixels"):
         ops.pw_wgrad(gy[:2], x.detach(), 2)
+
+
+def test_stride2_op_checks_and_refusals(nat):
+    """dw_fwd / dw_bwd with stride=2: opcheck (fake kernels give ceil(H / 2) x ceil(W / 2));
+    strides other than 1 and 2 and a gradient of the wrong size are refused, naming them; the
+    stride-2 primitive declines other devices (the CUDA kernels have stride 1 only)."""
+    from hdnas.kernels.stencil import grouped_table
+    gen = torch.Generator().manual_seed(43)
+    x = torch.randn(2, 3, 7, 6, generator=gen, dtype=torch.float64)
+    table = grouped_table((3, 5), (1, 1), 5)
+    w = torch.randn(2, 3, table.shape[-1], generator=gen, dtype=torch.float64)
+    gy = torch.randn(2, 6, 4, 3, generator=gen, dtype=torch.float64)
+    ops = torch.ops.hdnas_native
+    torch.library.opcheck(ops.dw_fwd.default, (x, w, table.offs, table.ntaps, True, True, 2))
+    torch.library.opcheck(ops.dw_fwd.default, (x.clone().requires_grad_(), w.clone().requires_grad_(),
+                                               table.offs, table.ntaps, True, True, 2))
+    torch.library.opcheck(ops.dw_bwd.default, (gy, x, w, table.offs, table.ntaps, True, True, True,
+                                               True, 2))
+    assert ops.dw_fwd(x, w, table.offs, table.ntaps, True, True, 2).shape == (2, 6, 4, 3)
+    with pytest.raises(RuntimeError, match="stride 1 or 2, got 3"):
+        ops.dw_fwd(x, w, table.offs, table.ntaps, True, True, 3)
+    with pytest.raises(RuntimeError, match="grad_output has shape"):
+        ops.dw_bwd(gy[:, :, :3], x, w, table.offs, table.ntaps, True, True, True, True, 2)
+    K = torch.randn(2, 3, 5, 5, dtype=torch.float64)
+    assert nat.grouped_dw_s2(x.to("meta"), K.to("meta"), (3, 5), (1, 1), True, True) is None
