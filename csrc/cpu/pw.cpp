@@ -38,6 +38,19 @@ void run_pw(int (*const cpu::IsaKernels::*fn)(const cpu::PwArgs&, int64_t, int64
               failed.load(), ")");
 }
 
+cpu::PwArgs make_pw_args(int dtype, const at::Tensor& x, int64_t N, int64_t G, int64_t Ci,
+                         int64_t Co, int64_t P) {
+  cpu::PwArgs a{};
+  a.dtype = dtype;
+  a.x = x.data_ptr();
+  a.N = N;
+  a.G = G;
+  a.Ci = Ci;
+  a.Co = Co;
+  a.P = P;
+  return a;
+}
+
 }  // namespace
 
 at::Tensor pw_cpu(const at::Tensor& x_, const at::Tensor& w_) {
@@ -57,16 +70,9 @@ at::Tensor pw_cpu(const at::Tensor& x_, const at::Tensor& w_) {
   at::Tensor y = at::empty({N, G * Co, H, W}, x.options());
   if (y.numel() == 0) return y;
   if (Ci == 0) return y.zero_();
-  cpu::PwArgs a{};
-  a.dtype = dtype;
-  a.x = x.data_ptr();
+  cpu::PwArgs a = make_pw_args(dtype, x, N, G, Ci, Co, H * W);
   a.w = w.data_ptr();
   a.y = y.data_ptr();
-  a.N = N;
-  a.G = G;
-  a.Ci = Ci;
-  a.Co = Co;
-  a.P = H * W;
   run_pw(&cpu::IsaKernels::pw, a, N * G, op);
   return y;
 }
@@ -91,16 +97,9 @@ at::Tensor pw_wgrad_cpu(const at::Tensor& gy_, const at::Tensor& x_, int64_t gro
   at::Tensor gw = at::empty({G, Co, Ci}, x.options());
   if (gw.numel() == 0) return gw;
   if (N == 0 || P == 0) return gw.zero_();
-  cpu::PwArgs a{};
-  a.dtype = dtype;
-  a.x = x.data_ptr();
+  cpu::PwArgs a = make_pw_args(dtype, x, N, G, Ci, Co, P);
   a.gy = gy.data_ptr();
   a.gw = gw.data_ptr();
-  a.N = N;
-  a.G = G;
-  a.Ci = Ci;
-  a.Co = Co;
-  a.P = P;
   run_pw(&cpu::IsaKernels::pw_wgrad, a, cpu::active_kernels().pw_wgrad_ntasks(a), op);
   return gw;
 }

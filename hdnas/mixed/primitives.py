@@ -31,29 +31,26 @@ def _kernel(kernels, g, k):
     return kernels[g, :, o:o + k, o:o + k].unsqueeze(1)  # (C, 1, k, k)
 
 
-def grouped_dw_ref(x, kernels, ksizes, dilations, relu_input: bool, shared_input: bool):
+def _grouped_convs(x, kernels, ksizes, dilations, relu_input, shared_input, stride):
     check_dw_args(x, kernels, ksizes, dilations, shared_input)
     G, C = kernels.shape[:2]
     xa = F.relu(x) if relu_input else x
     outs = []
     for g, (k, d) in enumerate(zip(ksizes, dilations)):
         xg = xa if shared_input else xa[:, g * C:(g + 1) * C]
-        outs.append(F.conv2d(xg, _kernel(kernels, g, k), padding=d * (k // 2), dilation=d, groups=C))
+        outs.append(F.conv2d(xg, _kernel(kernels, g, k), stride=stride, padding=d * (k // 2),
+                             dilation=d, groups=C))
     return torch.cat(outs, dim=1)
+
+
+def grouped_dw_ref(x, kernels, ksizes, dilations, relu_input: bool, shared_input: bool):
+    return _grouped_convs(x, kernels, ksizes, dilations, relu_input, shared_input, 1)
 
 
 def grouped_dw_s2_ref(x, kernels, ksizes, dilations, relu_input: bool, shared_input: bool):
     """The twin of ``Primitives.grouped_dw_s2``: ``grouped_dw_ref`` at stride 2, i.e. its output
     pixels (2h, 2w) (strided convs with the same 'same' padding)."""
-    check_dw_args(x, kernels, ksizes, dilations, shared_input)
-    G, C = kernels.shape[:2]
-    xa = F.relu(x) if relu_input else x
-    outs = []
-    for g, (k, d) in enumerate(zip(ksizes, dilations)):
-        xg = xa if shared_input else xa[:, g * C:(g + 1) * C]
-        outs.append(F.conv2d(xg, _kernel(kernels, g, k), stride=2, padding=d * (k // 2),
-                             dilation=d, groups=C))
-    return torch.cat(outs, dim=1)
+    return _grouped_convs(x, kernels, ksizes, dilations, relu_input, shared_input, 2)
 
 
 def mixed_dw_ref(x, weights, kernels, ksizes, dilations, relu_input: bool, skip_weight=None):

@@ -100,31 +100,30 @@ def test_mixed_dw_matches_ref(variant, nat, dtype):
         assert _rel_err(a, b) <= TOL[dtype]
 
 
-def test_gradcheck_and_double_backward(variant, nat):
+@pytest.mark.parametrize("stride", [1, 2])
+def test_gradcheck_and_double_backward(variant, nat, stride):
     gen = torch.Generator().manual_seed(22)
     x = torch.randn(1, 2, 5, 7, generator=gen, dtype=torch.float64, requires_grad=True)
     K = torch.randn(2, 2, 3, 3, generator=gen, dtype=torch.float64, requires_grad=True)
-    f = lambda x, K: nat.grouped_dw(x, K, (3, 1), (2, 1), True, True)  # noqa: E731
+    f = lambda x, K: nat.grouped_dw(x, K, (3, 1), (2, 1), True, True, stride)  # noqa: E731
     assert torch.autograd.gradcheck(f, (x, K))
     assert torch.autograd.gradgradcheck(f, (x, K))
 
 
-def test_weight_grad_independent_of_threads(variant, nat):
+@pytest.mark.parametrize("stride", [1, 2])
+def test_weight_grad_independent_of_threads(variant, nat, stride):
+    from hdnas.testing.threads import assert_same_on_threads
     gen = torch.Generator().manual_seed(23)
     ks, ds = (3, 5, 7, 3, 5), (1, 1, 1, 2, 2)
     x = torch.randn(5, 4, 12, 11, generator=gen, requires_grad=True)
     K = torch.randn(5, 4, 7, 7, generator=gen, requires_grad=True)
-    gy = torch.randn(5, 20, 12, 11, generator=gen)
-    old = torch.get_num_threads()
-    outs = []
-    try:
-        for nt in (1, 2, 1):
-            torch.set_num_threads(nt)
-            outs.append(torch.autograd.grad(nat.grouped_dw(x, K, ks, ds, True, True), (x, K), gy))
-    finally:
-        torch.set_num_threads(old)
-    for o in outs[1:]:
-        assert torch.equal(o[0], outs[0][0]) and torch.equal(o[1], outs[0][1])
+    gy = torch.randn(5, 20, 12 // stride, 11 // stride + 11 % stride, generator=gen)
+
+    def run():
+        y = nat.grouped_dw(x, K, ks, ds, True, True, stride)
+        return [y, *torch.autograd.grad(y, (x, K), gy)]
+
+    assert_same_on_threads(run)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -291,21 +290,17 @@ def test_pointwise_fp32_no_less_accurate_than_twin(variant, nat):
 def test_pointwise_threads_and_derivatives(variant, nat):
     """Bit-identical on 1 and 2 threads; gradcheck and gradgradcheck (every derivative is again
     a pw / pw_wgrad call) in fp64."""
+    from hdnas.testing.threads import assert_same_on_threads
     gen = torch.Generator().manual_seed(31)
-    x = torch.randn(5, 2 * 11, 9, 7, generator=gen)
-    w = torch.randn(2, 13, 11, generator=gen)
+    x = torch.randn(5, 2 * 11, 9, 7, generator=gen, requires_grad=True)
+    w = torch.randn(2, 13, 11, generator=gen, requires_grad=True)
     gy = torch.randn(5, 2 * 13, 9, 7, generator=gen)
-    old = torch.get_num_threads()
-    outs = []
-    try:
-        for nt in (1, 2):
-            torch.set_num_threads(nt)
-            a = [x.clone().requires_grad_(True), w.clone().requires_grad_(True)]
-            y = nat.pointwise(*a)
-            outs.append([y, *torch.autograd.grad(y, a, gy)])
-    finally:
-        torch.set_num_threads(old)
-    assert all(torch.equal(p, q) for p, q in zip(*outs))
+
+    def run():
+        y = nat.pointwise(x, w)
+        return [y, *torch.autograd.grad(y, (x, w), gy)]
+
+    assert_same_on_threads(run)
     xs = torch.randn(2, 3 * 3, 2, 3, generator=gen, dtype=torch.float64, requires_grad=True)
     ws = torch.randn(3, 2, 3, generator=gen, dtype=torch.float64, requires_grad=True)
     assert torch.autograd.gradcheck(nat.pointwise, (xs, ws))
@@ -345,25 +340,3 @@ def test_grouped_dw_stride2_matches_twin(variant, nat, dtype, case):
     for name, a, b in zip(("y", "grad x", "grad kernels"), got, want):
         err = _rel_err(a, b)
         assert err <= TOL[dtype], f"{variant} {dtype} case {case} {name}: relative error {err:.3g}"
-
-
-def test_grouped_dw_stride2_derivatives_and_threads(variant, nat):
-    gen = torch.Generator().manual_seed(32)
-    x = torch.randn(1, 2, 5, 6, generator=gen, dtype=torch.float64, requires_grad=True)
-    K = torch.randn(2, 2, 5, 5, generator=gen, dtype=torch.float64, requires_grad=True)
-    f = lambda x, K: nat.grouped_dw_s2(x, K, (3, 5), (1, 1), True, True)  # noqa: E731
-    assert torch.autograd.gradcheck(f, (x, K))
-    assert torch.autograd.gradgradcheck(f, (x, K))
-    x32 = torch.randn(5, 4, 12, 11, generator=gen, requires_grad=True)
-    K32 = torch.randn(2, 4, 5, 5, generator=gen, requires_grad=True)
-    gy = torch.randn(5, 8, 6, 6, generator=gen)
-    old = torch.get_num_threads()
-    outs = []
-    try:
-        for nt in (1, 2):
-            torch.set_num_threads(nt)
-            y = nat.grouped_dw_s2(x32, K32, (3, 5), (1, 1), True, True)
-            outs.append([y, *torch.autograd.grad(y, (x32, K32), gy)])
-    finally:
-        torch.set_num_threads(old)
-    assert all(torch.equal(p, q) for p, q in zip(*outs))
