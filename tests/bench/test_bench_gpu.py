@@ -139,8 +139,8 @@ def test_broken_darts_path_fails(tmp_path, capsys, monkeypatch, breakage):
     _native_or_skip()
     import hdnas.darts.mixed as dm
     if breakage == "pointwise":
-        orig = dm._grouped_pw
-        monkeypatch.setattr(dm, "_grouped_pw", lambda z, w: orig(z, w) * 1.001)
+        orig = dm.pointwise
+        monkeypatch.setattr(dm, "pointwise", lambda prims, z, w: orig(prims, z, w) * 1.001)
     else:
         monkeypatch.setattr(dm, "_RunState", _AlwaysFirst)
     rc = gpu.main(["--dry-run", "--out", str(tmp_path), "--sections", "checks",
