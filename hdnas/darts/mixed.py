@@ -269,8 +269,6 @@ def _factorized_reduce(xr, fr, prims):
     return pointwise(prims, ph.view(N, 2 * C, H // 2, W // 2), wk)
 
 
-
-
 # ---------------------------------------------------------------------------------------------
 # The module
 
@@ -427,8 +425,8 @@ class MixedOp(nn.Module):
                 k2 = torch.stack([pad_to(m.weight[:, 0], P.st2_kmax) for m in L["dw2"]])
                 z2 = prims.grouped_dw(v_sep, k2, P.st2_ksizes, (1,) * Gs, True, False)
                 pw2 = torch.stack([m.weight[:, :, 0, 0] for m in L["pw2"]])
-                terms.append(group_batch_norm_sum(pointwise(prims, z2, pw2), L["bn2"], w[P.sep], state,
-                                                  bst, prims.bn_sum))
+                u2 = pointwise(prims, z2, pw2)
+                terms.append(group_batch_norm_sum(u2, L["bn2"], w[P.sep], state, bst, prims.bn_sum))
             if P.dil:
                 u1 = _stage1(x, xr, L["dw1"][Gs:], L["pw1"][Gs:], P.st1_ksizes[Gs:],
                              P.st1_dils[Gs:], s, prims, subsample)
@@ -461,8 +459,8 @@ class MixedOp(nn.Module):
             else:
                 fr = ops[i]
                 xr = F.relu(x) if xr is None else xr
-                terms.append(group_batch_norm(_factorized_reduce(xr, fr, prims), [fr.bn], w[i:i + 1],
-                                              state, bst))
+                terms.append(group_batch_norm(_factorized_reduce(xr, fr, prims), [fr.bn],
+                                              w[i:i + 1], state, bst))
         state.first = False
         if not terms:  # only 'none': w * x.mul(0) as the plain loop (a zero weight gradient)
             return (x[:, :, ::s, ::s].mul(0.) if s > 1 else x.mul(0.)) * w.sum()

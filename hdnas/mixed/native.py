@@ -67,7 +67,8 @@ def _register_python_side():
                 x.new_empty((x.shape[1],), dtype=torch.float64))
 
     @torch.library.register_fake("hdnas_native::dw_bwd")
-    def _dw_bwd_fake(grad_y, x, w, offs, ntaps, relu_input, shared_input, need_gx, need_gw, stride=1):
+    def _dw_bwd_fake(grad_y, x, w, offs, ntaps, relu_input, shared_input, need_gx, need_gw,
+                     stride=1):
         gx = torch.empty_like(x, memory_format=torch.contiguous_format) if need_gx else x.new_empty((0,))
         gw = torch.empty_like(w, memory_format=torch.contiguous_format) if need_gw else w.new_empty((0,))
         return gx, gw
@@ -82,7 +83,8 @@ def _register_python_side():
         x, w = ctx.saved_tensors
         need_gx = ctx.needs_input_grad[0] and engine_needs(x)
         need_gw = ctx.needs_input_grad[1] and engine_needs(w)
-        gx, gw = torch.ops.hdnas_native.dw_bwd(grad_y, x, w, *ctx.args, need_gx, need_gw, ctx.stride)
+        gx, gw = torch.ops.hdnas_native.dw_bwd(grad_y, x, w, *ctx.args, need_gx, need_gw,
+                                               ctx.stride)
         return (gx if need_gx else None), (gw if need_gw else None), None, None, None, None, None
 
     torch.library.register_autograd("hdnas_native::dw_fwd", _backward, setup_context=_setup)
@@ -288,7 +290,8 @@ def _require(x, G, T, radius):
 # ---------------------------------------------------------------------------------------------
 # The primitives
 
-def grouped_dw(x, kernels, ksizes, dilations, relu_input: bool, shared_input: bool, stride: int = 1):
+def grouped_dw(x, kernels, ksizes, dilations, relu_input: bool, shared_input: bool,
+               stride: int = 1):
     """Native ``grouped_dw`` (same contract as ``primitives.grouped_dw_ref``); ``stride=2`` (CPU
     only): its even output pixels, ``grouped_dw(...)[:, :, ::2, ::2]``, computed as such."""
     check_dw_args(x, kernels, ksizes, dilations, shared_input)
@@ -376,9 +379,10 @@ def pointwise(x, w):
     batched GEMM at DARTS' 16-64 channels; twin: ``primitives.pointwise_ref``), or None where the
     kernel does not serve (other devices or dtypes, shapes that do not match, the library
     unavailable)."""
-    if (x.device.type != "cpu" or w.device.type != "cpu" or x.dtype not in (torch.float32, torch.float64)
-            or w.dtype != x.dtype or x.dim() != 4 or w.dim() != 3
-            or x.shape[1] != w.shape[0] * w.shape[2] or _reason("cpu", x.dtype, 1, 1, 0) is not None):
+    if (x.device.type != "cpu" or w.device.type != "cpu"
+            or x.dtype not in (torch.float32, torch.float64) or w.dtype != x.dtype
+            or x.dim() != 4 or w.dim() != 3 or x.shape[1] != w.shape[0] * w.shape[2]
+            or _reason("cpu", x.dtype, 1, 1, 0) is not None):
         return None
     return torch.ops.hdnas_native.pw(x, w)
 
