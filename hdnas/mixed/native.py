@@ -301,11 +301,8 @@ def grouped_dw(x, kernels, ksizes, dilations, relu_input: bool, shared_input: bo
     _require(x, G, table.shape[-1], table.radius)
     onehot = _onehot(table, x.device, x.dtype, x)
     w = torch.matmul(kernels.reshape(G, C, kmax * kmax), onehot)  # [G, C, T], exact gather
-    if stride != 1:
-        return torch.ops.hdnas_native.dw_fwd(x, w, table.offs, table.ntaps, bool(relu_input),
-                                             bool(shared_input), int(stride))
     return torch.ops.hdnas_native.dw_fwd(x, w, table.offs, table.ntaps, bool(relu_input),
-                                         bool(shared_input))
+                                         bool(shared_input), int(stride))
 
 
 def mixed_dw(x, weights, kernels, ksizes, dilations, relu_input: bool, skip_weight=None):

@@ -17,6 +17,7 @@ import torch.nn.functional as F
 from hdnas.kernels import stencil
 from hdnas.mixed import get_backend
 from hdnas.mixed.primitives import grouped_dw_ref, mixed_dw_ref
+from hdnas.testing.threads import assert_same_on_threads
 
 DLSR_ST1 = ((3, 5, 7, 3, 5), (1, 1, 1, 2, 2))  # sep3/5/7 then dil3/5: the shared first stage
 DLSR_ST2 = ((3, 5, 7), (1, 1, 1))
@@ -162,17 +163,8 @@ def test_weight_grad_deterministic_across_threads(nat):
     K.requires_grad_(True)
     x.requires_grad_(True)
     gy = torch.randn(4, 30, 12, 12, generator=gen)
-    old = torch.get_num_threads()
-    outs = []
-    try:
-        for nt in (1, 2, 1):
-            torch.set_num_threads(nt)
-            y = nat.grouped_dw(x, K, *DLSR_ST1, True, True)
-            outs.append(torch.autograd.grad(y, (x, K), gy))
-    finally:
-        torch.set_num_threads(old)
-    for o in outs[1:]:
-        assert torch.equal(o[0], outs[0][0]) and torch.equal(o[1], outs[0][1])
+    assert_same_on_threads(
+        lambda: torch.autograd.grad(nat.grouped_dw(x, K, *DLSR_ST1, True, True), (x, K), gy))
 
 
 def test_bad_inputs_rejected(nat):
@@ -645,16 +637,12 @@ def test_bn_sum_threads_checks_and_double_backward(nat):
     gen = torch.Generator().manual_seed(9)
     u, scale, mean, var = _bn_sum_case(4, 2, 3, 5, 5, torch.float32, gen)
     g = torch.randn(4, 3, 5, 5, generator=gen)
-    old = torch.get_num_threads()
-    outs = []
-    try:
-        for nt in (1, 2):
-            torch.set_num_threads(nt)
-            a = [u.clone().requires_grad_(), scale.clone().requires_grad_()]
-            outs.append(torch.autograd.grad(nat.bn_sum(a[0], mean, var, a[1], 1e-5, 2), a, g))
-    finally:
-        torch.set_num_threads(old)
-    assert all(torch.equal(p, q) for p, q in zip(*outs))
+
+    def run():
+        a = [u.clone().requires_grad_(), scale.clone().requires_grad_()]
+        return torch.autograd.grad(nat.bn_sum(a[0], mean, var, a[1], 1e-5, 2), a, g)
+
+    assert_same_on_threads(run, (1, 2))
     u64, s64, m64, v64 = _bn_sum_case(2, 2, 2, 3, 3, torch.float64, gen)
 
     def f(uu, ss):  # the statistics are u's own (training mode), also when gradcheck moves u
