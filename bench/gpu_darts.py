@@ -23,7 +23,7 @@ weighting; the truth is the plain loop in fp64 on the same rounded values):
   gradients of every weight and of the alphas (in ``--dry-run`` fp64 only).
 
 Timed cases (fp32, torch's TF32 defaults; batch = the plan's label batch; the swapped op with
-recomputation, as ``patch`` defaults):
+recomputation on every plane; the step as ``patch`` defaults):
 
 * ``DARTS op s1 fwd+bwd``, ``DARTS op s2 fwd+bwd``: one mixed op, forward + backward;
 * ``DARTS step``: one first-order DARTS search step (``model_search.search_step``: architecture
@@ -85,11 +85,14 @@ def _same_primitives(backend, op: hd.MixedOp, x: torch.Tensor) -> None:
 
 def swap_op(backend, plain: nn.Module):
     """The mixed op that ``backend`` runs: the plain loop itself for the reference, else an
-    ``hdnas.darts.MixedOp`` that adopts its candidates (the same parameters and buffers)."""
+    ``hdnas.darts.MixedOp`` that adopts its candidates (the same parameters and buffers), with
+    recomputation on every plane size (the path whose backward must not update the BN
+    statistics twice; ``recompute="auto"``, patch's default, keeps the intermediates of planes
+    of at most 256 pixels, as the check shapes are)."""
     name = darts_name(backend)
     if name == "reference":
         return plain
-    return hd.MixedOp.from_module(plain, backend=name)
+    return hd.MixedOp.from_module(plain, backend=name, recompute=True)
 
 
 def swap_net(backend, net: Network) -> Network:

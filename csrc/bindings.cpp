@@ -18,6 +18,10 @@ std::tuple<at::Tensor, at::Tensor> bn_sum_backward_cpu(const at::Tensor& grad_y,
                                                        int64_t groups);
 at::Tensor pw_cpu(const at::Tensor& x, const at::Tensor& w);
 at::Tensor pw_wgrad_cpu(const at::Tensor& grad_y, const at::Tensor& x, int64_t groups);
+bool cpu_cache_enable(bool on);
+bool cpu_cache_enabled();
+std::vector<int64_t> cpu_cache_stats();
+int64_t cpu_cache_release();
 }
 
 TORCH_LIBRARY(hdnas_native, m) {
@@ -44,6 +48,12 @@ TORCH_LIBRARY(hdnas_native, m) {
   // Pointwise (1x1) convolutions of channel groups and their weight gradient (csrc/cpu/pw.cpp).
   m.def("pw(Tensor x, Tensor w) -> Tensor");
   m.def("pw_wgrad(Tensor grad_y, Tensor x, int groups) -> Tensor");
+  // The caching CPU allocator (csrc/cpu/cpu_cache.cpp): install/uninstall (returns whether it
+  // was installed), whether it is, (live, cached, peak mapped, hits, misses, unmapped), unmap the cached blocks.
+  m.def("cpu_cache_enable(bool on) -> bool", &hdnas::cpu_cache_enable);
+  m.def("cpu_cache_enabled() -> bool", &hdnas::cpu_cache_enabled);
+  m.def("cpu_cache_stats() -> int[]", &hdnas::cpu_cache_stats);
+  m.def("cpu_cache_release() -> int", &hdnas::cpu_cache_release);
   m.def("isa() -> str", &hdnas::cpu::isa_op);
   m.def("set_isa(str name) -> str", &hdnas::cpu::set_isa_op);
   m.def("isa_supported() -> str[]", &hdnas::cpu::isa_supported_op);

@@ -44,7 +44,7 @@ ROOT = PKG_DIR.parent
 CPU_SOURCES = ["bindings.cpp", "cpu/dw_fwd.cpp", "cpu/dw_bwd.cpp", "cpu/dw_dispatch.cpp",
                "cpu/dw_isa_portable.cpp", "cpu/dw_isa_avx2.cpp", "cpu/dw_isa_avx512.cpp",
                "cpu/bn_stats.cpp", "cpu/max_pool.cpp",
-               "cpu/bn_sum.cpp", "cpu/pw.cpp"]
+               "cpu/bn_sum.cpp", "cpu/pw.cpp", "cpu/cpu_cache.cpp"]
 CPU_DEPS = ["hdnas_dw.h", "cpu/dw_cpu.h", "cpu/dw_isa.h", "cpu/dw_simd_impl.h"]
 #: The kernel variants, worst first (csrc/cpu/dw_dispatch.cpp), and the CPU features each needs.
 ISA_VARIANTS = {"portable": (), "avx2": ("avx2", "fma"),

@@ -29,10 +29,15 @@ and computes ``sum_k w_k op_k(x)`` as:
    BN: one grouped 1x1 conv over the even and odd pixel phases), ``none`` (contributes exactly 0)
    with stock ops; the sum (its incoming gradient made contiguous once).
 
-``recompute=True`` (default) runs this without an autograd graph and again in backward
-(``_Recomputed``): only the op's inputs are kept for backward, every per-candidate intermediate
-is recomputed there (running statistics are updated once, in the forward pass; the
-recomputation normalises with the batch statistics of the first run, kept, not computed again).
+``recompute=True`` runs this without an autograd graph and again in backward (``_Recomputed``):
+only the op's inputs are kept for backward, every per-candidate intermediate is recomputed there
+(running statistics are updated once, in the forward pass; the recomputation normalises with the
+batch statistics of the first run, kept, not computed again). ``recompute=False`` keeps the
+intermediates (autograd's graph). ``recompute="auto"`` (default) recomputes where the input plane
+has more than ``AUTO_RECOMPUTE_ABOVE`` (256) pixels and keeps the intermediates on smaller
+planes: there the recomputation's fixed cost per call weighs most against its work, and the
+intermediates take the least memory (DARTS' CIFAR search: its 32x32 edges recompute, the 16x16
+and 8x8 ones keep; docs/darts.md, "Recomputation", has the measured trade-off).
 
 Backends (``backend=``): 'reference' (the plain per-op loop, DARTS' code), 'merged' (the fused path
 over stock PyTorch depthwise convs), 'native' (the C++ CPU / CUDA primitives), 'triton' (the
@@ -60,6 +65,8 @@ from hdnas.mixed.plan import Plan, pad_to
 from hdnas.mixed.primitives import engine_needs, pointwise
 
 BACKENDS = ("reference", "merged", "native", "triton", "fused")
+#: ``recompute="auto"`` recomputes on input planes of more than this many pixels (H * W)
+AUTO_RECOMPUTE_ABOVE = 256
 
 
 class DartsBackendError(ValueError):
@@ -100,6 +107,12 @@ def resolve_primitives(name: str, device: torch.device, dtype: torch.dtype, plan
         prims = backend.primitives
     _resolved[key] = prims
     return prims
+
+
+def check_recompute(recompute) -> bool | str:
+    if recompute == "auto" or isinstance(recompute, bool):
+        return recompute
+    raise DartsBackendError(f"recompute must be True, False or 'auto', got {recompute!r}")
 
 
 def check_backend(name: str) -> str:
@@ -280,7 +293,8 @@ class MixedOp(nn.Module):
     chosen candidate runs."""
 
     def __init__(self, C: int | None, stride: int, primitives=PRIMITIVES, backend: str = "fused",
-                 recompute: bool = True, partial_k: int = 1, ops: nn.ModuleList | None = None):
+                 recompute: bool | str = "auto", partial_k: int = 1,
+                 ops: nn.ModuleList | None = None):
         super().__init__()
         if C is None and (ops is None or partial_k != 1):
             raise DartsBackendError("C may be None only when adopting candidates that do not "
@@ -292,7 +306,7 @@ class MixedOp(nn.Module):
         self.stride = check_stride(stride)
         self.partial_k = partial_k
         self.backend = check_backend(backend)
-        self.recompute = bool(recompute)
+        self.recompute = check_recompute(recompute)
         names = check_primitives(primitives)
         self.primitives = names
         Cop = None if C is None else C // partial_k
@@ -313,7 +327,7 @@ class MixedOp(nn.Module):
         self._single: dict = {}  # GDAS: index -> (plan, [module]) of one candidate
 
     @classmethod
-    def from_module(cls, module: nn.Module, backend: str = "fused", recompute: bool = True,
+    def from_module(cls, module: nn.Module, backend: str = "fused", recompute: bool | str = "auto",
                     partial_k: int | None = None) -> "MixedOp":
         """Adopt the ``_ops`` of a DARTS-style MixedOp (its very modules: parameters and BN
         buffers are shared, not copied). ``partial_k``: PC-DARTS' K (default: 4 when the module
@@ -338,7 +352,7 @@ class MixedOp(nn.Module):
 
     def extra_repr(self):
         k = f", partial_k={self.partial_k}" if self.partial_k > 1 else ""
-        return f"C={self.C}, stride={self.stride}, backend={self.backend!r}, recompute={self.recompute}{k}"
+        return f"C={self.C}, stride={self.stride}, backend={self.backend!r}, recompute={self.recompute!r}{k}"
 
     # -- checks -------------------------------------------------------------------------------
     def _check(self, x, weights):
@@ -388,12 +402,19 @@ class MixedOp(nn.Module):
         if prims is None or torch.is_autocast_enabled(x.device.type):
             return sum(w * op(x) for w, op in zip(weights, ops))
         state = _RunState()
-        if self.recompute and torch.is_grad_enabled():
+        if torch.is_grad_enabled() and self.recomputes(x):
             params = [p for op in ops for p in op.parameters()]
             return _Recomputed.apply(lambda xx, ww: self._fused(xx, ww, prims, state, plan, ops),
                                      x, weights, *params)
         out = self._fused(x, weights, prims, state, plan, ops)
         return _ContiguousGrad.apply(out) if out.requires_grad else out
+
+    def recomputes(self, x) -> bool:
+        """Whether a forward on ``x`` recomputes in backward (``recompute``: see the module
+        docstring)."""
+        if self.recompute == "auto":
+            return x.shape[-2] * x.shape[-1] > AUTO_RECOMPUTE_ABOVE
+        return self.recompute
 
     @staticmethod
     def _layers_of(P: Plan, ops):

@@ -8,8 +8,9 @@ from dataclasses import dataclass, field
 
 from torch import nn
 
-from hdnas.darts.mixed import MixedOp, check_backend
+from hdnas.darts.mixed import MixedOp, check_backend, check_recompute
 from hdnas.darts.operations import NotRecognised
+from hdnas.mixed import cpu_cache as _cpu_cache
 
 #: glibc's per-thread cache and fast bins of small chunks off: a search's freed tensor memory then
 #: merges and is reused instead of the heap growing (docs/darts.md, "Memory: the heap")
@@ -45,6 +46,8 @@ class PatchReport:
     #: whether ``model.new()`` now returns patched copies (DARTS' second-order architect builds
     #: its unrolled model with it)
     wraps_new: bool = False
+    #: whether hdnas' caching CPU allocator is installed (``hdnas.mixed.cpu_cache``)
+    cpu_cache: bool = False
     #: ``memory_tip()`` at patch time (None: nothing to suggest)
     tip: str | None = None
 
@@ -57,6 +60,9 @@ class PatchReport:
         lines += [f"  {n} x {d}" for d, n in kinds.items()]
         if self.wraps_new:
             lines.append("  model.new() returns patched copies")
+        if self.cpu_cache:
+            lines.append("  CPU tensors: hdnas' caching allocator (hdnas.mixed.cpu_cache; "
+                         f"cpu_cache=False or {_cpu_cache.ENV}=0 opts out)")
         lines += [f"  left {name}: {why}" for name, why in self.skipped.items()]
         if self.tip:
             lines.append(f"  tip: {self.tip}")
@@ -78,9 +84,9 @@ def _patched_new(self):
     return fresh
 
 
-def patch(model: nn.Module, backend: str = "fused", recompute: bool = True,
+def patch(model: nn.Module, backend: str = "fused", recompute: bool | str = "auto",
           partial_k: int | None = None, verbose: bool = False,
-          copies: bool = True) -> PatchReport:
+          copies: bool = True, cpu_cache: bool = True) -> PatchReport:
     """Replace, in place, every submodule that holds a ``_ops`` ModuleList of DARTS candidate
     layouts (quark0/darts' ``model_search.MixedOp``; PC-DARTS' when it has the ``mp`` pool) by a
     ``hdnas.darts.MixedOp`` that adopts those very candidate modules: parameters (the same
@@ -97,10 +103,20 @@ def patch(model: nn.Module, backend: str = "fused", recompute: bool = True,
     class's ``new()`` and patches the result the same way; ``copy.deepcopy(model)`` copies the
     swapped ops and rebinds that method to the copy.
 
-    ``report.tip``: on glibc without its small-chunk caches turned off, the environment line that
-    keeps the search's peak memory near its live tensors (``memory_tip``)."""
+    ``recompute``: the swapped ops' recomputation (True, False, or "auto": recompute on input
+    planes of more than 256 pixels; ``hdnas.darts.MixedOp``).
+
+    ``cpu_cache=True`` (default) with a model on the CPU (or without parameters): installs
+    hdnas' caching allocator for CPU tensors, process-wide (``hdnas.mixed.cpu_cache``: glibc's
+    heap otherwise grows from step to step of a search, to several times its live tensors);
+    ``HDNAS_CPU_CACHE=0`` opts out too. ``report.tip``: without it, on glibc without its
+    small-chunk caches turned off, the environment line that keeps the search's peak memory near
+    its live tensors (``memory_tip``)."""
     check_backend(backend)
-    report = PatchReport(backend, tip=memory_tip())
+    check_recompute(recompute)
+    on_cpu = all(p.device.type == "cpu" for p in model.parameters())
+    cached = bool(cpu_cache and on_cpu and _cpu_cache.enable())
+    report = PatchReport(backend, cpu_cache=cached, tip=None if cached else memory_tip())
     targets = [(name, m) for name, m in model.named_modules() if _looks_like_mixed_op(m)]
     if _looks_like_mixed_op(model):
         raise ValueError("patch() swaps MixedOps inside a model; to convert a lone MixedOp use "
@@ -121,7 +137,8 @@ def patch(model: nn.Module, backend: str = "fused", recompute: bool = True,
         report.swapped[name] = f"{type(m).__name__}(stride {new.stride}{k}: {', '.join(new.primitives)})"
     if copies and callable(getattr(type(model), "new", None)):
         object.__setattr__(model, "_hdnas_patch", dict(backend=backend, recompute=recompute,
-                                                       partial_k=partial_k, copies=True))
+                                                       partial_k=partial_k, copies=True,
+                                                       cpu_cache=cpu_cache))
         object.__setattr__(model, "new", types.MethodType(_patched_new, model))
         report.wraps_new = True
     if verbose:

@@ -1,7 +1,8 @@
 """The fused DARTS MixedOp equals DARTS' plain loop on every shape the plain loop accepts:
 degenerate (1x1, 1xW) and odd sizes, stride 1 and 2, each candidate alone and all together.
 fp64: outputs, input/alpha/parameter gradients and BN statistics to 1e-10. fp32: no less
-accurate against fp64 than the plain loop itself (up to a small factor and a floor)."""
+accurate against fp64 than the plain loop itself (up to a small factor and a floor). With and
+without recomputation (``recompute="auto"``, the default, picks either by the plane size)."""
 import copy
 import statistics
 
@@ -52,18 +53,19 @@ def _rel(a, b):
     return ((a - b).abs().max() / b.abs().max().clamp_min(1e-30)).item() if b.numel() else 0.0
 
 
+@pytest.mark.parametrize("recompute", [True, False], ids=["recompute", "keep"])
 @pytest.mark.parametrize("backend", BACKENDS)
 @pytest.mark.parametrize("stride", [1, 2])
-def test_fp64_equals_the_plain_loop_on_every_shape(backend, stride):
+def test_fp64_equals_the_plain_loop_on_every_shape(backend, stride, recompute):
     checked = 0
     for prims in SETS:
         for i, (H, W) in enumerate(SIZES):
             ref, x, w = _case(prims, stride, H, W, torch.float64, seed=31 * i + stride)
             if not _plain_accepts(ref, x, w):
                 with pytest.raises(RuntimeError):  # where DARTS' loop fails, so does ours
-                    hd.MixedOp.from_module(copy.deepcopy(ref), backend=backend)(x, w)
+                    hd.MixedOp.from_module(copy.deepcopy(ref), backend, recompute)(x, w)
                 continue
-            ours = hd.MixedOp.from_module(copy.deepcopy(ref), backend=backend)
+            ours = hd.MixedOp.from_module(copy.deepcopy(ref), backend, recompute)
             g = torch.randn_like(copy.deepcopy(ref)(x, w))
             want = _run(copy.deepcopy(ref), x, w, g)
             got = _run(ours, x, w, g)
@@ -75,8 +77,9 @@ def test_fp64_equals_the_plain_loop_on_every_shape(backend, stride):
     assert checked >= len(SETS) * (len(SIZES) - 3)  # most shapes are valid for the plain loop
 
 
+@pytest.mark.parametrize("recompute", [True, False], ids=["recompute", "keep"])
 @pytest.mark.parametrize("stride", [1, 2])
-def test_fp32_no_less_accurate_than_the_plain_loop(stride):
+def test_fp32_no_less_accurate_than_the_plain_loop(stride, recompute):
     worst = []
     for prims in [("max_pool_3x3",), ("avg_pool_3x3",), ("sep_conv_3x3",), PRIMITIVES]:
         for i, (H, W) in enumerate([(1, 1), (6, 6), (16, 16)]):
@@ -89,7 +92,7 @@ def test_fp32_no_less_accurate_than_the_plain_loop(stride):
             ref32 = copy.deepcopy(ref64).float()
             x, w, g = x64.float(), w64.float(), g64.float()
             plain = _run(copy.deepcopy(ref32), x, w, g)
-            fused = _run(hd.MixedOp.from_module(copy.deepcopy(ref32), backend="fused"), x, w, g)
+            fused = _run(hd.MixedOp.from_module(copy.deepcopy(ref32), "fused", recompute), x, w, g)
             for k, (f, p, t) in enumerate(zip(fused, plain, truth)):
                 ef, ep = _rel(f.double(), t), _rel(p.double(), t)
                 worst.append(ef / max(ep, 1e-7))
@@ -108,9 +111,9 @@ def test_fp32_no_less_accurate_than_the_plain_loop(stride):
 def test_fp64_stride2_routes_equal_the_plain_loop(prims, H, W):
     """The stride-2 routes of the native fused path (even-pixel dil stage, interleaved candidate
     orders, FactorizedReduce as one GEMM over the pixel phases where H and W are even, the convs
-    otherwise) on larger even and odd sizes: fp64 to 1e-10, or DARTS' own error."""
+    otherwise) on larger even and odd sizes, recomputed: fp64 to 1e-10, or DARTS' own error."""
     ref, x, w = _case(prims, 2, H, W, torch.float64, seed=H * 11 + W)
-    ours = hd.MixedOp.from_module(copy.deepcopy(ref), backend="fused")
+    ours = hd.MixedOp.from_module(copy.deepcopy(ref), backend="fused", recompute=True)
     if not _plain_accepts(ref, x, w):
         with pytest.raises(RuntimeError):
             ours(x, w)
