@@ -17,18 +17,26 @@ default (``--threads``); ``--rounds`` alternates the original and the swapped co
   hard Gumbel-softmax (only the sampled candidate of an edge runs) or PC-DARTS' partial channels
   (K 4, edge normalisation), first order.
 
-The swapped configuration is the original plus ``hdnas.darts.patch(model)`` (backend 'fused':
-native on a CPU; recomputation on). Shapes default to DARTS' search: C 16, 8 cells, 32x32,
+The swapped configuration is the original plus ``hdnas.darts.patch(model)`` with its defaults
+(backend 'fused': native on a CPU; ``recompute="auto"``: ``--recompute``; hdnas' caching CPU
+allocator installed: ``--cpu-cache``). Shapes default to DARTS' search: C 16, 8 cells, 32x32,
 batches 32 and 64 (the mixed op alone: C 16 at 32x32, stride 1 and 2, batch 64). Reported:
 
 * ``sec``: seconds per iteration (mixed op: forward + backward; step: as above) after one
-  warm-up, median over the iterations of the process; ``user_sec`` / ``sys_sec``: the process's
+  warm-up, median over the ``--iters`` (default 3) iterations of the process; ``user_sec`` / ``sys_sec``: the process's
   CPU time per iteration;
 * ``peak_rss_mb``: the process's peak resident set (``ru_maxrss``); ``delta_mb``: that minus the
   resident set just before the first iteration (model, data and libraries loaded): the memory
-  the step itself takes; on CUDA the peak allocated GPU memory instead;
+  the step itself takes, over the warm-up and every timed iteration (glibc's heap grows over
+  the first steps: 1.7 GB after one second-order step, 2.5 GB after four, patched, without
+  the caching allocator); on CUDA the peak allocated GPU memory instead;
 * ``saved_mb`` (mixed op only): bytes of the distinct tensors autograd keeps for backward after
   one forward (``saved_tensors_hooks``; parameters not counted).
+
+``--cpu-cache``: ``patch`` (default: the swapped configurations with hdnas' caching CPU allocator,
+as ``patch`` installs it; the original without), ``off`` (``patch(..., cpu_cache=False)``: both on
+glibc's malloc), ``original-too`` (also the original with the allocator: what it alone gives the
+plain loop; ratios stay against the original on malloc).
 
 ``--malloc tuned``: every child, original and swapped alike, first calls
 ``hdnas.engine.allocator.tune()`` (glibc keeps freed memory for reuse: no heap trimming, no
@@ -103,7 +111,8 @@ def _step_runner(cfg, device, swapped):
     if cfg["model"] == "darts":
         model, arch = _darts_original(C, cfg["layers"], device)
         if swapped:
-            hd.patch(model, backend=cfg["backend"], recompute=cfg["recompute"])
+            hd.patch(model, backend=cfg["backend"], recompute=cfg["recompute"],
+                     cpu_cache=cfg.get("cpu_cache", True))
         opt = torch.optim.SGD(model.parameters(), 0.025, momentum=0.9, weight_decay=3e-4)
         unrolled = cfg["order"] == 2
 
@@ -118,7 +127,8 @@ def _step_runner(cfg, device, swapped):
         return run
     model = Network(C, 10, cfg["layers"], weighting=cfg["model"]).to(device)
     if swapped:
-        hd.patch(model, backend=cfg["backend"], recompute=cfg["recompute"])
+        hd.patch(model, backend=cfg["backend"], recompute=cfg["recompute"],
+                 cpu_cache=cfg.get("cpu_cache", True))
     arch = make_architect(model, unrolled=cfg["order"] == 2)
     opt = torch.optim.SGD(model.weight_parameters(), 0.025, momentum=0.9, weight_decay=3e-4)
     return lambda: search_step(model, arch, opt, data[0], data[1], 0.025)
@@ -130,6 +140,9 @@ def child(cfg: dict) -> dict:
     if cfg.get("malloc") == "tuned":
         from hdnas.engine import allocator
         allocator.tune()
+    if cfg.get("cpu_cache") and cfg["device"] == "cpu":
+        from hdnas.mixed import cpu_cache
+        cpu_cache.enable()
     torch.set_num_threads(cfg["threads"])
     device = torch.device(cfg["device"])
     torch.manual_seed(0)
@@ -191,14 +204,29 @@ def _configs(a):
                      for b in (int(v) for v in a.batches.split(","))
                      for m in a.models.split(",")
                      for o in ((int(v) for v in a.orders.split(",")) if m == "darts" else (1,))]
+        recs = [_recompute_value(v) for v in getattr(a, "recompute", "auto").split(",")]
+        if a.no_recompute_too and False not in recs:
+            recs.append(False)
+        cache = getattr(a, "cpu_cache", "patch")
         for case in cases:
             for rnd in range(a.rounds):
                 for be in backends:
-                    for rec in ((None,) if be == "reference" else
-                                ((True,) if not a.no_recompute_too else (True, False))):
+                    if be == "reference":
+                        variants = [(None, False)] + ([(None, True)] if cache == "original-too" else [])
+                    else:
+                        variants = [(r, cache != "off") for r in recs]
+                    for rec, cached in variants:
                         yield dict(case, backend=be, recompute=rec, round=rnd, device=a.device,
                                    C=a.C, layers=a.layers, size=a.size, iters=a.iters,
-                                   threads=a.threads, malloc=getattr(a, "malloc", "default"))
+                                   threads=a.threads, malloc=getattr(a, "malloc", "default"),
+                                   cpu_cache=cached)
+
+
+def _recompute_value(v: str):
+    v = v.strip().lower()
+    if v not in ("auto", "true", "false"):
+        raise SystemExit(f"--recompute: auto, true or false, not {v!r}")
+    return {"auto": "auto", "true": True, "false": False}[v]
 
 
 def child_env(live_memory: bool, malloc: str = "default") -> dict:
@@ -226,11 +254,16 @@ def main(argv=None):
     ap.add_argument("--C", type=int, default=16)
     ap.add_argument("--layers", type=int, default=8)
     ap.add_argument("--size", type=int, default=32)
-    ap.add_argument("--iters", type=int, default=1, help="timed iterations (after 1 warm-up)")
+    ap.add_argument("--iters", type=int, default=3, help="timed iterations (after 1 warm-up)")
     ap.add_argument("--rounds", type=int, default=2, help="alternations of original and swapped")
     ap.add_argument("--threads", type=int, default=1, help="intra-op threads of each process")
+    ap.add_argument("--recompute", default="auto",
+                    help="the swapped backends' recompute: comma list of auto, true, false")
     ap.add_argument("--no-recompute-too", action="store_true",
                     help="also measure the swapped backends with recompute=False")
+    ap.add_argument("--cpu-cache", choices=("patch", "off", "original-too"), default="patch",
+                    help="hdnas' caching CPU allocator: as patch() installs it (swapped only), "
+                         "off, or for the original too (extra rows)")
     ap.add_argument("--live-memory", action="store_true",
                     help="children with MALLOC_MMAP_THRESHOLD_=65536 (glibc): peak RSS ~ peak live "
                          "memory; times not comparable")
@@ -267,7 +300,8 @@ _CASE = ("what", "model", "order", "stride", "batch", "round")
 def write_markdown(path, rows_in, info, a):
     def ref_of(r):
         return next((q for q in rows_in if all(q[k] == r[k] for k in _CASE)
-                     and q["backend"] == "reference" and "sec" in q), None)
+                     and q["backend"] == "reference" and not q.get("cpu_cache") and "sec" in q),
+                    None)
 
     lines = [f"\n## {info['date']}: {info['cpu']} (vector ISA {info['vector_isa']}), "
              f"{info['cores']} cores, torch {info['torch']}, {a.threads} thread(s) per process, "
@@ -286,7 +320,8 @@ def write_markdown(path, rows_in, info, a):
     rows = []
     for r in rows_in:
         head = [r["what"], r["model"], r["order"] or "", r["stride"] or "", r["batch"],
-                r["backend"], "" if r["recompute"] is None else r["recompute"], r["round"] + 1]
+                r["backend"], "" if r["recompute"] is None else r["recompute"],
+                "yes" if r.get("cpu_cache") else "no", r["round"] + 1]
         if "sec" not in r:
             rows.append(head + [f"error: {r['error']}", "", "", "", "", "", ""])
             continue
@@ -298,7 +333,7 @@ def write_markdown(path, rows_in, info, a):
         rows.append(head + [f"{r['sec']:.3f}", sp, cpu, f"{r['peak_rss_mb']:.0f}",
                             f"{r['delta_mb']:.0f}", mem, saved])
     lines += common.table(["what", "model", "order", "stride", "batch", "backend", "recompute",
-                           "round", "sec", "x original speed", "user+sys sec", "peak RSS MB",
+                           "CPU cache", "round", "sec", "x original speed", "user+sys sec", "peak RSS MB",
                            "delta MB", "delta / original's", "saved MB"], rows)
     with open(path, "a") as f:
         f.write("\n".join(lines) + "\n")

@@ -35,7 +35,23 @@ def test_tiny_run_writes_a_table(tmp_path):
     assert [(c[1], c[2], c[5]) for c in cells] == [
         ("darts", "2", "reference"), ("darts", "2", "fused"),
         ("pcdarts", "1", "reference"), ("pcdarts", "1", "fused")]
-    assert cells[0][9] == "1.00" and float(cells[1][9]) > 0  # ratio against its own original
+    assert cells[0][10] == "1.00" and float(cells[1][10]) > 0  # ratio against its own original
+    assert [c[7] for c in cells] == ["no", "yes", "no", "yes"]  # patch() installs the cache
+    assert [c[6] for c in cells] == ["", "auto", "", "auto"]
+
+
+def test_cpu_cache_and_recompute_options_make_the_configurations():
+    import argparse
+    a = argparse.Namespace(what="step", models="darts", orders="2", batches="2", op_batch=3,
+                           backends=None, device="cpu", C=4, layers=3, size=8, iters=1, rounds=1,
+                           threads=1, no_recompute_too=True, recompute="auto,true",
+                           cpu_cache="original-too")
+    got = [(c["backend"], c["recompute"], c["cpu_cache"]) for c in bench_darts._configs(a)]
+    assert got == [("reference", None, False), ("reference", None, True),
+                   ("fused", "auto", True), ("fused", True, True), ("fused", False, True)]
+    a.cpu_cache, a.no_recompute_too, a.recompute = "off", False, "auto"
+    got = [(c["backend"], c["recompute"], c["cpu_cache"]) for c in bench_darts._configs(a)]
+    assert got == [("reference", None, False), ("fused", "auto", False)]
 
 
 def test_live_memory_sets_the_glibc_threshold_for_the_children_only():
