@@ -12,8 +12,10 @@ shape (channels, input size, stride), each shape once per backward kind:
 * ``arch-only``: forward and a backward that asks only the architecture weights' and the input's
   gradients (the second-order Hessian-vector product's passes), the candidates' weights not.
 
-One process, 1 intra-op thread by default; the fused op (``MixedOp.from_module(plain)``,
-recomputation on) and the plain one alternate (``bench.common.timeit``), medians over ``--reps``.
+One process, 1 intra-op thread by default; the fused op (``MixedOp.from_module(plain)``, one
+column per ``--recompute`` value: ``true`` recomputes in backward, ``false`` keeps the
+intermediates, ``auto``, patch's default, picks by the plane size) and the plain one alternate
+(``bench.common.timeit``), medians over ``--reps``.
 The total weighs each shape by its number of edges: the mixed ops' share of one pass, not a step
 (no stem, preprocessing, classifier or optimizer).
 """
@@ -57,26 +59,40 @@ def _runner(op, x0, alpha, arch_only: bool):
     return run
 
 
-def measure(C, layers, size, batch, reps, kinds=("full", "arch-only")):
-    """Rows (channels, size, stride, edges, kind, plain ms, fused ms, ratio) and the weighted
-    totals {kind: (plain ms, fused ms)}."""
+def measure(C, layers, size, batch, reps, kinds=("full", "arch-only"), recompute=(True,)):
+    """Rows (channels, size, stride, edges, kind, plain ms, then per ``recompute`` value: fused
+    ms, ratio) and the weighted totals {kind: [plain ms, fused ms per recompute value...]}."""
     import hdnas.darts as hd
-    rows, totals = [], {k: [0.0, 0.0] for k in kinds}
+    rows, totals = [], {k: [0.0] * (1 + len(recompute)) for k in kinds}
     for (c, s, st), n in sorted(edge_shapes(C, layers, size).items(), key=lambda kv: kv[0][2]):
         torch.manual_seed(0)
         plain = hd.PlainMixedOp(c, st)
-        fused = hd.MixedOp.from_module(plain, "fused", True)
+        fused = [hd.MixedOp.from_module(plain, "fused", r) for r in recompute]
         x0 = torch.randn(batch, c, s, s)
         alpha = (1e-3 * torch.randn(len(plain._ops))).requires_grad_()
         for kind in kinds:
             arch = kind == "arch-only"
-            t = common.timeit({"plain": _runner(plain, x0, alpha, arch),
-                               "fused": _runner(fused, x0, alpha, arch)}, reps)
-            p, f = (statistics.median(t[k]) * 1e3 for k in ("plain", "fused"))
-            rows.append((c, f"{s}x{s}", st, n, kind, p, f, p / f))
-            totals[kind][0] += n * p
-            totals[kind][1] += n * f
+            fns = {"plain": _runner(plain, x0, alpha, arch)}
+            fns.update({f"fused{i}": _runner(op, x0, alpha, arch) for i, op in enumerate(fused)})
+            t = common.timeit(fns, reps)
+            ms = [statistics.median(t[k]) * 1e3 for k in fns]
+            row = [c, f"{s}x{s}", st, n, kind, ms[0]]
+            for f in ms[1:]:
+                row += [f, ms[0] / f]
+            rows.append(tuple(row))
+            for i, v in enumerate(ms):
+                totals[kind][i] += n * v
     return rows, totals
+
+
+def _recompute_values(text: str):
+    out = []
+    for v in text.split(","):
+        v = v.strip().lower()
+        if v not in ("true", "false", "auto"):
+            raise SystemExit(f"--recompute: true, false or auto, not {v!r}")
+        out.append({"true": True, "false": False, "auto": "auto"}[v])
+    return tuple(out)
 
 
 def main(argv=None):
@@ -87,19 +103,26 @@ def main(argv=None):
     ap.add_argument("--batch", type=int, default=32)
     ap.add_argument("--reps", type=int, default=7, help="timed alternations (after 1 warm-up)")
     ap.add_argument("--threads", type=int, default=1)
+    ap.add_argument("--recompute", default="true,false,auto",
+                    help="the fused op's recompute values, one column each (true, false, auto)")
     ap.add_argument("--out", help="append the table to this Markdown file")
     a = ap.parse_args(argv)
+    recs = _recompute_values(a.recompute)
     torch.set_num_threads(a.threads)
     start = common.started()
-    rows, totals = measure(a.C, a.layers, a.size, a.batch, a.reps)
+    rows, totals = measure(a.C, a.layers, a.size, a.batch, a.reps, recompute=recs)
     lines = [f"\n## DARTS edges, fused vs plain ({start})", "", common.machine_line(),
              f"C {a.C}, {a.layers} cells, {a.size}x{a.size}, batch {a.batch}, {a.threads} "
              f"thread(s), medians of {a.reps} alternations; ms per edge, forward + backward.", ""]
-    lines += common.table(["channels", "size", "stride", "edges", "backward", "plain ms",
-                           "fused ms", "x plain speed"], rows)
-    lines += [""] + [f"* one pass's {sum(edge_shapes(a.C, a.layers, a.size).values())} edges, "
-                     f"{k} backward: plain {p:.0f} ms, fused {f:.0f} ms, **{p / f:.2f}x**"
-                     for k, (p, f) in totals.items()]
+    head = ["channels", "size", "stride", "edges", "backward", "plain ms"]
+    for r in recs:
+        head += [f"fused ms, recompute={r}", "x plain speed"]
+    lines += common.table(head, rows)
+    n = sum(edge_shapes(a.C, a.layers, a.size).values())
+    lines += [""] + [f"* one pass's {n} edges, {k} backward: plain {v[0]:.0f} ms; "
+                     + "; ".join(f"fused (recompute={r}) {f:.0f} ms, **{v[0] / f:.2f}x**"
+                                 for r, f in zip(recs, v[1:]))
+                     for k, v in totals.items()]
     common.emit(lines, a.out)
 
 

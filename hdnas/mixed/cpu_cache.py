@@ -5,9 +5,9 @@ malloc serves them from one heap, interleaved with the tensors' small bookkeepin
 small chunks its per-thread cache keeps sit between freed buffers, freed space does not
 coalesce and the heap grows from step to step. Measured (DARTS' second-order step, batch 32,
 ``hdnas.darts.patch``, the 2-core AMD EPYC with AVX-512 of bench/results/cpu_darts.md): peak RSS
-above the loaded model 1.7 GB after one step, 2.5 GB after four, against 0.36 GB of live tensors
-at their peak; with this allocator 0.42-0.47 GB, steady, and 0.5 s instead of 1.5 s of page-fault
-(system) time per step.
+above the loaded model 1.7 GB after one step, 2.5 GB after four, against 0.28 GB of live tensors
+at their peak (every block of 64 KiB or more its own mapping); with this allocator 0.42-0.45 GB,
+steady (recomputing everywhere; docs/darts.md, "Memory: the heap").
 
 ``enable()`` installs it process-wide (``c10::SetCPUAllocator``): every CPU tensor buffer of
 128 KiB or more is then its own anonymous mapping rounded up to a size class (eight per power of

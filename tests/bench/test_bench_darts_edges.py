@@ -20,3 +20,5 @@ def test_runs_and_writes_the_table(tmp_path):
     text = out.read_text()
     assert "| channels | size | stride | edges | backward |" in text and "vector ISA" in text
     assert "42 edges, full backward" in text and "42 edges, arch-only backward" in text
+    for r in ("True", "False", "auto"):  # one fused column per recompute value (the default)
+        assert f"fused ms, recompute={r}" in text and f"fused (recompute={r})" in text

@@ -46,6 +46,17 @@ def test_buffers_are_reused_by_size_class_and_hold_their_data(nat):
             del a, b
         s2 = cc.stats()
         assert s2.misses <= s1.misses + 1 and s2.hits >= s1.hits + 5, (s1, s2)
+        # a size class pads by at most 1/8 (plus the 64-byte header)
+        for n in (131072, 200000, 10**6 + 1, 3 * 2**20 + 5):
+            before = cc.stats().live
+            t = torch.empty(n, dtype=torch.uint8)
+            grew = cc.stats().live - before
+            assert n + 64 <= grew <= max(1.125 * (n + 64), n + 64 + 4096), (n, grew)
+            del t
+        before = cc.stats().live
+        t = torch.empty(131072 - 65, dtype=torch.uint8)  # below 128 KiB with its header: malloc
+        assert cc.stats().live == before
+        del t
         # empty tensors and growth by resize_ keep working
         e = torch.empty(0)
         assert e.numel() == 0
