@@ -198,6 +198,18 @@ def _no_tf32():
     torch.backends.cudnn.allow_tf32, torch.backends.cuda.matmul.allow_tf32 = old
 
 
+@pytest.fixture(scope="session", autouse=True)
+def _cpu_cache_for_the_session():
+    """The whole session runs under hdnas' caching CPU allocator (what ``hdnas.darts.patch``
+    installs), from its first test rather than from whichever test first patches a model: every
+    test then also exercises the allocator, in the same state whatever order they run in
+    (``HDNAS_CPU_CACHE=0`` runs the session on the default allocator)."""
+    from hdnas.mixed import cpu_cache
+
+    cpu_cache.enable()
+    yield
+
+
 @pytest.fixture(scope="session")
 def nat():
     """hdnas.mixed.native with its CPU kernels loaded; skip (fail under HDNAS_REQUIRE_NATIVE=1)

@@ -24,7 +24,9 @@
 // 64-byte alignment.  Thread-safe (one mutex, held only to push or pop a free list); fork-safe
 // (the mutex is held across fork).  Installed with c10::SetCPUAllocator; uninstalling restores
 // the allocator that was there; blocks allocated before either still free correctly (each
-// DataPtr carries its own deleter).
+// DataPtr carries its own deleter).  Limits: it installs with c10's highest priority (255),
+// which c10 keeps after uninstalling, so a later SetCPUAllocator of lower priority is ignored;
+// and it does not report to torch.profiler's memory profiling.
 #include <ATen/core/Tensor.h>
 #include <c10/core/Allocator.h>
 #include <c10/core/CPUAllocator.h>
@@ -71,7 +73,8 @@ Cache& cache() {
 void unmap(void* base, size_t bytes) { munmap(base, bytes); }
 
 // Unmap cached blocks of classes other than `keep`, at least `want` bytes, largest cached
-// class first.  Called with the mutex held; returns the blocks to unmap after unlocking.
+// class first.  Called with the mutex held; returns the blocks to unmap after unlocking (`out`
+// has room reserved for every cached block, so nothing here allocates).
 void take_for_release(Cache& c, size_t keep, int64_t want,
                       std::vector<std::pair<void*, size_t>>& out) {
   while (want > 0 && c.cached > 0) {
@@ -95,7 +98,7 @@ void take_for_release(Cache& c, size_t keep, int64_t want,
   }
 }
 
-void cached_delete(void* data) {
+void cached_delete(void* data) noexcept {
   if (data == nullptr) return;
   char* base = static_cast<char*>(data) - kHeader;
   const size_t b = reinterpret_cast<Header*>(base)->bytes;
@@ -104,11 +107,22 @@ void cached_delete(void* data) {
     return;
   }
   Cache& c = cache();
-  std::lock_guard<std::mutex> g(c.mu);
-  c.free_blocks[b].push_back(base);
-  c.live -= static_cast<int64_t>(b);
-  c.cached += static_cast<int64_t>(b);
+  bool kept = true;
+  {
+    std::lock_guard<std::mutex> g(c.mu);
+    c.live -= static_cast<int64_t>(b);
+    try {
+      c.free_blocks[b].push_back(base);
+      c.cached += static_cast<int64_t>(b);
+    } catch (...) {  // no memory for the free list: give the block back instead
+      c.unmapped += static_cast<int64_t>(b);
+      kept = false;
+    }
+  }
+  if (!kept) unmap(base, b);
 }
+
+int64_t release_all();
 
 char* allocate_block(size_t total) {
   if (total < kMinBytes) {
@@ -118,6 +132,7 @@ char* allocate_block(size_t total) {
     return static_cast<char*>(p);
   }
   const size_t b = class_bytes(total);
+  const int64_t bi = static_cast<int64_t>(b);
   Cache& c = cache();
   char* base = nullptr;
   std::vector<std::pair<void*, size_t>> release;
@@ -127,96 +142,47 @@ char* allocate_block(size_t total) {
     if (it != c.free_blocks.end() && !it->second.empty()) {
       base = static_cast<char*>(it->second.back());
       it->second.pop_back();
-      c.cached -= static_cast<int64_t>(b);
+      c.cached -= bi;
       c.hits++;
+      c.live += bi;
+      c.peak_live = std::max(c.peak_live, c.live);
     } else {
-      c.misses++;
-      c.peak_live = std::max(c.peak_live, c.live + static_cast<int64_t>(b));
-      const int64_t over = c.live + c.cached + static_cast<int64_t>(b) - kSlack * c.peak_live;
-      if (over > 0) take_for_release(c, b, over, release);
+      const int64_t over = c.live + c.cached + bi - kSlack * std::max(c.peak_live, c.live + bi);
+      if (over > 0) {
+        size_t n = 0;
+        for (auto& kv : c.free_blocks) n += kv.second.size();
+        release.reserve(n);  // may throw here, before anything changed
+        take_for_release(c, b, over, release);
+      }
     }
-    c.live += static_cast<int64_t>(b);
-    c.peak_live = std::max(c.peak_live, c.live);
-    c.peak_mapped = std::max(c.peak_mapped, c.live + c.cached);
   }
   for (auto& r : release) unmap(r.first, r.second);
   if (base == nullptr) {
     void* p = mmap(nullptr, b, PROT_READ | PROT_WRITE, MAP_PRIVATE | MAP_ANONYMOUS, -1, 0);
-    if (p == MAP_FAILED) {
-      std::lock_guard<std::mutex> g(c.mu);
-      c.live -= static_cast<int64_t>(b);
-      return nullptr;
+    if (p == MAP_FAILED) {  // give every cached block back, then try once more
+      release_all();
+      p = mmap(nullptr, b, PROT_READ | PROT_WRITE, MAP_PRIVATE | MAP_ANONYMOUS, -1, 0);
+      if (p == MAP_FAILED) return nullptr;
     }
     base = static_cast<char*>(p);
+    std::lock_guard<std::mutex> g(c.mu);  // counted once the mapping exists
+    c.misses++;
+    c.live += bi;
+    c.peak_live = std::max(c.peak_live, c.live);
+    c.peak_mapped = std::max(c.peak_mapped, c.live + c.cached);
   }
   reinterpret_cast<Header*>(base)->bytes = b;
   return base;
 }
 
-struct CachingCpuAllocator final : c10::Allocator {
-  c10::DataPtr allocate(size_t n) override {
-    const c10::Device cpu(c10::DeviceType::CPU);
-    if (n == 0) return {nullptr, nullptr, &cached_delete, cpu};
-    TORCH_CHECK(n <= SIZE_MAX - kHeader - 4096, "hdnas cpu_cache: cannot allocate ", n, " bytes");
-    char* base = allocate_block(n + kHeader);
-    TORCH_CHECK_WITH(OutOfMemoryError, base != nullptr,
-                     "hdnas cpu_cache: out of memory allocating ", n, " bytes");
-    void* data = base + kHeader;
-    return {data, data, &cached_delete, cpu};
-  }
-  c10::DeleterFnPtr raw_deleter() const override { return &cached_delete; }
-  void copy_data(void* dest, const void* src, std::size_t count) const override {
-    default_copy_data(dest, src, count);
-  }
-};
-
-CachingCpuAllocator g_allocator;
-c10::Allocator* g_previous = nullptr;
-std::mutex g_install_mu;
-
-void fork_prepare() { cache().mu.lock(); }
-void fork_release() { cache().mu.unlock(); }
-
-}  // namespace
-
-// Installs (on=true) or uninstalls the caching allocator; returns whether it was installed.
-bool cpu_cache_enable(bool on) {
-  std::lock_guard<std::mutex> g(g_install_mu);
-  static bool fork_handlers = false;
-  c10::Allocator* current = c10::GetCPUAllocator();
-  const bool was = current == &g_allocator;
-  if (on && !was) {
-    if (!fork_handlers) {
-      cache();
-      pthread_atfork(fork_prepare, fork_release, fork_release);
-      fork_handlers = true;
-    }
-    g_previous = current;
-    c10::SetCPUAllocator(&g_allocator, /*priority=*/UINT8_MAX);
-  } else if (!on && was) {
-    c10::SetCPUAllocator(g_previous, /*priority=*/UINT8_MAX);
-  }
-  return was;
-}
-
-bool cpu_cache_enabled() {
-  std::lock_guard<std::mutex> g(g_install_mu);
-  return c10::GetCPUAllocator() == &g_allocator;
-}
-
-// (live, cached, peak_mapped, hits, misses, unmapped) bytes / counts since the process began.
-std::vector<int64_t> cpu_cache_stats() {
-  Cache& c = cache();
-  std::lock_guard<std::mutex> g(c.mu);
-  return {c.live, c.cached, c.peak_mapped, c.hits, c.misses, c.unmapped};
-}
-
-// Unmaps every cached (free) block; returns the bytes given back to the system.
-int64_t cpu_cache_release() {
+int64_t release_all() {
   Cache& c = cache();
   std::vector<std::pair<void*, size_t>> out;
   {
     std::lock_guard<std::mutex> g(c.mu);
+    size_t n = 0;
+    for (auto& kv : c.free_blocks) n += kv.second.size();
+    out.reserve(n);
     for (auto& kv : c.free_blocks) {
       for (void* p : kv.second) out.emplace_back(p, kv.first);
       kv.second.clear();
@@ -231,5 +197,70 @@ int64_t cpu_cache_release() {
   }
   return total;
 }
+
+struct CachingCpuAllocator final : c10::Allocator {
+  c10::DataPtr allocate(size_t n) override {
+    const c10::Device cpu(c10::DeviceType::CPU);
+    if (n == 0) return {nullptr, nullptr, &cached_delete, cpu};
+    TORCH_CHECK(n <= (size_t(INT64_MAX) >> 1), "hdnas cpu_cache: cannot allocate ", n, " bytes");
+    char* base = allocate_block(n + kHeader);
+    TORCH_CHECK_WITH(OutOfMemoryError, base != nullptr,
+                     "hdnas cpu_cache: out of memory allocating ", n, " bytes");
+    void* data = base + kHeader;
+    return {data, data, &cached_delete, cpu};
+  }
+  c10::DeleterFnPtr raw_deleter() const override { return &cached_delete; }
+  void copy_data(void* dest, const void* src, std::size_t count) const override {
+    default_copy_data(dest, src, count);
+  }
+};
+
+// Never destroyed (as the cache): a thread may still allocate while the process exits.
+CachingCpuAllocator& the_allocator() {
+  static auto* a = new CachingCpuAllocator();
+  return *a;
+}
+c10::Allocator* g_previous = nullptr;
+std::mutex g_install_mu;
+
+void fork_prepare() { cache().mu.lock(); }
+void fork_release() { cache().mu.unlock(); }
+
+}  // namespace
+
+// Installs (on=true) or uninstalls the caching allocator; returns whether it was installed.
+bool cpu_cache_enable(bool on) {
+  std::lock_guard<std::mutex> g(g_install_mu);
+  static bool fork_handlers = false;
+  c10::Allocator* current = c10::GetCPUAllocator();
+  const bool was = current == &the_allocator();
+  if (on && !was) {
+    if (!fork_handlers) {
+      cache();
+      pthread_atfork(fork_prepare, fork_release, fork_release);
+      fork_handlers = true;
+    }
+    g_previous = current;
+    c10::SetCPUAllocator(&the_allocator(), /*priority=*/UINT8_MAX);
+  } else if (!on && was) {
+    c10::SetCPUAllocator(g_previous, /*priority=*/UINT8_MAX);
+  }
+  return was;
+}
+
+bool cpu_cache_enabled() {
+  std::lock_guard<std::mutex> g(g_install_mu);
+  return c10::GetCPUAllocator() == &the_allocator();
+}
+
+// (live, cached, peak_mapped, hits, misses, unmapped) bytes / counts since the process began.
+std::vector<int64_t> cpu_cache_stats() {
+  Cache& c = cache();
+  std::lock_guard<std::mutex> g(c.mu);
+  return {c.live, c.cached, c.peak_mapped, c.hits, c.misses, c.unmapped};
+}
+
+// Unmaps every cached (free) block; returns the bytes given back to the system.
+int64_t cpu_cache_release() { return release_all(); }
 
 }  // namespace hdnas

@@ -46,7 +46,7 @@ class PatchReport:
     #: whether ``model.new()`` now returns patched copies (DARTS' second-order architect builds
     #: its unrolled model with it)
     wraps_new: bool = False
-    #: whether hdnas' caching CPU allocator is installed (``hdnas.mixed.cpu_cache``)
+    #: whether hdnas' caching CPU allocator is installed after the call (``hdnas.mixed.cpu_cache``)
     cpu_cache: bool = False
     #: ``memory_tip()`` at patch time (None: nothing to suggest)
     tip: str | None = None
@@ -106,17 +106,15 @@ def patch(model: nn.Module, backend: str = "fused", recompute: bool | str = "aut
     ``recompute``: the swapped ops' recomputation (True, False, or "auto": recompute on input
     planes of more than 256 pixels; ``hdnas.darts.MixedOp``).
 
-    ``cpu_cache=True`` (default) with a model on the CPU (or without parameters): installs
-    hdnas' caching allocator for CPU tensors, process-wide (``hdnas.mixed.cpu_cache``: glibc's
+    ``cpu_cache=True`` (default), when something was swapped in a model on the CPU (or without
+    parameters): installs hdnas' caching allocator for CPU tensors, process-wide (``hdnas.mixed.cpu_cache``: glibc's
     heap otherwise grows from step to step of a search, to several times its live tensors);
     ``HDNAS_CPU_CACHE=0`` opts out too. ``report.tip``: without it, on glibc without its
     small-chunk caches turned off, the environment line that keeps the search's peak memory near
     its live tensors (``memory_tip``)."""
     check_backend(backend)
     check_recompute(recompute)
-    on_cpu = all(p.device.type == "cpu" for p in model.parameters())
-    cached = bool(cpu_cache and on_cpu and _cpu_cache.enable())
-    report = PatchReport(backend, cpu_cache=cached, tip=None if cached else memory_tip())
+    report = PatchReport(backend)
     targets = [(name, m) for name, m in model.named_modules() if _looks_like_mixed_op(m)]
     if _looks_like_mixed_op(model):
         raise ValueError("patch() swaps MixedOps inside a model; to convert a lone MixedOp use "
@@ -135,10 +133,18 @@ def patch(model: nn.Module, backend: str = "fused", recompute: bool | str = "aut
             setattr(parent, attr, new)
         k = f", K={new.partial_k}" if new.partial_k > 1 else ""
         report.swapped[name] = f"{type(m).__name__}(stride {new.stride}{k}: {', '.join(new.primitives)})"
+    # the allocator once something is swapped, on a model that is on the CPU now (a model moved
+    # to a GPU later keeps it: CPU tensors only, harmless there)
+    on_cpu = all(p.device.type == "cpu" for p in model.parameters())
+    if cpu_cache and on_cpu and report.swapped:
+        _cpu_cache.enable()
+    report.cpu_cache = _cpu_cache.enabled()
+    report.tip = None if report.cpu_cache else memory_tip()
     if copies and callable(getattr(type(model), "new", None)):
+        # copies leave the allocator as this call left it (a later disable() stays)
         object.__setattr__(model, "_hdnas_patch", dict(backend=backend, recompute=recompute,
                                                        partial_k=partial_k, copies=True,
-                                                       cpu_cache=cpu_cache))
+                                                       cpu_cache=False))
         object.__setattr__(model, "new", types.MethodType(_patched_new, model))
         report.wraps_new = True
     if verbose:

@@ -347,17 +347,23 @@ def test_patch_report_tips_the_glibc_tunables_only_where_they_apply(monkeypatch)
     both = "glibc.malloc.check=0:glibc.malloc.mxfast=0:glibc.malloc.tcache_count=0"
     assert memory_tip({"GLIBC_TUNABLES": both}, "glibc") is None
     assert memory_tip({}, "") is None  # musl, macOS, Windows: platform.libc_ver() is not glibc
-    net = nn.Sequential(hd.PlainMixedOp(4, 1))
-    monkeypatch.setenv("GLIBC_TUNABLES", both)
-    assert hd.patch(net, cpu_cache=False).tip is None
-    monkeypatch.delenv("GLIBC_TUNABLES")
-    report = hd.patch(nn.Sequential(hd.PlainMixedOp(4, 1)), cpu_cache=False)
-    assert report.tip == memory_tip(libc=None) and not report.cpu_cache
-    assert (("tip: " + report.tip) in str(report)) if report.tip else "tip:" not in str(report)
-    # with hdnas' caching CPU allocator installed (the default where the library is built) the
-    # heap's growth is not the concern any more: no tip
-    report = hd.patch(nn.Sequential(hd.PlainMixedOp(4, 1)))
-    assert report.tip is None if report.cpu_cache else report.tip == memory_tip(libc=None)
+    from hdnas.mixed import cpu_cache
+    was = cpu_cache.disable()  # (the session runs under it: tests/conftest.py)
+    try:
+        net = nn.Sequential(hd.PlainMixedOp(4, 1))
+        monkeypatch.setenv("GLIBC_TUNABLES", both)
+        assert hd.patch(net, cpu_cache=False).tip is None
+        monkeypatch.delenv("GLIBC_TUNABLES")
+        report = hd.patch(nn.Sequential(hd.PlainMixedOp(4, 1)), cpu_cache=False)
+        assert report.tip == memory_tip(libc=None) and not report.cpu_cache
+        assert (("tip: " + report.tip) in str(report)) if report.tip else "tip:" not in str(report)
+        # with hdnas' caching CPU allocator installed (the default where the library is built)
+        # the heap's growth is not the concern any more: no tip
+        report = hd.patch(nn.Sequential(hd.PlainMixedOp(4, 1)))
+        assert report.tip is None if report.cpu_cache else report.tip == memory_tip(libc=None)
+    finally:
+        if was:
+            cpu_cache.enable()
 
 
 def test_identify_rejects_foreign_layouts():

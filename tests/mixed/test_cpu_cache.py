@@ -109,12 +109,33 @@ def test_threads_and_fork(nat):
         [t.join() for t in ts]
         assert not errors, errors
         assert cc.stats().live == live0, (live0, cc.stats())
-        pid = os.fork()
-        if pid == 0:
-            ok = torch.equal(torch.ones(10**6) * 2, torch.full((10**6,), 2.0))
-            os._exit(0 if ok and cc.enabled() else 1)
-        _, status = os.waitpid(pid, 0)
-        assert status == 0, status
+        # forks while another thread allocates and frees: the child must not inherit a held lock
+        import time
+        stop = []
+        def churn():
+            while not stop:
+                torch.ones(300000).add_(1)
+        t = threading.Thread(target=churn)
+        t.start()
+        try:
+            for _ in range(20):
+                pid = os.fork()
+                if pid == 0:
+                    ok = torch.equal(torch.ones(10**6) * 2, torch.full((10**6,), 2.0))
+                    os._exit(0 if ok and cc.enabled() else 1)
+                deadline = time.time() + 30
+                while True:
+                    done, status = os.waitpid(pid, os.WNOHANG)
+                    if done:
+                        break
+                    if time.time() > deadline:
+                        os.kill(pid, 9)
+                        raise AssertionError("forked child hung (allocator lock held at fork?)")
+                    time.sleep(0.01)
+                assert status == 0, status
+        finally:
+            stop.append(1)
+            t.join()
     """)
 
 
@@ -132,7 +153,10 @@ def test_results_do_not_depend_on_the_allocator(nat):
             m = copy.deepcopy(net)
             loss = m._loss(x, y)
             return [loss.detach()] + list(torch.autograd.grad(loss, list(m.parameters())))
+        s0 = cc.stats()
         on = grads()
+        s1 = cc.stats()
+        assert s1.hits + s1.misses > s0.hits + s0.misses + 10, (s0, s1)  # it served the run
         assert cc.disable() and not cc.enabled()
         off = grads()
         assert all(torch.equal(a, b) for a, b in zip(on, off))
@@ -153,6 +177,11 @@ assert not r.cpu_cache and not cc.enabled() and "caching allocator" not in str(r
     p = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=300,
                        env={**os.environ, "HDNAS_CPU_CACHE": "0"})
     assert p.returncode == 0, p.stderr
+    # set after it was installed: it stays installed, and enable() says so
+    _run("""
+        os.environ["HDNAS_CPU_CACHE"] = "0"
+        assert cc.opted_out() and cc.enable() and cc.enabled()
+    """)
     code = """
 import torch
 from torch import nn
@@ -160,8 +189,22 @@ import hdnas.darts as hd
 from hdnas.mixed import cpu_cache as cc
 assert not hd.patch(nn.Sequential(hd.PlainMixedOp(4, 1)), cpu_cache=False).cpu_cache
 assert not cc.enabled()
+assert not hd.patch(nn.Sequential(nn.Conv2d(3, 3, 1))).cpu_cache  # nothing swapped: untouched
+assert not cc.enabled()
+try:
+    hd.patch(hd.PlainMixedOp(4, 1))  # refused: a lone mixed op
+except ValueError:
+    pass
+assert not cc.enabled()
 r = hd.patch(nn.Sequential(hd.PlainMixedOp(4, 1)))
 assert r.cpu_cache and cc.enabled() and "caching allocator" in str(r)
+# a patched model's copies (DARTS' new()) leave the allocator as the user left it
+from hdnas.testing import darts_reference as ref
+net = ref.Network(4, 10, 3, nn.CrossEntropyLoss())
+hd.patch(net)
+assert cc.disable()
+net.new()
+assert not cc.enabled()
 """
     p = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=300,
                        env={k: v for k, v in os.environ.items() if k != "HDNAS_CPU_CACHE"})
