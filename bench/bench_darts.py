@@ -23,8 +23,8 @@ allocator installed: ``--cpu-cache``). Shapes default to DARTS' search: C 16, 8 
 batches 32 and 64 (the mixed op alone: C 16 at 32x32, stride 1 and 2, batch 64). Reported:
 
 * ``sec``: seconds per iteration (mixed op: forward + backward; step: as above) after one
-  warm-up, median over the ``--iters`` (default 3) iterations of the process; ``user_sec`` / ``sys_sec``: the process's
-  CPU time per iteration;
+  warm-up, median over the ``--iters`` (default 3) iterations of the process; ``user_sec`` /
+  ``sys_sec``: the process's CPU time per iteration;
 * ``peak_rss_mb``: the process's peak resident set (``ru_maxrss``); ``delta_mb``: that minus the
   resident set just before the first iteration (model, data and libraries loaded): the memory
   the step itself takes, over the warm-up and every timed iteration (glibc's heap grows over
@@ -204,7 +204,7 @@ def _configs(a):
                      for b in (int(v) for v in a.batches.split(","))
                      for m in a.models.split(",")
                      for o in ((int(v) for v in a.orders.split(",")) if m == "darts" else (1,))]
-        recs = [_recompute_value(v) for v in getattr(a, "recompute", "auto").split(",")]
+        recs = list(common.recompute_values(getattr(a, "recompute", "auto")))
         if a.no_recompute_too and False not in recs:
             recs.append(False)
         cache = getattr(a, "cpu_cache", "patch")
@@ -212,7 +212,9 @@ def _configs(a):
             for rnd in range(a.rounds):
                 for be in backends:
                     if be == "reference":
-                        variants = [(None, False)] + ([(None, True)] if cache == "original-too" else [])
+                        variants = [(None, False)]
+                        if cache == "original-too":
+                            variants.append((None, True))
                     else:
                         variants = [(r, cache != "off") for r in recs]
                     for rec, cached in variants:
@@ -221,12 +223,6 @@ def _configs(a):
                                    threads=a.threads, malloc=getattr(a, "malloc", "default"),
                                    cpu_cache=cached)
 
-
-def _recompute_value(v: str):
-    v = v.strip().lower()
-    if v not in ("auto", "true", "false"):
-        raise SystemExit(f"--recompute: auto, true or false, not {v!r}")
-    return {"auto": "auto", "true": True, "false": False}[v]
 
 
 def child_env(live_memory: bool, malloc: str = "default") -> dict:
@@ -333,8 +329,8 @@ def write_markdown(path, rows_in, info, a):
         rows.append(head + [f"{r['sec']:.3f}", sp, cpu, f"{r['peak_rss_mb']:.0f}",
                             f"{r['delta_mb']:.0f}", mem, saved])
     lines += common.table(["what", "model", "order", "stride", "batch", "backend", "recompute",
-                           "CPU cache", "round", "sec", "x original speed", "user+sys sec", "peak RSS MB",
-                           "delta MB", "delta / original's", "saved MB"], rows)
+                           "CPU cache", "round", "sec", "x original speed", "user+sys sec",
+                           "peak RSS MB", "delta MB", "delta / original's", "saved MB"], rows)
     with open(path, "a") as f:
         f.write("\n".join(lines) + "\n")
 

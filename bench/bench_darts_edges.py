@@ -85,15 +85,6 @@ def measure(C, layers, size, batch, reps, kinds=("full", "arch-only"), recompute
     return rows, totals
 
 
-def _recompute_values(text: str):
-    out = []
-    for v in text.split(","):
-        v = v.strip().lower()
-        if v not in ("true", "false", "auto"):
-            raise SystemExit(f"--recompute: true, false or auto, not {v!r}")
-        out.append({"true": True, "false": False, "auto": "auto"}[v])
-    return tuple(out)
-
 
 def main(argv=None):
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
@@ -107,7 +98,7 @@ def main(argv=None):
                     help="the fused op's recompute values, one column each (true, false, auto)")
     ap.add_argument("--out", help="append the table to this Markdown file")
     a = ap.parse_args(argv)
-    recs = _recompute_values(a.recompute)
+    recs = common.recompute_values(a.recompute)
     torch.set_num_threads(a.threads)
     start = common.started()
     rows, totals = measure(a.C, a.layers, a.size, a.batch, a.reps, recompute=recs)

@@ -44,6 +44,17 @@ def supernet_parser(doc: str, channels: int = 24, cells: int = 3,
     return p
 
 
+def recompute_values(text: str) -> tuple:
+    """A ``--recompute`` comma list (true, false, auto) as ``hdnas.darts.MixedOp`` values."""
+    out = []
+    for v in text.split(","):
+        v = v.strip().lower()
+        if v not in ("true", "false", "auto"):
+            raise SystemExit(f"--recompute: true, false or auto, not {v!r}")
+        out.append({"true": True, "false": False, "auto": "auto"}[v])
+    return tuple(out)
+
+
 def timeit(fns: dict, reps: int, warmup: int = 1, clock=time.perf_counter,
            prepare: dict | None = None) -> dict:
     """Interleaved timing (a, b, c, a, b, c, ...): {name: [seconds of each repetition]} after

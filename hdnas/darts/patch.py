@@ -107,8 +107,9 @@ def patch(model: nn.Module, backend: str = "fused", recompute: bool | str = "aut
     planes of more than 256 pixels; ``hdnas.darts.MixedOp``).
 
     ``cpu_cache=True`` (default), when something was swapped in a model on the CPU (or without
-    parameters): installs hdnas' caching allocator for CPU tensors, process-wide (``hdnas.mixed.cpu_cache``: glibc's
-    heap otherwise grows from step to step of a search, to several times its live tensors);
+    parameters): installs hdnas' caching allocator for CPU tensors, process-wide
+    (``hdnas.mixed.cpu_cache``: glibc's heap otherwise grows from step to step of a search, to
+    several times its live tensors);
     ``HDNAS_CPU_CACHE=0`` opts out too. ``report.tip``: without it, on glibc without its
     small-chunk caches turned off, the environment line that keeps the search's peak memory near
     its live tensors (``memory_tip``)."""

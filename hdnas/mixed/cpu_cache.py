@@ -14,8 +14,8 @@ at their peak (measured with every block of 64 KiB or more its own mapping); wit
 two: at most 12.5 % padding), and a freed buffer is kept for the next request of its class. A
 request that finds none, and would take the mapped total (live + cached) above twice the peak
 of the live buffers, first unmaps cached buffers of other classes: the mapped total stays
-within 2x the live peak (plus one request). Smaller buffers come from malloc as before. Numbers computed do not change: only where the bytes
-live. ``disable()`` puts the previous allocator back (buffers allocated by either are freed by
+within 2x the live peak (plus one request). Smaller buffers come from malloc as before.
+Numbers computed do not change: only where the bytes live. ``disable()`` puts the previous allocator back (buffers allocated by either are freed by
 their own). ``release()`` unmaps the cached buffers; ``stats()`` reports.
 
 ``hdnas.darts.patch`` enables it for CPU models (``cpu_cache=False`` or ``HDNAS_CPU_CACHE=0``
